@@ -1,0 +1,87 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), released-file compatibility (REFERENCE §6)."""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from .runtime import InputError
+
+PREFIX = "module."  # released files were saved from a DataParallel wrapper
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file beside ``path``, flush it to disk, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def resolve_path(path, model_dir):
+    """``--resume PATH`` as given when it exists, else relative to ``--model_dir`` (released usage)."""
+    if os.path.exists(path):
+        return path
+    candidate = os.path.join(model_dir, path)
+    if os.path.exists(candidate):
+        return candidate
+    raise InputError(f"checkpoint not found: {path} (also looked in {candidate}); check --resume and --model_dir")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint on the CPU without running pickled code; one clear InputError otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"checkpoint not found: {path}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise InputError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
+                         f"({reason}); pass an intact ckpt_embed.t7 or ckpt_ul.t7") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("net"), dict):
+        raise InputError(f"{path} is not a checkpoint of this method (no 'net' state dict); "
+                         "pass a ckpt_embed.t7 (stage 1) or ckpt_ul.t7 (stage 2)")
+    return ckpt
+
+
+def checkpoint_stage(ckpt):
+    """1 for a stage-1 file (memory bank 'npc'), 2 for a stage-2 file (heads 'fc')."""
+    if "fc" in ckpt:
+        return 2
+    if "npc" in ckpt:
+        return 1
+    raise InputError("the checkpoint has neither 'npc' (stage 1) nor 'fc' (stage 2): not a file of this method")
+
+
+def strip_prefix(state_dict, prefix=PREFIX):
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def load_network(net, state_dict, path):
+    """Load ``net`` weights exactly: same keys, same shapes, with or without the 'module.' prefix.
+
+    A mismatch names the first differing key, which tells a checkpoint of another ``--network``
+    or ``--low_dim`` apart from a file of another kind.
+    """
+    state_dict = strip_prefix(state_dict)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise InputError(f"{path} holds another network ({len(missing)} missing keys e.g. "
+                         f"{(missing or ['-'])[0]!r}, {len(unexpected)} unexpected e.g. "
+                         f"{(unexpected or ['-'])[0]!r}); check --network")
+    for key, value in state_dict.items():
+        if value.shape != own[key].shape:
+            hint = " (the embedding dimension: check --low_dim)" if key.startswith("linear") else ""
+            raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, this network expects "
+                             f"{tuple(own[key].shape)}{hint}")
+    net.load_state_dict(state_dict)

@@ -1,0 +1,86 @@
+"""What both scripts share around the method: clear errors, device choice, seeding, RNG states, the JSON log."""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+
+class InputError(Exception):
+    """Bad input from the user (missing data, wrong checkpoint, contradicting flags): one line, exit 2."""
+
+
+def run_cli(main, parser, argv=None):
+    """Parse ``argv``, run ``main(args)``; an InputError prints one line and exits with status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def choose_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name} was asked for but PyTorch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every random stream a run draws from, in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class JsonLog:
+    """``log.jsonl``: one JSON object per epoch, appended and flushed as each epoch ends."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def append(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def rewind(self, keep, last_record=None):
+        """On resume: keep the records for which ``keep(record)`` holds, then ``last_record``
+        (the checkpoint's own record, in case the run died between checkpoint and log)."""
+        records = [r for r in self.read() if keep(r)]
+        if last_record is not None:
+            records.append(last_record)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, self.path)
