@@ -85,3 +85,10 @@ def build_dataset(name, data_dir, train, views=1, transform=None, subset=None):
     if transform is None:
         transform = train_transform(name) if views == 2 else eval_transform(name)
     return ImageDataset(np.ascontiguousarray(data), targets, transform, views)
+
+
+def make_loader(dataset, batch_size, train, workers, device):
+    """Training loaders shuffle and drop the last partial batch (released); evaluation keeps order."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False)

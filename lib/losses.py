@@ -44,7 +44,7 @@ def aug_loss(features, temperature, neg_m=1.0):
         temperature: T_b (batch_t, 0.1).
         neg_m: m_b (batch_m, 1), the weight of the negative pairs.
     """
-    x = F.normalize(features.float(), dim=1)
+    x = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
     rows = x.shape[0]
     half = rows // 2
     partner = torch.arange(rows, device=x.device).add(half).remainder(rows)
@@ -89,7 +89,8 @@ def iic_loss(p1, p2, eps=sys.float_info.epsilon):
     Args:
         p1, p2: (B, C) class probabilities of the two views.
     """
-    joint = p1.float().T @ p2.float()  # (C, C)
+    dtype = torch.promote_types(p1.dtype, torch.float32)
+    joint = p1.to(dtype).T @ p2.to(dtype)  # (C, C)
     joint = (joint + joint.T) / 2
     joint = joint / joint.sum()
     p_row = joint.sum(1, keepdim=True).clamp(min=eps)  # marginals come from the unclamped joint

@@ -54,3 +54,16 @@ def clustering_metrics(preds, targets, num_classes):
     return {"acc": cluster_accuracy(preds, targets, num_classes),
             "nmi": float(normalized_mutual_info_score(targets, preds)),
             "ari": float(adjusted_rand_score(targets, preds))}
+
+
+@torch.no_grad()
+def compute_features(net, loader, device, amp=False):
+    """Embeddings (N, d) of an evaluation loader, in loader order, with the network in eval mode."""
+    was_training = net.training
+    net.eval()
+    feats = []
+    for images, _, _ in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            feats.append(net(images.to(device, non_blocking=True)).float())
+    net.train(was_training)
+    return torch.cat(feats)

@@ -1,4 +1,5 @@
 """What both scripts share around the method: clear errors, device choice, seeding, RNG states, the JSON log."""
+import argparse
 import json
 import os
 import random
@@ -12,14 +13,31 @@ class InputError(Exception):
     """Bad input from the user (missing data, wrong checkpoint, contradicting flags): one line, exit 2."""
 
 
+class Diverged(Exception):
+    """The loss became non-finite: the run stops (exit 3) and the last good checkpoint stays."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in --help and a one-line error (no usage dump) for bad flags."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def run_cli(main, parser, argv=None):
-    """Parse ``argv``, run ``main(args)``; an InputError prints one line and exits with status 2."""
+    """Parse ``argv``, run ``main(args)``; bad input prints one line and exits 2, a diverged run exits 3."""
     args = parser.parse_args(argv)
     try:
         return main(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3)
 
 
 def choose_device(name="auto"):

@@ -1,0 +1,29 @@
+# make demo: stage 1 + stage 2 on scikit-learn's bundled digits (CPU, a few minutes, no download)
+# make test: the whole test suite (CPU)
+# Both create .venv and install requirements.txt on first use.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+DEMO ?= runs/demo
+DEMO_FLAGS := --dataset digits --width 16 --batch_size 32 --workers 2
+
+.PHONY: demo test bench clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf $(DEMO)
+	$(PYTHON) super_and.py $(DEMO_FLAGS) --rounds 2 --epochs 5 --model_dir $(DEMO)/stage1
+	$(PYTHON) main.py $(DEMO_FLAGS) --epochs 5 --resume $(DEMO)/stage1/ckpt_embed.t7 --model_dir $(DEMO)/stage2
+	$(PYTHON) main.py $(DEMO_FLAGS) --test_only --resume $(DEMO)/stage2/ckpt_ul.t7 --model_dir $(DEMO)/stage2 --kmeans_baseline
+	@echo "pictures: $(DEMO)/stage2/curves.png $(DEMO)/stage2/confusion_matrix.png"
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PYTHON) bench/throughput.py --json bench/results-cpu.json

@@ -1,0 +1,156 @@
+"""Anchor-neighbourhood discovery (REFERENCE §3) against a slow loop, and its saved state (§6)."""
+import math
+
+import pytest
+import torch
+
+from lib.neighbourhoods import (AnchorNeighbourhoods, discover_neighbourhoods, nearest_neighbours,
+                                sample_entropy)
+
+BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
+           "consistency"}
+
+
+def entropy_reference(memory, temperature):
+    """Entropy of softmax(mem_i · memᵀ / τ) for every row, own column included."""
+    mem = memory.double().tolist()
+    out = []
+    for row in mem:
+        logits = [sum(a * b for a, b in zip(row, other)) / temperature for other in mem]
+        top = max(logits)
+        exps = [math.exp(v - top) for v in logits]
+        z = sum(exps)
+        out.append(-sum((e / z) * math.log(e / z) for e in exps))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def neighbours_reference(memory, i, k):
+    """The k rows most cosine-similar to row i, row i itself excluded (in descending similarity)."""
+    mem = memory.double().tolist()
+    norm = [math.sqrt(sum(v * v for v in row)) for row in mem]
+    sims = [(sum(a * b for a, b in zip(mem[i], mem[j])) / (norm[i] * norm[j]), j)
+            for j in range(len(mem)) if j != i]
+    sims.sort(reverse=True)
+    return [j for _, j in sims[:k]]
+
+
+def _memory(seed, n=20, d=6, unit=True):
+    g = torch.Generator().manual_seed(seed)
+    memory = torch.randn(n, d, generator=g)
+    if unit:
+        return torch.nn.functional.normalize(memory, dim=1)
+    # norms from 0.2 to 3: dot product and cosine order neighbours differently
+    return memory / memory.norm(dim=1, keepdim=True) * torch.rand(n, 1, generator=g).mul(2.8).add(0.2)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_discover_neighbourhoods_matches_loop(seed, unit, chunk_size):
+    memory = _memory(seed, unit=unit)
+    temperature, num_anchors, k = 0.1 if unit else 0.5, 7, 3
+    anchors, neighbours, entropy = discover_neighbourhoods(
+        memory, temperature, num_anchors, k, chunk_size=chunk_size, return_entropy=True)
+    ref_entropy = entropy_reference(memory, temperature)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    order = ref_entropy.argsort().tolist()
+    gap = ref_entropy[order[num_anchors]] - ref_entropy[order[num_anchors - 1]]
+    assert gap > 1e-3  # precondition: the anchor set is well defined at float32 precision
+    assert anchors.shape == (num_anchors,) and neighbours.shape == (num_anchors, k)
+    assert sorted(anchors.tolist()) == sorted(order[:num_anchors])
+    for row, a in enumerate(anchors.tolist()):
+        assert neighbours[row].tolist() == neighbours_reference(memory, a, k)
+        assert a not in neighbours[row].tolist()
+    assert discover_neighbourhoods(memory, temperature, num_anchors, k, chunk_size=chunk_size)[0].tolist() \
+        == anchors.tolist()
+
+
+def test_non_unit_rows_use_cosine_not_dot_product_for_neighbours():
+    memory = _memory(2, unit=False)
+    queries = torch.arange(20)
+    found = nearest_neighbours(memory, queries, 2, chunk_size=3)
+    by_dot = []
+    for i in range(20):
+        sims = [(float(memory[i] @ memory[j]), j) for j in range(20) if j != i]
+        by_dot.append([j for _, j in sorted(sims, reverse=True)[:2]])
+    assert found.tolist() != by_dot  # the test data separates the two definitions ...
+    assert found.tolist() == [neighbours_reference(memory, i, 2) for i in range(20)]  # ... cosine wins
+
+
+def test_entropy_uses_raw_memory_and_temperature():
+    memory = _memory(3, unit=False)
+    for temperature in (0.1, 1.0):
+        torch.testing.assert_close(sample_entropy(memory, temperature, chunk_size=4).double(),
+                                   entropy_reference(memory, temperature), rtol=1e-4, atol=1e-4)
+    # uniform similarities give the entropy log N
+    assert sample_entropy(torch.zeros(5, 3), 0.1).tolist() == pytest.approx([math.log(5)] * 5)
+
+
+def _discovered(seed=4, n=20, num_anchors=6, k=2, labels=True):
+    memory = _memory(seed, n=n)
+    ans = AnchorNeighbourhoods(n, ans_size=k)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    consistency = ans.discover(memory, 0.1, num_anchors, labels=y if labels else None)
+    return ans, memory, y, consistency
+
+
+def test_round_zero_has_no_anchors():
+    ans = AnchorNeighbourhoods(10, ans_size=2)
+    assert {name for name, _ in ans.named_buffers()} == BUFFERS
+    neighbours, is_anchor = ans.lookup(torch.tensor([0, 3, 9]))
+    assert not is_anchor.any()
+    assert neighbours.shape == (3, 2)
+    assert ans.instance_indexes.tolist() == list(range(10))
+    assert len(ans.anchor_indexes) == 0
+
+
+def test_discover_buffers_lookup_and_consistency():
+    n, num_anchors, k = 20, 6, 2
+    ans, memory, labels, consistency = _discovered(n=n, num_anchors=num_anchors, k=k)
+    assert {name for name, _ in ans.named_buffers()} == BUFFERS
+    assert set(ans.state_dict()) == BUFFERS
+    assert int(ans.samples_num) == n
+    ref_entropy = entropy_reference(memory, 0.1)
+    torch.testing.assert_close(ans.entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    anchors = ans.anchor_indexes.tolist()
+    assert sorted(anchors) == sorted(ref_entropy.argsort()[:num_anchors].tolist())
+    assert sorted(ans.instance_indexes.tolist()) == sorted(set(range(n)) - set(anchors))
+    assert ans.neighbours.shape == (num_anchors, k)
+    # position: an anchor's row in neighbours, or −1 − its row in instance_indexes
+    for row, a in enumerate(anchors):
+        assert int(ans.position[a]) == row
+        assert ans.neighbours[row].tolist() == neighbours_reference(memory, a, k)
+    for row, i in enumerate(ans.instance_indexes.tolist()):
+        assert int(ans.position[i]) == -1 - row
+
+    batch = torch.tensor([anchors[2], ans.instance_indexes[0].item(), anchors[0], ans.instance_indexes[5].item()])
+    neighbours, is_anchor = ans.lookup(batch)
+    assert is_anchor.tolist() == [True, False, True, False]
+    assert neighbours[0].tolist() == neighbours_reference(memory, anchors[2], k)
+    assert neighbours[2].tolist() == neighbours_reference(memory, anchors[0], k)
+
+    # consistency: share of (anchor, neighbour) pairs whose labels agree
+    agree = [int(labels[nb] == labels[a]) for a in anchors for nb in neighbours_reference(memory, a, k)]
+    expected = sum(agree) / len(agree)
+    assert 0 < expected < 1  # precondition: the check can tell the share from 0 or 1
+    assert consistency == pytest.approx(expected)
+    assert float(ans.consistency) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("fresh_anchors", [0, 3, 11])
+def test_state_dict_round_trip_with_another_number_of_anchors(fresh_anchors):
+    ans, memory, _, _ = _discovered(num_anchors=6)
+    state = {key: value.clone() for key, value in ans.state_dict().items()}
+    fresh = AnchorNeighbourhoods(20, ans_size=2)
+    if fresh_anchors:
+        fresh.discover(_memory(9), 0.1, fresh_anchors)
+    assert len(fresh.anchor_indexes) == fresh_anchors
+    fresh.load_state_dict(state)
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    batch = torch.arange(20)
+    n1, a1 = ans.lookup(batch)
+    n2, a2 = fresh.lookup(batch)
+    assert torch.equal(a1, a2) and a2.sum() == 6
+    assert torch.equal(n1[a1], n2[a2])
