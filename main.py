@@ -63,6 +63,14 @@ def get_args_parser():
     p.add_argument("--subset", default=None, type=int, help="use only the first N images of each split")
     p.add_argument("--workers", default=4, type=int, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    speed = p.add_argument_group("speed (off by default; see README for their measured effect)")
+    speed.add_argument("--amp", action="store_true",
+                       help="bfloat16 autocast for the network (losses and memory bank stay float32)")
+    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
+    speed.add_argument("--gpu_augment", action="store_true",
+                       help="augment whole batches on the device from uint8 images held there "
+                            "(same transforms and parameter distributions, another random stream)")
     return p
 
 
@@ -72,7 +80,9 @@ def train_step(net, heads, images, optimizer, args):
     Returns the detached (loss, assign, cp, per-head losses...) values as one tensor on the device.
     """
     batch = images.shape[0] // 2
-    features = net(images)  # (2B, d)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        features = net(images)
+    features = features.float()  # (2B, d); heads and losses in float32
     head_losses = torch.stack([iic_loss(p[:batch], p[batch:]) for p in heads(features)])  # (H,)
     l_assign = head_losses.mean()
     l_cp = aug_loss(features, args.batch_t, args.batch_m)  # Eq. 11, on the embeddings
@@ -90,6 +100,8 @@ def train_one_epoch(net, heads, loader, optimizer, args, device):
     bar = tqdm(loader, leave=False, disable=None, desc="train")
     for step, (view1, view2, _, _) in enumerate(bar, start=1):
         images = torch.cat([view1, view2]).to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         totals += train_step(net, heads, images, optimizer, args)
         if step % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{totals[0].item() / step:.4f}")
@@ -190,6 +202,9 @@ def main(args):
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
     heads = MultiHeadNormFC(args.low_dim, num_classes, args.num_heads, args.tau_c, args.head_norm).to(device)
     load_network(net, ckpt["net"], path)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if args.compile else net  # train with `model`, save `net`
 
     if args.test_only:
         if stage != 2:
@@ -203,7 +218,7 @@ def main(args):
     train_set = datasets.build_dataset(args.dataset, args.data_dir, train=True, views=2, subset=args.subset)
     if len(train_set) < args.batch_size:
         raise InputError(f"the training split has {len(train_set)} images, fewer than --batch_size {args.batch_size}")
-    train_loader = datasets.make_loader(train_set, args.batch_size, True, args.workers, device)
+    train_loader = datasets.make_train_loader(train_set, args, device)
     trainable = [p for p in net.parameters() if p.requires_grad]  # heads and Sobel layers stay frozen
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=True)
@@ -236,7 +251,7 @@ def main(args):
         lr = step_lr(epoch, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = train_one_epoch(net, heads, train_loader, optimizer, args, device)
+        losses = train_one_epoch(model, heads, train_loader, optimizer, args, device)
         result, preds = evaluate(net, heads, eval_loader, num_classes, device)
         selected = int(np.argmin(losses["head_losses"]))  # the paper's choice: lowest training loss
         record = {"epoch": epoch, "lr": lr, **losses, **result, "selected_head": selected,

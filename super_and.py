@@ -56,6 +56,14 @@ def get_args_parser():
     p.add_argument("--subset", default=None, type=int, help="use only the first N images of each split")
     p.add_argument("--workers", default=4, type=int, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    speed = p.add_argument_group("speed (off by default; see README for their measured effect)")
+    speed.add_argument("--amp", action="store_true",
+                       help="bfloat16 autocast for the network (losses and memory bank stay float32)")
+    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
+    speed.add_argument("--gpu_augment", action="store_true",
+                       help="augment whole batches on the device from uint8 images held there "
+                            "(same transforms and parameter distributions, another random stream)")
     return p
 
 
@@ -64,8 +72,9 @@ def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
 
     Returns the detached (loss, AND, AUG, UE) values as one tensor, left on the device.
     """
-    features = net(images)  # (2B, d), one forward so BatchNorm sees all 2B views
-    logits = npc(features)  # (2B, N)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        features = net(images)  # (2B, d), one forward so BatchNorm sees all 2B views
+    logits = npc(features.float())  # (2B, N), float32 whatever the network ran in
     neighbours, is_anchor = ans.lookup(indexes)
     l_and = and_loss(logits, indexes, neighbours, is_anchor)
     l_aug = aug_loss(logits, args.batch_t, args.batch_m)  # released: on the logits rows
@@ -75,7 +84,7 @@ def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    npc.update(indexes, features.detach())  # after the backward pass, as released
+    npc.update(indexes, features.detach().float())  # after the backward pass, as released
     return torch.stack([loss, l_and, l_aug, l_ue]).detach()
 
 
@@ -86,6 +95,8 @@ def train_one_epoch(net, npc, ans, loader, optimizer, weight, args, device):
     bar = tqdm(loader, leave=False, disable=None, desc="train")
     for step, (view1, view2, _, indexes) in enumerate(bar, start=1):
         images = torch.cat([view1, view2]).to(device, non_blocking=True)  # (2B, 3, H, W), view 1 first
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         indexes = indexes.to(device, non_blocking=True)
         totals += train_step(net, npc, ans, images, indexes, optimizer, weight, args)
         if step % 10 == 0 and bar.disable is False:
@@ -131,12 +142,13 @@ def main(args):
     train_set = datasets.build_dataset(args.dataset, args.data_dir, train=True, views=2, subset=args.subset)
     test_set = datasets.build_dataset(args.dataset, args.data_dir, train=False, subset=args.subset)
     num_samples, num_classes = len(train_set), datasets.num_classes(args.dataset)
-    if num_samples < args.batch_size:
-        raise InputError(f"the training split has {num_samples} images, fewer than --batch_size {args.batch_size}")
-    train_loader = datasets.make_loader(train_set, args.batch_size, True, args.workers, device)
+    train_loader = datasets.make_train_loader(train_set, args, device)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
 
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if args.compile else net  # train with `model`, save `net`
     npc = MemoryBank(num_samples, args.low_dim, args.npc_t, args.npc_m).to(device)
     ans = AnchorNeighbourhoods(num_samples, args.ANs_size).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]  # the Sobel layers are frozen
@@ -159,7 +171,7 @@ def main(args):
             print(f"kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%")
             print(f"accuracy: {top1:.2f}")
             return top1
-        if "next" not in ckpt:
+        if "next" not in ckpt:  # released files: the broken released resume is not reproduced
             raise InputError(f"{path} holds no training state (a released or converted file): evaluate it "
                              "with --test_only, or start stage 2 from it with main.py --resume")
         if os.path.exists(out_path) and not os.path.samefile(out_path, path):
@@ -178,6 +190,8 @@ def main(args):
         raise InputError(f"{out_path} already exists; continue that run with --resume {CKPT} "
                          "or choose another --model_dir")
 
+    if num_samples < args.batch_size:
+        raise InputError(f"the training split has {num_samples} images, fewer than --batch_size {args.batch_size}")
     os.makedirs(args.model_dir, exist_ok=True)
     log = JsonLog(os.path.join(args.model_dir, "log.jsonl"))
     if ckpt is not None:
@@ -196,7 +210,7 @@ def main(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             weight = ue_weight(epoch)
-            losses = train_one_epoch(net, npc, ans, train_loader, optimizer, weight, args, device)
+            losses = train_one_epoch(model, npc, ans, train_loader, optimizer, weight, args, device)
             top1, top5 = evaluate(net, npc, test_loader, train_labels, num_classes, device)
             record = {"round": round_index, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
                       "anchors": len(ans.anchor_indexes), "consistency": float(ans.consistency),

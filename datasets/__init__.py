@@ -92,3 +92,13 @@ def make_loader(dataset, batch_size, train, workers, device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def make_train_loader(dataset, args, device):
+    """The two-view training loader: torchvision transforms in ``args.workers`` processes, or with
+    ``args.gpu_augment`` the same augmentations on whole batches on ``device`` (lib/gpu_augment.py)."""
+    if not getattr(args, "gpu_augment", False):
+        return make_loader(dataset, args.batch_size, True, args.workers, device)
+    from lib.gpu_augment import GpuTwoViewLoader
+    mean, std = DATASETS[args.dataset][2:]
+    return GpuTwoViewLoader(dataset.data, dataset.targets, args.batch_size, mean, std, device)

@@ -26,7 +26,7 @@ def _torchvision(cls, name, data_dir, train):
         return cls(data_dir, train=train, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise InputError(f"{name} is not in {os.path.abspath(data_dir)} and could not be downloaded "
-                         f"({type(err).__name__}: {str(err)[:80]}); connect to the internet once or "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:80]}); connect to the internet once or "
                          f"copy the data set there, and pass --data_dir") from None
 
 
@@ -51,11 +51,16 @@ def cifar100(data_dir, train, coarse=False):
 def read_idx(path):
     """An IDX file (the MNIST format), gzipped or not, as a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError) as err:  # a partial download or a corrupt archive
+        raise InputError(f"{path} cannot be read ({type(err).__name__}); reinstall the data set") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InputError(f"{path} is not an IDX file of unsigned bytes; reinstall the data set")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise InputError(f"{path} is truncated inside its header; reinstall the data set")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):

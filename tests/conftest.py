@@ -1,0 +1,59 @@
+"""Shared helpers: run the scripts in-process or as a process, and write released-layout checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUT = os.path.join(ROOT, "..", "shared", "spec", "original_checkpoint_layout.json")
+# small, fast settings: a narrow network on a few digits
+NARROW = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0"]
+
+
+def run_script(script, args, **kwargs):
+    """Run ``script`` (super_and.py or main.py) as a separate process; returns CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, **kwargs)
+
+
+def run_main(module, args):
+    """Run ``module.main`` in this process through the same CLI wrapper as the command line."""
+    from lib.runtime import run_cli
+    return run_cli(module.main, module.get_args_parser(), [str(a) for a in args])
+
+
+def released_net_state(low_dim=128):
+    """A full-width ResNet-18 state dict under the released names, with the 'module.' prefix."""
+    from models import resnet18
+    torch.manual_seed(0)
+    return {"module." + k: v.clone() for k, v in resnet18(low_dim=low_dim).state_dict().items()}
+
+
+def write_released_embed(path, num_samples, low_dim=128):
+    """A stage-1 file as the released code wrote it: legacy format, DataParallel keys, no training state."""
+    memory = torch.nn.functional.normalize(torch.randn(num_samples, low_dim), dim=1)
+    ans = {"samples_num": torch.tensor(num_samples), "anchor_indexes": torch.arange(num_samples),
+           "instance_indexes": torch.zeros(0, dtype=torch.long), "position": torch.arange(num_samples),
+           "neighbours": torch.randint(num_samples, (num_samples, 1)), "entropy": torch.rand(num_samples),
+           "consistency": torch.tensor(0.5)}
+    state = {"net": released_net_state(low_dim), "npc": {"params": torch.tensor([0.1, 0.5]), "memory": memory},
+             "ANs_discovery": ans, "acc": 0.5, "round": 4, "epoch": 199}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    return state
+
+
+def write_released_ul(path, num_classes=10, low_dim=128):
+    """A stage-2 file as released: legacy format, 'module.' keys, five heads, acc_list."""
+    fc = {f"heads.{i}.weight": torch.randn(low_dim, num_classes) for i in range(5)}
+    state = {"net": released_net_state(low_dim), "fc": fc, "acc_list": [10.0] * 5}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    return state
+
+
+@pytest.fixture(scope="session")
+def layout():
+    with open(LAYOUT) as f:
+        return json.load(f)

@@ -1,0 +1,609 @@
+"""Data sets (REFERENCE §3, §5): digits, Fashion-MNIST (IDX files), CIFAR-10/100/20 through torchvision
+(synthetic files on disk, never a download), normalization constants, transforms, ImageDataset and loaders.
+
+No test touches the network: an autouse fixture makes every socket connection fail, and the offline
+tests replace torchvision's download functions by ones that raise ``URLError``.
+"""
+import gzip
+import os
+import pickle
+import socket
+import struct
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, CIFAR100
+
+import datasets
+from datasets import sources
+from lib.runtime import InputError
+
+DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
+HAVE_DEBIAN_FMNIST = all(
+    os.path.exists(os.path.join(DEBIAN_FMNIST, f"{p}-{k}-idx{d}-ubyte.gz"))
+    for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1)))
+needs_debian_fmnist = pytest.mark.skipif(
+    not HAVE_DEBIAN_FMNIST, reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FMNIST})")
+
+# REFERENCE §3
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
+
+
+# --------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails loudly (and would surface as an offline error)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sk_digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return sources.digits(".", True)
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    return sources.digits(".", False)
+
+
+@pytest.fixture(scope="module")
+def fmnist_train():
+    if not HAVE_DEBIAN_FMNIST:
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_FMNIST})")
+    return sources.fashion_mnist("/nonexistent-data-dir", True)
+
+
+@pytest.fixture
+def cifar_integrity(monkeypatch):
+    """torchvision checks MD5 sums of the real CIFAR files; synthetic files only need to exist."""
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+    def present(self):
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f))
+                   for f, _ in self.train_list + self.test_list)
+    monkeypatch.setattr(CIFAR10, "_check_integrity", present)  # CIFAR100 inherits it
+    # if anything still tried to download, fail instead of touching the network
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _offline)
+
+
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("offline")
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+def write_idx(path, array):
+    """An IDX file of unsigned bytes (gzipped when the name ends in .gz)."""
+    array = np.asarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape) + array.tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+    return raw
+
+
+def write_fmnist(directory, n_train=5, n_test=3, gz=True, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)  # no zeros: the padding shows
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        ext = ".gz" if gz else ""
+        write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{ext}"), images)
+        write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), labels)
+        out[prefix == "train"] = (images, labels)
+    return out
+
+
+def _pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_cifar10(root, per_batch=2, n_test=3, seed=1):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    train_rows, train_labels = [], []
+    for b in range(1, 6):
+        rows = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        _pickle(os.path.join(folder, f"data_batch_{b}"),
+                {"batch_label": f"training batch {b} of 5", "data": rows, "labels": labels})
+        train_rows.append(rows)
+        train_labels += labels
+    test_rows = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
+    test_labels = [int(v) for v in rng.integers(0, 10, size=n_test)]
+    _pickle(os.path.join(folder, "test_batch"),
+            {"batch_label": "testing batch 1 of 1", "data": test_rows, "labels": test_labels})
+    _pickle(os.path.join(folder, "batches.meta"),
+            {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch})
+    return {True: (np.concatenate(train_rows), np.array(train_labels)),
+            False: (test_rows, np.array(test_labels))}
+
+
+def write_cifar100(root, n_train=7, n_test=4, seed=2):
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, size=n)]
+        coarse = [int(v) for v in rng.integers(0, 20, size=n)]
+        _pickle(os.path.join(folder, split),
+                {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split, "data": rows,
+                 "fine_labels": fine, "coarse_labels": coarse})
+        out[split == "train"] = (rows, np.array(fine), np.array(coarse))
+    _pickle(os.path.join(folder, "meta"), {"fine_label_names": [f"f{i}" for i in range(100)],
+                                           "coarse_label_names": [f"c{i}" for i in range(20)]})
+    return out
+
+
+def hwc(rows):
+    """CIFAR file rows (N, 3072: R plane, G plane, B plane) as HWC images."""
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def channel_stats(images, chunk=10000):
+    """Per-channel mean and (population) std on the [0, 1] scale, from exact byte histograms."""
+    means, stds = [], []
+    values = np.arange(256, dtype=np.float64) / 255.0
+    for c in range(images.shape[-1]):
+        hist = np.zeros(256, dtype=np.int64)
+        for i in range(0, len(images), chunk):
+            hist += np.bincount(images[i:i + chunk, ..., c].ravel(), minlength=256)
+        n = hist.sum()
+        mean = (hist * values).sum() / n
+        means.append(mean)
+        stds.append(np.sqrt((hist * (values - mean) ** 2).sum() / n))
+    return np.array(means), np.array(stds)
+
+
+# --------------------------------------------------------------------------------------- digits
+
+def test_digits_splits_shapes_and_labels(digits_train, digits_test, sk_digits):
+    (xtr, ytr), (xte, yte) = digits_train, digits_test
+    assert xtr.shape == (1497, 32, 32, 3) and xte.shape == (300, 32, 32, 3)
+    assert xtr.dtype == np.uint8 and xte.dtype == np.uint8
+    assert ytr.shape == (1497,) and yte.shape == (300,)
+    assert ytr.dtype == np.int64 and yte.dtype == np.int64
+    for x in (xtr, xte):
+        assert np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2])
+    assert set(np.unique(ytr)) == set(range(10)) and set(np.unique(yte)) == set(range(10))
+    # train = the first 1,497 of scikit-learn's digits, test = the last 300
+    assert np.array_equal(ytr, sk_digits.target[:1497])
+    assert np.array_equal(yte, sk_digits.target[1497:])
+    # 0..16 scaled to 0..255: full range used, background black
+    assert xtr.max() == 255 and xtr.min() == 0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_digits_upsampling_keeps_the_digit(digits_train, digits_test, sk_digits, train):
+    x, _ = digits_train if train else digits_test
+    originals = sk_digits.images[:1497] if train else sk_digits.images[1497:]
+    nearest = np.kron(originals, np.ones((1, 4, 4)))  # (N, 32, 32) nearest-neighbour upsampling
+    up = x[..., 0].astype(np.float64)
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(up, nearest)]
+    assert min(corr) > 0.8
+    assert np.mean(corr) > 0.9
+    # and each image matches its own digit far better than a shifted one (right order)
+    wrong = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(up, np.roll(nearest, 1, axis=0))]
+    assert np.mean(corr) > np.mean(wrong) + 0.3
+    # intensity scale: the mean of each upsampled image is close to the 0-255 scaled original's
+    scaled = originals.reshape(len(originals), -1).mean(1) * 255 / 16
+    assert np.allclose(up.reshape(len(up), -1).mean(1), scaled, atol=12)
+
+
+# --------------------------------------------------------------------------------------- normalization
+
+def test_digits_normalization_constants(digits_train):
+    mean, std = channel_stats(digits_train[0])
+    assert np.allclose(datasets.DATASETS["digits"][2], mean, atol=1e-3)
+    assert np.allclose(datasets.DATASETS["digits"][3], std, atol=1e-3)
+    assert len(datasets.DATASETS["digits"][2]) == 3 and len(datasets.DATASETS["digits"][3]) == 3
+
+
+def test_fashion_mnist_normalization_constants(fmnist_train):
+    mean, std = channel_stats(fmnist_train[0])
+    assert np.allclose(datasets.DATASETS["fashion-mnist"][2], mean, atol=1e-3)
+    assert np.allclose(datasets.DATASETS["fashion-mnist"][3], std, atol=1e-3)
+    assert len(datasets.DATASETS["fashion-mnist"][2]) == 3 and len(datasets.DATASETS["fashion-mnist"][3]) == 3
+
+
+def test_cifar_constants_and_class_counts_match_reference():
+    assert tuple(datasets.DATASETS["cifar10"][2]) == CIFAR10_MEAN
+    assert tuple(datasets.DATASETS["cifar10"][3]) == CIFAR10_STD
+    for name in ("cifar100", "cifar20"):
+        assert tuple(datasets.DATASETS[name][2]) == CIFAR100_MEAN
+        assert tuple(datasets.DATASETS[name][3]) == CIFAR100_STD
+    expected = {"cifar10": 10, "cifar100": 100, "cifar20": 20, "fashion-mnist": 10, "digits": 10}
+    assert {name: datasets.num_classes(name) for name in expected} == expected
+
+
+# --------------------------------------------------------------------------------------- Fashion-MNIST
+
+@needs_debian_fmnist
+def test_fashion_mnist_debian_train(fmnist_train):
+    x, y = fmnist_train
+    assert x.shape == (60000, 32, 32, 3) and x.dtype == np.uint8
+    assert y.shape == (60000,) and y.dtype == np.int64
+    assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 6000))
+    assert y.min() == 0 and y.max() == 9
+    # the 2-pixel border is all zero; the 28x28 centre is the IDX file, unchanged
+    for c in range(3):
+        assert not x[:, :2, :, c].any() and not x[:, 30:, :, c].any()
+        assert not x[:, :, :2, c].any() and not x[:, :, 30:, c].any()
+    raw = sources.read_idx(os.path.join(DEBIAN_FMNIST, "train-images-idx3-ubyte.gz"))
+    assert raw.shape == (60000, 28, 28)
+    assert np.array_equal(x[:, 2:30, 2:30, 0], raw)
+    assert np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2])
+    assert y[0] == 9  # the first Fashion-MNIST training image is an ankle boot
+
+
+@needs_debian_fmnist
+def test_fashion_mnist_debian_test(tmp_path):
+    x, y = sources.fashion_mnist(str(tmp_path), False)
+    assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8
+    assert y.shape == (10000,) and y.dtype == np.int64
+    assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 1000))
+    assert not x[:, :2].any() and not x[:, 30:].any() and not x[:, :, :2].any() and not x[:, :, 30:].any()
+    assert np.array_equal(x[..., 0], x[..., 2])
+    labels = sources.read_idx(os.path.join(DEBIAN_FMNIST, "t10k-labels-idx1-ubyte.gz"))
+    assert np.array_equal(y, labels)
+
+
+@pytest.mark.parametrize("name", ["tiny-idx3-ubyte", "tiny-idx3-ubyte.gz"])
+def test_read_idx_hand_written(tmp_path, name):
+    # hand-written bytes: magic 0x00000803 (ubyte, 3 dims), dims 2 x 3 x 2 big-endian, then 12 values
+    header = bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 2])
+    payload = bytes(range(10, 22))
+    path = str(tmp_path / name)
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + payload)
+    got = sources.read_idx(path)
+    assert got.dtype == np.uint8 and got.shape == (2, 3, 2)
+    assert np.array_equal(got, np.arange(10, 22, dtype=np.uint8).reshape(2, 3, 2))
+
+
+def test_read_idx_one_dimensional_labels(tmp_path):
+    path = str(tmp_path / "labels-idx1-ubyte")
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 0, 4, 3, 1, 4, 1]))
+    assert np.array_equal(sources.read_idx(path), np.array([3, 1, 4, 1], dtype=np.uint8))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_truncated_data_raises_input_error(tmp_path, gz):
+    path = str(tmp_path / ("cut-idx3-ubyte" + (".gz" if gz else "")))
+    raw = bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 2]) + bytes(range(7))  # 7 of 12 values
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(InputError) as err:
+        sources.read_idx(path)
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+
+def test_read_idx_truncated_header_raises_input_error(tmp_path):
+    # the magic says 3 dimensions, but the file ends inside the dimension list
+    path = str(tmp_path / "header-idx3-ubyte")
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3, 0, 0, 0, 2]))
+    with pytest.raises(InputError) as err:
+        sources.read_idx(path)
+    assert path in str(err.value)
+
+
+def test_read_idx_truncated_gzip_stream_raises_input_error(tmp_path):
+    # a partly downloaded .gz: the compressed stream itself stops early
+    full = str(tmp_path / "full-idx3-ubyte.gz")
+    write_idx(full, np.arange(4 * 28 * 28).reshape(4, 28, 28) % 251)
+    with open(full, "rb") as f:
+        blob = f.read()
+    path = str(tmp_path / "partial-idx3-ubyte.gz")
+    with open(path, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with pytest.raises(InputError) as err:
+        sources.read_idx(path)
+    assert path in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"hello, this is not an IDX file\n", b"", bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + b"\0" * 4])
+def test_read_idx_not_idx_raises_input_error(tmp_path, content):
+    # text, an empty file, and an IDX file of float32 (type 0x0D) instead of unsigned bytes
+    path = str(tmp_path / "not-idx3-ubyte")
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(InputError) as err:
+        sources.read_idx(path)
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_read_from_data_dir(monkeypatch, tmp_path, gz):
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-such-debian-dir"))
+    written = write_fmnist(str(tmp_path / "fashion-mnist"), gz=gz)
+    for train in (True, False):
+        images, labels = written[train]
+        x, y = sources.fashion_mnist(str(tmp_path), train)
+        assert x.shape == (len(images), 32, 32, 3) and x.dtype == np.uint8
+        assert y.dtype == np.int64 and np.array_equal(y, labels)
+        for c in range(3):
+            assert np.array_equal(x[:, 2:30, 2:30, c], images)
+        border = np.ones((32, 32), bool)
+        border[2:30, 2:30] = False
+        assert not x[:, border].any()
+    ds = datasets.build_dataset("fashion-mnist", tmp_path, train=True)
+    assert len(ds) == len(written[True][0])
+    assert np.array_equal(ds.data[:, 2:30, 2:30, 1], written[True][0])
+
+
+def test_fashion_mnist_data_dir_takes_precedence_over_debian(tmp_path):
+    # whatever is installed system-wide, a fashion-mnist/ folder in data_dir is what is read
+    written = write_fmnist(str(tmp_path / "fashion-mnist"), n_train=4, n_test=2)
+    x, y = sources.fashion_mnist(str(tmp_path), True)
+    assert len(x) == 4 and np.array_equal(y, written[True][1])
+
+
+def test_fashion_mnist_torchvision_raw_folder(monkeypatch, tmp_path):
+    # the layout torchvision's own download leaves: data_dir/FashionMNIST/raw/, uncompressed
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-such-debian-dir"))
+    written = write_fmnist(str(tmp_path / "FashionMNIST" / "raw"), gz=False)
+    x, y = sources.fashion_mnist(str(tmp_path), False)
+    assert np.array_equal(x[:, 2:30, 2:30, 0], written[False][0]) and np.array_equal(y, written[False][1])
+
+
+def test_fashion_mnist_offline_is_one_clear_line(monkeypatch, tmp_path):
+    import torchvision.datasets.mnist as tv_mnist
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-such-debian-dir"))
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    data_dir = tmp_path / "data"
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset("fashion-mnist", str(data_dir), train=True)
+    msg = str(err.value)
+    assert calls, "torchvision's download should have been tried"
+    assert "\n" not in msg
+    assert "Fashion-MNIST" in msg
+    assert os.path.abspath(str(data_dir)) in msg
+    assert "--data_dir" in msg and ("internet" in msg or "copy" in msg)
+
+
+# --------------------------------------------------------------------------------------- CIFAR
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar10_from_torchvision_files(cifar_integrity, tmp_path, train):
+    written = write_cifar10(str(tmp_path))
+    rows, labels = written[train]
+    ds = datasets.build_dataset("cifar10", tmp_path, train=train)
+    assert isinstance(ds, datasets.ImageDataset)
+    assert len(ds) == len(rows) == (10 if train else 3)
+    assert ds.data.shape == (len(rows), 32, 32, 3) and ds.data.dtype == np.uint8
+    for i in range(len(rows)):
+        assert np.array_equal(ds.data[i], rows[i].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert np.array_equal(ds.data, hwc(rows))
+    assert ds.targets.dtype == torch.long and ds.targets.tolist() == labels.tolist()
+    # the evaluation item is the HWC image through ToTensor + Normalize with CIFAR-10's constants
+    image, target, index = ds[1]
+    expected = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)(torch.from_numpy(rows[1].reshape(3, 32, 32)).float() / 255)
+    assert torch.allclose(image, expected, atol=1e-5)
+    assert target == labels[1] and index == 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar100_fine_and_cifar20_coarse_labels(cifar_integrity, tmp_path, train):
+    written = write_cifar100(str(tmp_path))
+    rows, fine, coarse = written[train]
+    fine_ds = datasets.build_dataset("cifar100", tmp_path, train=train)
+    coarse_ds = datasets.build_dataset("cifar20", str(tmp_path), train=train)
+    for ds in (fine_ds, coarse_ds):
+        assert len(ds) == len(rows)
+        assert np.array_equal(ds.data, hwc(rows))
+        assert np.array_equal(ds.data[0], rows[0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert fine_ds.targets.tolist() == fine.tolist()
+    assert coarse_ds.targets.tolist() == coarse.tolist()
+    assert fine_ds.targets.tolist() != coarse_ds.targets.tolist()
+    image, target, index = coarse_ds[2]
+    expected = transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD)(torch.from_numpy(rows[2].reshape(3, 32, 32)).float() / 255)
+    assert torch.allclose(image, expected, atol=1e-5) and target == coarse[2] and index == 2
+
+
+@pytest.mark.parametrize("name, label, cls", [("cifar10", "CIFAR-10", CIFAR10),
+                                              ("cifar100", "CIFAR-100", CIFAR100),
+                                              ("cifar20", "CIFAR-100", CIFAR100)])
+def test_cifar_offline_is_one_clear_line(monkeypatch, tmp_path, name, label, cls):
+    import torchvision.datasets.cifar as tv_cifar
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    data_dir = tmp_path / "nothing-here"
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset(name, str(data_dir), train=True)
+    msg = str(err.value)
+    assert calls and calls[0][0] == cls.url, "torchvision's download (as released) should have been tried"
+    assert "\n" not in msg
+    assert label in msg
+    if name == "cifar10":
+        assert "CIFAR-100" not in msg
+    assert os.path.abspath(str(data_dir)) in msg
+    assert "--data_dir" in msg and ("internet" in msg or "copy" in msg)
+
+
+def test_cifar_offline_via_download_method(monkeypatch, tmp_path):
+    # same outcome when the whole download method fails (e.g. DNS failure raised from download())
+    def offline(self):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset("cifar10", str(tmp_path), train=False)
+    assert "CIFAR-10" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------- ImageDataset
+
+def test_two_view_items(digits_train):
+    torch.manual_seed(0)
+    ds = datasets.build_dataset("digits", ".", train=True, views=2, subset=20)
+    assert ds.views == 2
+    for index in (0, 7, 19):
+        item = ds[index]
+        assert len(item) == 4
+        v1, v2, target, idx = item
+        for v in (v1, v2):
+            assert isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (3, 32, 32)
+        assert not torch.equal(v1, v2)
+        assert idx == index and target == int(digits_train[1][index])
+        assert isinstance(target, int)
+
+
+def test_eval_items_deterministic_and_normalized(digits_test):
+    ds = datasets.build_dataset("digits", ".", train=False)
+    assert ds.views == 1 and len(ds) == 300
+    mean, std = datasets.DATASETS["digits"][2:]
+    manual = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    for index in (0, 123, 299):
+        a, b = ds[index], ds[index]
+        assert len(a) == 3
+        assert torch.equal(a[0], b[0])
+        assert a[0].dtype == torch.float32 and a[0].shape == (3, 32, 32)
+        assert torch.allclose(a[0], manual(Image.fromarray(digits_test[0][index])), atol=1e-6)
+        by_hand = (torch.from_numpy(digits_test[0][index]).permute(2, 0, 1).float() / 255
+                   - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        assert torch.allclose(a[0], by_hand, atol=1e-5)
+        assert a[1] == int(digits_test[1][index]) and a[2] == index
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_subset_keeps_first_images(digits_train, digits_test, train):
+    x, y = digits_train if train else digits_test
+    ds = datasets.build_dataset("digits", ".", train=train, subset=37)
+    assert len(ds) == 37
+    assert np.array_equal(ds.data, x[:37])
+    assert ds.targets.tolist() == y[:37].tolist()
+    assert ds.data.flags["C_CONTIGUOUS"]
+    # a subset larger than the split keeps the whole split
+    assert len(datasets.build_dataset("digits", ".", train=train, subset=10_000)) == len(x)
+
+
+@pytest.mark.parametrize("subset", [0, -3])
+def test_bad_subset_raises_input_error(subset):
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset("digits", ".", train=True, subset=subset)
+    assert "subset" in str(err.value)
+
+
+def test_unknown_data_set_raises_input_error():
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset("imagenet", ".", train=True)
+    assert "imagenet" in str(err.value) and "cifar10" in str(err.value)
+
+
+def test_explicit_transform_is_used():
+    ds = datasets.build_dataset("digits", ".", train=True, views=2, transform=transforms.ToTensor(), subset=3)
+    v1, v2, _, _ = ds[0]
+    assert torch.equal(v1, v2) and v1.min() >= 0 and v1.max() <= 1
+
+
+def test_train_loader_shuffles_and_drops_last():
+    torch.manual_seed(3)
+    ds = datasets.build_dataset("digits", ".", train=True, views=2, subset=50)
+    loader = datasets.make_loader(ds, batch_size=16, train=True, workers=0, device=torch.device("cpu"))
+    batches = list(loader)
+    assert len(loader) == 3 and len(batches) == 3
+    indices = torch.cat([b[3] for b in batches])
+    assert len(indices) == 48 and len(set(indices.tolist())) == 48
+    assert set(indices.tolist()) <= set(range(50))
+    assert indices.tolist() != sorted(indices.tolist())
+    for v1, v2, target, index in batches:
+        assert v1.shape == v2.shape == (16, 3, 32, 32)
+        assert torch.equal(target, ds.targets[index])
+
+
+def test_eval_loader_keeps_order():
+    ds = datasets.build_dataset("digits", ".", train=False, subset=50)
+    loader = datasets.make_loader(ds, batch_size=16, train=False, workers=0, device=torch.device("cpu"))
+    batches = list(loader)
+    assert [len(b[2]) for b in batches] == [16, 16, 16, 2]
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(50))
+    assert torch.equal(torch.cat([b[1] for b in batches]), ds.targets)
+    assert not loader.pin_memory
+    cuda_loader = datasets.make_loader(ds, batch_size=16, train=False, workers=0, device=torch.device("cuda"))
+    assert cuda_loader.pin_memory
+
+
+# --------------------------------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("name", list(datasets.DATASETS))
+def test_train_transform_matches_reference(name):
+    steps = datasets.train_transform(name).transforms
+    assert [type(t) for t in steps] == [transforms.RandomResizedCrop, transforms.ColorJitter,
+                                        transforms.RandomGrayscale, transforms.RandomHorizontalFlip,
+                                        transforms.ToTensor, transforms.Normalize]
+    crop, jitter, grey, flip, _, norm = steps
+    assert tuple(crop.size) == (32, 32)
+    assert tuple(crop.scale) == (0.2, 1.0)
+    assert np.allclose(crop.ratio, (3 / 4, 4 / 3))  # torchvision's default, as released
+    assert np.allclose(jitter.brightness, (0.6, 1.4))
+    assert np.allclose(jitter.contrast, (0.6, 1.4))
+    assert np.allclose(jitter.saturation, (0.6, 1.4))
+    assert np.allclose(jitter.hue, (-0.4, 0.4))
+    assert grey.p == 0.2
+    assert flip.p == 0.5
+    assert tuple(norm.mean) == tuple(datasets.DATASETS[name][2])
+    assert tuple(norm.std) == tuple(datasets.DATASETS[name][3])
+    if name == "cifar10":
+        assert tuple(norm.mean) == CIFAR10_MEAN and tuple(norm.std) == CIFAR10_STD
+
+
+@pytest.mark.parametrize("name", list(datasets.DATASETS))
+def test_eval_transform_matches_reference(name):
+    steps = datasets.eval_transform(name).transforms
+    assert [type(t) for t in steps] == [transforms.Resize, transforms.CenterCrop,
+                                        transforms.ToTensor, transforms.Normalize]
+    resize, crop, _, norm = steps
+    assert resize.size in (32, [32], (32,))
+    assert tuple(crop.size) == (32, 32)
+    assert tuple(norm.mean) == tuple(datasets.DATASETS[name][2])
+    assert tuple(norm.std) == tuple(datasets.DATASETS[name][3])
+
+
+def test_default_transforms_follow_views():
+    two = datasets.build_dataset("digits", ".", train=True, views=2, subset=2)
+    one = datasets.build_dataset("digits", ".", train=True, views=1, subset=2)
+    assert type(two.transform.transforms[0]) is transforms.RandomResizedCrop
+    assert type(one.transform.transforms[0]) is transforms.Resize
