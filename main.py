@@ -14,16 +14,24 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import datasets
-from lib.checkpoint import (checkpoint_stage, load_checkpoint, load_network, resolve_path,
-                            save_checkpoint)
+from lib.checkpoint import checkpoint_stage, load_checkpoint, load_network, resolve_path, save_checkpoint
 from lib.losses import aug_loss, iic_loss
 from lib.plots import plot_confusion, plot_curves
 from lib.protocols import clustering_metrics, compute_features, hungarian_match
-from lib.runtime import (ArgumentParser, Diverged, InputError, JsonLog, choose_device, rng_state,
-                         run_cli, seed_everything, set_rng_state)
+from lib.runtime import (
+    ArgumentParser,
+    InputError,
+    JsonLog,
+    add_run_arguments,
+    choose_device,
+    rng_state,
+    run_cli,
+    run_epoch,
+    seed_everything,
+    set_rng_state,
+)
 from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
 
@@ -59,18 +67,7 @@ def get_args_parser():
     p.add_argument("--kmeans_baseline", action="store_true",
                    help="also print k-means on the raw pixels of the evaluated split (scikit-learn)")
     p.add_argument("--seed", default=1567010775, type=int, help="random seed")
-    p.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded")
-    p.add_argument("--subset", default=None, type=int, help="use only the first N images of each split")
-    p.add_argument("--workers", default=4, type=int, help="data-loading processes")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-    speed = p.add_argument_group("speed (off by default; see README for their measured effect)")
-    speed.add_argument("--amp", action="store_true",
-                       help="bfloat16 autocast for the network (losses and memory bank stay float32)")
-    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
-    speed.add_argument("--gpu_augment", action="store_true",
-                       help="augment whole batches on the device from uint8 images held there "
-                            "(same transforms and parameter distributions, another random stream)")
+    add_run_arguments(p)
     return p
 
 
@@ -96,18 +93,8 @@ def train_step(net, heads, images, optimizer, args):
 def train_one_epoch(net, heads, loader, optimizer, args, device):
     """One epoch of stage 2. Returns the mean loss, its two parts and each head's mean loss."""
     net.train()
-    totals = torch.zeros(3 + len(heads.heads), device=device)  # summed on the device, read once
-    bar = tqdm(loader, leave=False, disable=None, desc="train")
-    for step, (view1, view2, _, _) in enumerate(bar, start=1):
-        images = torch.cat([view1, view2]).to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        totals += train_step(net, heads, images, optimizer, args)
-        if step % 10 == 0 and bar.disable is False:
-            bar.set_postfix(loss=f"{totals[0].item() / step:.4f}")
-    means = (totals / max(len(loader), 1)).tolist()
-    if not all(np.isfinite(means)):
-        raise Diverged(f"the loss became non-finite ({means[0]}); stopped before saving this epoch")
+    means = run_epoch(loader, lambda images, _: train_step(net, heads, images, optimizer, args),
+                      3 + len(heads.heads), device, args.channels_last)
     return {"loss": means[0], "loss_assign": means[1], "loss_cp": means[2], "head_losses": means[3:]}
 
 

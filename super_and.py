@@ -7,22 +7,29 @@
 
 Writes <model_dir>/ckpt_embed.t7 after every epoch and one JSON line per epoch to <model_dir>/log.jsonl.
 """
-import math
 import os
 import time
 
 import torch
-from tqdm import tqdm
 
 import datasets
-from lib.checkpoint import (checkpoint_stage, load_checkpoint, load_network, resolve_path,
-                            save_checkpoint)
+from lib.checkpoint import checkpoint_stage, load_checkpoint, load_network, resolve_path, save_checkpoint
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.protocols import compute_features, weighted_knn_scores
-from lib.runtime import (ArgumentParser, Diverged, InputError, JsonLog, choose_device, rng_state,
-                         run_cli, seed_everything, set_rng_state)
+from lib.runtime import (
+    ArgumentParser,
+    InputError,
+    JsonLog,
+    add_run_arguments,
+    choose_device,
+    rng_state,
+    run_cli,
+    run_epoch,
+    seed_everything,
+    set_rng_state,
+)
 from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
@@ -38,7 +45,8 @@ def get_args_parser():
                    help="channels of the first ResNet stage (64 as released; smaller only for quick CPU runs)")
     p.add_argument("--npc_t", default=0.1, type=float, help="τ, memory-bank temperature")
     p.add_argument("--npc_m", default=0.5, type=float, help="m, memory-bank momentum")
-    p.add_argument("--ANs_select_rate", default=0.25, type=float, help="share of samples that become anchors, per round")
+    p.add_argument("--ANs_select_rate", default=0.25, type=float,
+                   help="share of samples that become anchors, per round")
     p.add_argument("--ANs_size", default=1, type=int, help="neighbours per anchor")
     p.add_argument("--lr", default=0.03, type=float, help="base learning rate")
     p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (Nesterov)")
@@ -52,18 +60,7 @@ def get_args_parser():
     p.add_argument("--resume", "-r", default="", help="checkpoint to continue (path, or name inside --model_dir)")
     p.add_argument("--test_only", action="store_true", help="only print the kNN accuracy of --resume")
     p.add_argument("--seed", default=1567010775, type=int, help="random seed")
-    p.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded")
-    p.add_argument("--subset", default=None, type=int, help="use only the first N images of each split")
-    p.add_argument("--workers", default=4, type=int, help="data-loading processes")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-    speed = p.add_argument_group("speed (off by default; see README for their measured effect)")
-    speed.add_argument("--amp", action="store_true",
-                       help="bfloat16 autocast for the network (losses and memory bank stay float32)")
-    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
-    speed.add_argument("--gpu_augment", action="store_true",
-                       help="augment whole batches on the device from uint8 images held there "
-                            "(same transforms and parameter distributions, another random stream)")
+    add_run_arguments(p)
     return p
 
 
@@ -91,19 +88,12 @@ def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
 def train_one_epoch(net, npc, ans, loader, optimizer, weight, args, device):
     """One epoch of AND + AUG + w·UE. Returns the mean of each loss part."""
     net.train()
-    totals = torch.zeros(4, device=device)  # summed on the device, read once per epoch
-    bar = tqdm(loader, leave=False, disable=None, desc="train")
-    for step, (view1, view2, _, indexes) in enumerate(bar, start=1):
-        images = torch.cat([view1, view2]).to(device, non_blocking=True)  # (2B, 3, H, W), view 1 first
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        indexes = indexes.to(device, non_blocking=True)
-        totals += train_step(net, npc, ans, images, indexes, optimizer, weight, args)
-        if step % 10 == 0 and bar.disable is False:
-            bar.set_postfix(loss=f"{totals[0].item() / step:.4f}")
-    means = (totals / max(len(loader), 1)).tolist()
-    if not all(map(math.isfinite, means)):
-        raise Diverged(f"the loss became non-finite ({means[0]}); stopped before saving this epoch")
+
+    def step(images, batch):
+        indexes = batch[3].to(device, non_blocking=True)
+        return train_step(net, npc, ans, images, indexes, optimizer, weight, args)
+
+    means = run_epoch(loader, step, 4, device, args.channels_last)
     return dict(zip(["loss", "loss_and", "loss_aug", "loss_ue"], means))
 
 

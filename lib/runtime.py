@@ -1,6 +1,7 @@
 """What both scripts share around the method: clear errors, device choice, seeding, RNG states, the JSON log."""
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -25,6 +26,46 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_run_arguments(p):
+    """The flags both scripts add to the released ones: data, processes, device, and speed options."""
+    p.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded")
+    p.add_argument("--subset", default=None, type=int, help="use only the first N images of each split")
+    p.add_argument("--workers", default=4, type=int, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    speed = p.add_argument_group("speed (off by default; see README for their measured effect)")
+    speed.add_argument("--amp", action="store_true",
+                       help="bfloat16 autocast for the network (losses and memory bank stay float32)")
+    speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
+    speed.add_argument("--gpu_augment", action="store_true",
+                       help="augment whole batches on the device from uint8 images held there "
+                            "(same transforms and parameter distributions, another random stream)")
+
+
+def run_epoch(loader, step, num_values, device, channels_last=False):
+    """Call ``step(images, batch)`` for every batch of a two-view loader and average what it returns.
+
+    ``images`` is the (2B, 3, H, W) concatenation of both views on ``device`` (view 1 rows first),
+    ``batch`` the loader's (view1, view2, targets, indexes); ``step`` returns ``num_values`` detached
+    numbers as one tensor. They are summed on the device and read once per epoch (no host sync per
+    step beyond the progress bar's); a non-finite mean raises ``Diverged``.
+    """
+    from tqdm import tqdm
+    totals = torch.zeros(num_values, device=device)
+    bar = tqdm(loader, leave=False, disable=None, desc="train")
+    for i, batch in enumerate(bar, start=1):
+        images = torch.cat([batch[0], batch[1]]).to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        totals += step(images, batch)
+        if i % 10 == 0 and bar.disable is False:
+            bar.set_postfix(loss=f"{totals[0].item() / i:.4f}")
+    means = (totals / max(len(loader), 1)).tolist()
+    if not all(map(math.isfinite, means)):
+        raise Diverged(f"the loss became non-finite ({means[0]}); stopped before saving this epoch")
+    return means
 
 
 def run_cli(main, parser, argv=None):

@@ -10,6 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def shortcut(in_planes, out_planes, stride):
+    """Identity, or a strided 1x1 conv + BN (``shortcut.0``, ``shortcut.1``) where the shape changes."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -19,11 +26,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * self.expansion))
+        self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -42,11 +45,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * self.expansion))
+        self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

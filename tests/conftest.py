@@ -57,3 +57,14 @@ def write_released_ul(path, num_classes=10, low_dim=128):
 def layout():
     with open(LAYOUT) as f:
         return json.load(f)
+
+
+def expect_error(capsys, module, args, *fragments):
+    """Bad input: exit status 2 and one line on stderr, starting 'error: ' and naming each fragment."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import main as stage2
 import super_and
 from conftest import NARROW, ROOT, run_main, run_script, write_released_embed, write_released_ul
+from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import cluster_accuracy
 
@@ -158,13 +159,7 @@ def test_sigkill_and_resume_ends_equal(stage1, tmp_path):
 # ---- bad input: one line on stderr, exit status 2, nothing written or overwritten ----
 
 def expect_error(capsys, args, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(stage2, args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
+    shared_expect_error(capsys, stage2, args, *fragments)
 
 
 def edited(src, dst, change):

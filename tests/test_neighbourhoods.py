@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from lib.neighbourhoods import (AnchorNeighbourhoods, discover_neighbourhoods, nearest_neighbours,
-                                sample_entropy)
+from lib.neighbourhoods import AnchorNeighbourhoods, discover_neighbourhoods, nearest_neighbours, sample_entropy
 
 BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
            "consistency"}

@@ -7,8 +7,14 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from lib.protocols import (cluster_accuracy, clustering_metrics, confusion_matrix, hungarian_match,
-                           weighted_knn_predict, weighted_knn_scores)
+from lib.protocols import (
+    cluster_accuracy,
+    clustering_metrics,
+    confusion_matrix,
+    hungarian_match,
+    weighted_knn_predict,
+    weighted_knn_scores,
+)
 
 
 def knn_scores_reference(features, bank, labels, num_classes, k, sigma):

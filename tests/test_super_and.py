@@ -9,6 +9,7 @@ import torch
 
 import super_and
 from conftest import NARROW, run_main, run_script, write_released_embed
+from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import weighted_knn_predict
 
@@ -142,13 +143,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 # ---- bad input: one line on stderr, exit status 2, nothing written or overwritten ----
 
 def expect_error(capsys, args, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(super_and, args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
+    shared_expect_error(capsys, super_and, args, *fragments)
 
 
 @pytest.fixture(scope="module")
