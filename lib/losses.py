@@ -44,11 +44,14 @@ def aug_loss(features, temperature, neg_m=1.0):
         temperature: T_b (batch_t, 0.1).
         neg_m: m_b (batch_m, 1), the weight of the negative pairs.
     """
-    x = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
+    x = features.to(torch.promote_types(features.dtype, torch.float32))
     rows = x.shape[0]
     half = rows // 2
     partner = torch.arange(rows, device=x.device).add(half).remainder(rows)
-    sim = x @ x.detach().T / temperature  # (2B, 2B)
+    # x̂_i · x̂_j = x_i · x_j / (|x_i| |x_j|): normalizing after the product keeps the (2B, D) input
+    # untouched (D = N in stage 1); the right factor, its norm included, is detached
+    norm = x.norm(dim=1).clamp(min=1e-12)  # F.normalize's eps
+    sim = (x @ x.detach().T) / (norm.unsqueeze(1) * norm.detach().unsqueeze(0) * temperature)  # (2B, 2B)
     eye = torch.eye(rows, dtype=torch.bool, device=x.device)
     all_prob = sim.exp().masked_fill(eye, 0.0)
     pos = all_prob.gather(1, partner.unsqueeze(1)).squeeze(1)  # (2B,)

@@ -30,7 +30,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("params", torch.tensor([temperature, momentum]))
 
     def forward(self, features):
-        return features @ self.memory.T.to(features.dtype) / self.temperature  # (2B, N)
+        # (f / τ) · Mᵀ: the division on the (2B, d) side rather than on the (2B, N) result
+        return (features / self.temperature) @ self.memory.T.to(features.dtype)  # (2B, N)
 
     @torch.no_grad()
     def update(self, indexes, features):

@@ -4,36 +4,80 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _row_chunks(num_rows, dim, budget_bytes=256 * 2**20):
-    """Rows per chunk so that one (chunk x N) float32 block stays under ``budget_bytes``."""
-    return max(1, min(num_rows, budget_bytes // (4 * max(num_rows, 1) * 3)))
+def _row_chunks(num_rows, dim, budget_bytes=128 * 2**20):
+    """Rows per chunk so that two (chunk x N) float32 blocks stay under ``budget_bytes``."""
+    return max(1, min(num_rows, budget_bytes // (4 * max(num_rows, 1) * 2)))
+
+
+BLOCK = 2048  # square (BLOCK x BLOCK) similarity blocks: 16 MiB each, whatever N is
 
 
 @torch.no_grad()
 def sample_entropy(memory, temperature, chunk_size=None):
-    """Entropy of softmax(memory · memoryᵀ / τ) for every row (own column included), in chunks."""
+    """Entropy of softmax(memory · memoryᵀ / τ) for every row (own column included), in blocks.
+
+    With e = exp(z), Z_i = Σ_j e_ij: H_i = log Z_i − Σ_j e_ij z_ij / Z_i. z is symmetric, so each
+    off-diagonal (chunk x chunk) block is computed once and serves its rows and its columns: half
+    the O(N²·d) products and half the exponentials, with two blocks of memory at a time. That needs
+    exp(z) to stay finite unshifted, which holds for a trained bank (unit rows: |z| <= 1 / τ); for
+    rows with larger norms the row maximum is subtracted, one block row at a time.
+    """
     n = memory.shape[0]
-    chunk_size = chunk_size or _row_chunks(n, memory.shape[1])
-    entropy = torch.empty(n, device=memory.device)
-    for start in range(0, n, chunk_size):
-        logits = memory[start:start + chunk_size] @ memory.T / temperature  # (chunk, N)
-        log_p = F.log_softmax(logits, dim=1)
-        entropy[start:start + chunk_size] = -(log_p.exp() * log_p).sum(1)
-    return entropy
+    scaled = memory / temperature
+    if memory.norm(dim=1).max() ** 2 / temperature > 60:  # exp could overflow float32: shift each row
+        chunk_size = chunk_size or _row_chunks(n, memory.shape[1])
+        entropy = torch.empty(n, device=memory.device)
+        for start in range(0, n, chunk_size):
+            z = scaled[start:start + chunk_size] @ memory.T  # (chunk, N)
+            z -= z.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
+            e = torch.exp(z)
+            total = e.sum(1)
+            entropy[start:start + chunk_size] = total.log() - (e * z).sum(1) / total
+        return entropy
+    chunk_size = chunk_size or BLOCK
+    total = torch.zeros(n, device=memory.device)  # Z_i
+    weighted = torch.zeros(n, device=memory.device)  # Σ_j e_ij z_ij
+    for i in range(0, n, chunk_size):
+        rows = scaled[i:i + chunk_size]
+        for j in range(i, n, chunk_size):
+            z = rows @ memory[j:j + chunk_size].T  # (chunk_i, chunk_j) block of z; block (j, i) is its transpose
+            e = torch.exp(z)
+            ez = e * z
+            total[i:i + chunk_size] += e.sum(1)
+            weighted[i:i + chunk_size] += ez.sum(1)
+            if j != i:
+                total[j:j + chunk_size] += e.sum(0)
+                weighted[j:j + chunk_size] += ez.sum(0)
+    return total.log() - weighted / total
 
 
 @torch.no_grad()
 def nearest_neighbours(memory, queries, k, chunk_size=None):
-    """The k nearest rows of ``memory`` to each row index in ``queries`` by cosine similarity, itself excluded."""
+    """The k nearest rows of ``memory`` to each row index in ``queries`` by cosine similarity, itself excluded.
+
+    Square (chunk x chunk) blocks of similarities, each one's top k merged into a running top k,
+    so only two small blocks are in memory at a time.
+    """
     n = memory.shape[0]
-    chunk_size = chunk_size or _row_chunks(n, memory.shape[1])
+    chunk_size = chunk_size or BLOCK
     unit = F.normalize(memory, dim=1)
     out = torch.empty(len(queries), k, dtype=torch.long, device=memory.device)
     for start in range(0, len(queries), chunk_size):
         rows = queries[start:start + chunk_size]
-        sim = unit[rows] @ unit.T  # (chunk, N)
-        sim[torch.arange(len(rows), device=sim.device), rows] = float("-inf")  # not itself
-        out[start:start + chunk_size] = sim.topk(k, dim=1).indices
+        query = unit[rows]
+        best_sim = torch.full((len(rows), 0), float("-inf"), device=memory.device)
+        best_idx = torch.empty((len(rows), 0), dtype=torch.long, device=memory.device)
+        for j in range(0, n, chunk_size):
+            sim = query @ unit[j:j + chunk_size].T  # (chunk, block)
+            own = (rows >= j) & (rows < j + sim.shape[1])
+            sim[own.nonzero().squeeze(1), rows[own] - j] = float("-inf")  # not itself
+            top = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_sim = torch.cat([best_sim, top.values], dim=1)
+            best_idx = torch.cat([best_idx, top.indices + j], dim=1)
+            if best_sim.shape[1] > k:
+                keep = best_sim.topk(k, dim=1).indices
+                best_sim, best_idx = best_sim.gather(1, keep), best_idx.gather(1, keep)
+        out[start:start + chunk_size] = best_idx
     return out
 
 
@@ -46,7 +90,7 @@ def discover_neighbourhoods(memory, temperature, num_anchors, ans_size, chunk_si
         temperature: τ (npc_t) of the entropy's softmax.
         num_anchors: floor(N · ANs_select_rate · round).
         ans_size: k, neighbours per anchor (ANs_size).
-        chunk_size: rows per block; by default blocks of (chunk x N) stay at about 256 MiB.
+        chunk_size: rows (and columns) per similarity block; BLOCK by default.
     Returns (anchor_indexes (num_anchors,), neighbours (num_anchors, ans_size)), and the (N,)
     entropies as a third element when ``return_entropy``.
     """

@@ -1,5 +1,6 @@
 """What both scripts share around the method: clear errors, device choice, seeding, RNG states, the JSON log."""
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -71,6 +72,7 @@ def run_epoch(loader, step, num_values, device, channels_last=False):
 def run_cli(main, parser, argv=None):
     """Parse ``argv``, run ``main(args)``; bad input prints one line and exits 2, a diverged run exits 3."""
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # one line per epoch, also when redirected to a file
     try:
         return main(args)
     except InputError as err:
@@ -82,11 +84,31 @@ def run_cli(main, parser, argv=None):
 
 
 def choose_device(name="auto"):
+    """The script's one device; on the CPU also keep freed memory (see ``keep_freed_memory``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name} was asked for but PyTorch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def keep_freed_memory():
+    """CPU speed, no change to the math: stop glibc from handing the network's large activation
+    buffers back to the kernel after every step (the next step would fault in zeroed pages again;
+    about 2.5 million page faults and 5 s of system time per 12 s step of the full network on 2
+    cores here). Same effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from malloc.h
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def seed_everything(seed):
