@@ -1,0 +1,39 @@
+"""bench/throughput.py --quick runs end to end and writes every number the issue lists (speed is never asserted)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSITIVE = ["backbone_step_s", "stage1_step_s", "stage2_step_s", "stage1_ratio", "stage2_ratio",
+            "stage1_method_s", "stage2_method_s", "ans_discovery_s", "eval_s", "knn_s",
+            "loader_images_per_s", "host_peak_gib"]
+CONFIG = ["torch", "threads", "device_name", "date", "command", "flags"]
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_writes_every_number(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {k: result.get(k) for k in POSITIVE if not positive(result.get(k))} == {}
+    runs = result["ans_discovery"]
+    assert [r["num_samples"] for r in runs] == [5_000, 10_000]  # --quick's N and 2N
+    for r in runs:
+        assert positive(r["seconds"]) and math.isfinite(r["peak_extra_gib"]) and r["peak_extra_gib"] >= 0
+    assert math.isfinite(result["ans_peak_extra_gib"]) and result["ans_peak_extra_gib"] >= 0
+    assert result["anchors_in_batch"] > 0  # round-1 anchors: AND's neighbourhood branch ran
+    assert result["losses_finite"] is True
+    # CUDA-only numbers are present, and empty on the CPU
+    assert result["data_wait_share"] is None and result["device_peak_gib"] is None
+    assert all(k in result["config"] for k in CONFIG) and result["config"]["threads"] >= 1
+    assert set(result["targets"]) == {"stage1_ratio", "stage2_ratio", "ans_discovery_s", "ans_peak_extra_gib",
+                                      "eval_s", "knn_s"}
+    assert all(t["met"] is None for t in result["targets"].values())  # --quick: the targets do not apply
+    assert "stage1_ratio" in run.stdout and "ans_discovery_s" in run.stdout  # the console table
