@@ -81,7 +81,9 @@ def load_network(net, state_dict, path):
                          f"{(unexpected or ['-'])[0]!r}); check --network")
     for key, value in state_dict.items():
         if value.shape != own[key].shape:
-            hint = " (the embedding dimension: check --low_dim)" if key.startswith("linear") else ""
+            hint = (" (the embedding dimension: check --low_dim)" if key == "linear.bias"
+                    else " (the network's width: check --width)" if key.startswith("conv1")
+                    else " (check --low_dim and --width)" if key.startswith("linear") else "")
             raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, this network expects "
                              f"{tuple(own[key].shape)}{hint}")
     net.load_state_dict(state_dict)

@@ -135,7 +135,7 @@ def test_released_ckpt_embed_starts_stage2(tmp_path):
 
 
 def test_sigkill_and_resume_ends_equal(stage1, tmp_path):
-    flags = SMALL + ["--epochs", "3", "--resume", stage1]
+    flags = SMALL + ["--epochs", "2", "--resume", stage1]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_script("main.py", flags + ["--model_dir", whole]).returncode == 0
     proc = subprocess.Popen([sys.executable, "main.py", *map(str, flags + ["--model_dir", killed])], cwd=ROOT,
@@ -146,8 +146,8 @@ def test_sigkill_and_resume_ends_equal(stage1, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(killed / "ckpt_ul_last.t7")["next_epoch"] < 3
-    resumed = run_script("main.py", SMALL + ["--epochs", "3", "--resume", "ckpt_ul_last.t7", "--model_dir", killed])
+    assert load_checkpoint(killed / "ckpt_ul_last.t7")["next_epoch"] < 2
+    resumed = run_script("main.py", SMALL + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", killed])
     assert resumed.returncode == 0, resumed.stderr
     for name in ("ckpt_ul_last.t7", "ckpt_ul.t7"):
         a, b = load_checkpoint(whole / name), load_checkpoint(killed / name)

@@ -78,7 +78,7 @@ def _wait_for_lines(path, count, proc, timeout=300):
 def test_sigkill_and_resume_ends_equal(tmp_path):
     import subprocess
     import sys
-    flags = SMALL + ["--rounds", "2", "--epochs", "2"]
+    flags = SMALL + ["--rounds", "2", "--epochs", "1"]  # killed in round 0, resumed into round 1
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_script("super_and.py", flags + ["--model_dir", whole]).returncode == 0
     proc = subprocess.Popen([sys.executable, "super_and.py", *map(str, flags + ["--model_dir", killed])],
