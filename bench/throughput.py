@@ -38,7 +38,7 @@ import super_and as stage1
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.protocols import clustering_metrics, weighted_knn_predict
-from lib.runtime import ArgumentParser, choose_device
+from lib.runtime import ArgumentParser, choose_device, keep_freed_memory
 from lib.schedules import num_anchors, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
@@ -159,6 +159,8 @@ def configuration(args, device, sizes):
             "device": str(device), "device_name": device_name(device), "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "loadavg_start": os.getloadavg(), "cpus": os.cpu_count(), "git": git_state(),
+            # choose_device already did this on the CPU, as the scripts do; True where glibc took it
+            "keeps_freed_memory": device.type == "cpu" and keep_freed_memory(),
             # what changes the numbers without changing the code: threads, allocator, preloads
             "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
 
