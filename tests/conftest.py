@@ -53,6 +53,15 @@ def write_released_ul(path, num_classes=10, low_dim=128):
     return state
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two OpenMP threads waiting on each other; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def layout():
     with open(LAYOUT) as f:

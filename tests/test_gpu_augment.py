@@ -20,13 +20,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # CIFAR-10 (REFE
 OFF = dict(scale=None, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0.0, flip_p=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread is faster than two that wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def binomial_ok(hits, n, p, sigmas=5):

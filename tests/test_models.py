@@ -1,8 +1,6 @@
 """The ResNet-18-with-Sobel backbone (REFERENCE §2), the stage-2 heads (§4) and loading the released
 checkpoint layout (§6, original_checkpoint_layout.json)."""
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,26 +10,10 @@ from lib.checkpoint import load_checkpoint, load_network, strip_prefix
 from lib.runtime import InputError
 from models import MultiHeadNormFC, resnet18
 
-LAYOUT_PATH = os.environ.get("SUPER_AND_LAYOUT", "/work/shared/spec/original_checkpoint_layout.json")
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these convolutions are tiny: one thread avoids OpenMP contention on a busy machine (seconds
-    # per forward pass otherwise); restored afterwards
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def layout():
-    if not os.path.exists(LAYOUT_PATH):
-        pytest.skip(f"released checkpoint layout not found at {LAYOUT_PATH}")
-    with open(LAYOUT_PATH) as f:
-        return json.load(f)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
