@@ -31,6 +31,8 @@ from lib.runtime import (
     run_epoch,
     seed_everything,
     set_rng_state,
+    sgd_optimizer,
+    speed_options,
 )
 from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
@@ -189,9 +191,7 @@ def main(args):
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
     heads = MultiHeadNormFC(args.low_dim, num_classes, args.num_heads, args.tau_c, args.head_norm).to(device)
     load_network(net, ckpt["net"], path)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if args.compile else net  # train with `model`, save `net`
+    net, model = speed_options(net, args.channels_last, args.compile)  # train with `model`, save `net`
 
     if args.test_only:
         if stage != 2:
@@ -206,9 +206,7 @@ def main(args):
     if len(train_set) < args.batch_size:
         raise InputError(f"the training split has {len(train_set)} images, fewer than --batch_size {args.batch_size}")
     train_loader = datasets.make_train_loader(train_set, args, device)
-    trainable = [p for p in net.parameters() if p.requires_grad]  # heads and Sobel layers stay frozen
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=True)
+    optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)  # the heads are not in it
     best_path, last_path = os.path.join(args.model_dir, BEST), os.path.join(args.model_dir, LAST)
     start_epoch, best_loss, best_epoch = 0, float("inf"), None
     if stage == 2:

@@ -29,6 +29,8 @@ from lib.runtime import (
     run_epoch,
     seed_everything,
     set_rng_state,
+    sgd_optimizer,
+    speed_options,
 )
 from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
@@ -136,14 +138,10 @@ def main(args):
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
 
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if args.compile else net  # train with `model`, save `net`
+    net, model = speed_options(net, args.channels_last, args.compile)  # train with `model`, save `net`
     npc = MemoryBank(num_samples, args.low_dim, args.npc_t, args.npc_m).to(device)
     ans = AnchorNeighbourhoods(num_samples, args.ANs_size).to(device)
-    trainable = [p for p in net.parameters() if p.requires_grad]  # the Sobel layers are frozen
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=True)
+    optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)  # kept across rounds
     train_labels = train_set.targets.to(device)
     start_round, start_epoch, ckpt = 0, 0, None
     out_path = os.path.join(args.model_dir, CKPT)

@@ -38,7 +38,7 @@ import super_and as stage1
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.protocols import clustering_metrics, weighted_knn_predict
-from lib.runtime import ArgumentParser, choose_device, keep_freed_memory
+from lib.runtime import ArgumentParser, choose_device, keep_freed_memory, sgd_optimizer, speed_options
 from lib.schedules import num_anchors, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
@@ -230,12 +230,8 @@ def build_stages(args, device, sizes):
     a1, a2 = stage1_args(args, sizes), stage2_args(args, sizes)
     n, batch = sizes["num_samples"], sizes["batch_size"]
     net = NETWORKS[a1.network](low_dim=a1.low_dim, width=a1.width).to(device)
-    if a1.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if a1.compile else net
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=a1.lr, momentum=a1.momentum, weight_decay=a1.weight_decay,
-                                nesterov=True)
+    net, model = speed_options(net, a1.channels_last, a1.compile)
+    optimizer = sgd_optimizer(net, a1.lr, a1.momentum, a1.weight_decay)
     npc = MemoryBank(n, a1.low_dim, a1.npc_t, a1.npc_m).to(device)
     ans = AnchorNeighbourhoods(n, a1.ANs_size).to(device)
     # round 1 of §3: a quarter of the samples are anchors, so AND's neighbourhood branch runs

@@ -45,6 +45,21 @@ def add_run_arguments(p):
                             "(same transforms and parameter distributions, another random stream)")
 
 
+def speed_options(net, channels_last=False, compile=False):
+    """Apply --channels_last and --compile to ``net``; returns (net, model): train with ``model``,
+    save ``net`` (a compiled module's state dict would carry an ``_orig_mod.`` prefix)."""
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, (torch.compile(net) if compile else net)
+
+
+def sgd_optimizer(net, lr, momentum, weight_decay):
+    """SGD with Nesterov momentum and weight decay on every trainable parameter of ``net``
+    (REFERENCE §3, §4): the frozen Sobel layers and heads have requires_grad False and stay out."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+
+
 def run_epoch(loader, step, num_values, device, channels_last=False):
     """Call ``step(images, batch)`` for every batch of a two-view loader and average what it returns.
 
