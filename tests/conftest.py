@@ -8,7 +8,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYOUT = os.path.join(ROOT, "..", "shared", "spec", "original_checkpoint_layout.json")
+LAYOUT = os.path.join(ROOT, "tests", "fixtures", "released_checkpoint_layout.json")
 # small, fast settings: a narrow network on a few digits
 NARROW = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0"]
 
