@@ -1,11 +1,14 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), released-file compatibility (REFERENCE §6)."""
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), the layout of the released files.
+
+The keys of both stages' files, released and ours: docs/method.md, "Checkpoint formats".
+"""
 import os
 import pickle
 import zipfile
 
 import torch
 
-from .runtime import InputError
+from engine.errors import InputError
 
 PREFIX = "module."  # released files were saved from a DataParallel wrapper
 
@@ -26,23 +29,19 @@ def save_checkpoint(state, path):
             os.remove(tmp)
 
 
-def resolve_path(path, model_dir):
-    """``--resume PATH`` as given when it exists, else relative to ``--model_dir`` (released usage)."""
-    if os.path.exists(path):
-        return path
-    candidate = os.path.join(model_dir, path)
-    if os.path.exists(candidate):
-        return candidate
-    raise InputError(f"checkpoint not found: {path} (also looked in {candidate}); check --resume and --model_dir")
-
-
 def load_checkpoint(path):
     """Load a checkpoint on the CPU without running pickled code; one clear InputError otherwise."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"checkpoint not found: {path}") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():  # torch refused a pickle that would construct other objects
+            raise InputError(f"{path} contains objects other than tensors and plain data; refused "
+                             "(loading it could run code)") from None
+        raise InputError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint; "
+                         "pass an intact ckpt_embed.t7 or ckpt_ul.t7") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
                          f"({reason}); pass an intact ckpt_embed.t7 or ckpt_ul.t7") from None

@@ -1,4 +1,4 @@
-"""Stage-2 class-assignment heads (REFERENCE §4): frozen, normalized fully-connected layers."""
+"""Stage-2 class-assignment heads (paper Eq. 13; docs/method.md, "Heads (Eq. 13)"): frozen, normalized FC layers."""
 import torch
 import torch.nn.functional as F
 from torch import nn

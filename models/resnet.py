@@ -1,4 +1,4 @@
-"""The "ResNet with Sobel" backbone of Super-AND (REFERENCE §2).
+"""The "ResNet with Sobel" backbone of Super-AND (paper §3.1; docs/method.md, "Backbone").
 
 Two CIFAR-style ResNet trunks side by side: trunk A sees the normalized RGB image, trunk B a fixed
 Sobel edge map of it. Their pooled features are concatenated, projected to ``low_dim`` by one
@@ -104,7 +104,9 @@ class SobelResNet(nn.Module):
         out = F.relu(bn(conv(x)))
         for stage in range(1, 5):
             out = getattr(self, f"layer{stage}{suffix}")(out)
-        out = F.avg_pool2d(out, 4)  # released: 4x4 pool, global at 32x32 input
+        # released: a 4x4 average pool, which is global at 32x32 input; pooling over the whole map is the
+        # same operation there and lets other --image_size values (STL-10 at 96) reach the same linear layer
+        out = F.avg_pool2d(out, out.shape[-2:])
         return out.flatten(1)
 
     def forward(self, x):
