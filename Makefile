@@ -1,6 +1,7 @@
 # make demo: stage 1 + stage 2 on scikit-learn's bundled digits (CPU, a few minutes, no download)
-# make test: the whole test suite (CPU)
-# Both create .venv and install requirements.txt on first use.
+# make test: the whole test suite (CPU); make test-fast: the math and unit tests only (seconds)
+# make lint: ruff with the rules in pyproject.toml
+# All create .venv and install requirements-dev.txt (requirements.txt + pytest, ruff) on first use.
 PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -11,11 +12,11 @@ DEMO_FLAGS := --dataset digits --width 16 --batch_size 32 --workers 2
 FASHION ?= runs/fashion
 FASHION_FLAGS := --dataset fashion-mnist --subset 3000 --width 16 --batch_size 32 --workers 2
 
-.PHONY: demo test bench fashion
+.PHONY: demo test test-fast lint bench fashion
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.installed
@@ -27,6 +28,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PYTHON) bench/throughput.py --json bench/results-cpu.json

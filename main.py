@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import datasets
-from engine.cli import ArgumentParser, check_output_file, common_parser, non_negative_float, positive_float
+from engine.cli import ArgumentParser, check_output_dir, check_output_file, common_parser, non_negative_float, positive_float
 from engine.cli import positive_int, run_cli
 from engine.errors import InputError
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
@@ -194,6 +194,7 @@ def main(args):
     if not args.resume:
         raise InputError("stage 2 starts from a stage-1 encoder: pass --resume ckpt_embed.t7 "
                          "(or a stage-2 file to continue or, with --test_only, to evaluate)")
+    check_output_dir(args.model_dir)
     if args.export_predictions:
         check_output_file(args.export_predictions, "--export_predictions")
     seed_everything(args.seed)

@@ -11,7 +11,7 @@ import time
 import torch
 
 import datasets
-from engine.cli import ArgumentParser, common_parser, non_negative_float, positive_float, positive_int, run_cli, share
+from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_float, positive_float, positive_int, run_cli, share
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
@@ -98,9 +98,11 @@ def check_flags(args, num_samples):
 
 def check_stage1_checkpoint(ckpt, path, args, num_samples):
     """A clear error for a file of another stage, data set, size or dimension."""
-    if checkpoint_stage(ckpt) != 1:
-        raise InputError(f"{path} is a stage-2 checkpoint (ckpt_ul.t7); evaluate it with "
-                         "'main.py --test_only --resume' or pass a ckpt_embed.t7 here")
+    stage = checkpoint_stage(ckpt)
+    if stage != 1:
+        other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
+        raise InputError(f"{path} is a stage-{stage} checkpoint; evaluate it with {other}, or pass a "
+                         "ckpt_embed.t7 here")
     saved = ckpt.get("args", {}).get("dataset")
     if saved is not None and saved != args.dataset:
         raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
@@ -136,6 +138,8 @@ def main(args):
         keep_freed_memory()
     if args.test_only and not args.resume:
         raise InputError("--test_only needs the checkpoint to evaluate: pass --resume PATH")
+    if not args.test_only:
+        check_output_dir(args.model_dir)
     seed_everything(args.seed)
     info = datasets.DATASETS[args.dataset]
     train_set = datasets.from_args(args, info.embed_split, views=2)

@@ -1,4 +1,5 @@
-"""The run's pictures: training curves and the confusion matrix of the selected head (PNG, matplotlib Agg)."""
+"""The run's pictures (PNG, matplotlib Agg): training curves, the confusion matrix and the clusters of the
+selected head."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -8,6 +9,8 @@ import numpy as np  # noqa: E402
 
 def plot_curves(records, path):
     """Loss parts and per-head Hungarian accuracy per epoch, from the stage-2 log records."""
+    if not records:
+        return
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("loss", "total"), ("loss_assign", "class assignment (Eq. 9)"),
@@ -15,22 +18,32 @@ def plot_curves(records, path):
         ax_loss.plot(epochs, [r[key] for r in records], marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="mean training loss", title="losses")
     ax_loss.legend()
-    heads = len(records[0]["head_acc"])
-    for h in range(heads):
-        ax_acc.plot(epochs, [r["head_acc"][h] for r in records], marker=".", label=f"head {h}")
-    ax_acc.plot(epochs, [r["acc"] for r in records], "k--", label="selected (lowest loss)")
-    ax_acc.set(xlabel="epoch", ylabel="ACC (%)", title="Hungarian accuracy, training split")
+    if "head_acc" in records[0]:
+        for h in range(len(records[0]["head_acc"])):
+            ax_acc.plot(epochs, [r["head_acc"][h] for r in records], marker=".", label=f"head {h}")
+        ax_acc.plot(epochs, [r["acc"] for r in records], "k--", label="selected (lowest loss)")
+        ax_acc.set(xlabel="epoch", ylabel="ACC (%)", title="Hungarian accuracy, training split")
+    else:  # no labels: each head's loss instead
+        for h in range(len(records[0]["head_losses"])):
+            ax_acc.plot(epochs, [r["head_losses"][h] for r in records], marker=".", label=f"head {h}")
+        ax_acc.set(xlabel="epoch", ylabel="class-assignment loss", title="per head (no labels)")
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def confusion_as_drawn(confusion, mapping):
+    """The matrix as ``plot_confusion`` draws it: row i = true class i, column j = the cluster matched to
+    class j (so a perfect clustering is diagonal). Returns (matrix, cluster order of the columns)."""
+    order = np.argsort(mapping)  # the cluster matched to class 0 first, ...
+    return confusion[order].T, order  # confusion is (cluster, class)
+
+
 def plot_confusion(confusion, mapping, path, title, class_names=None):
-    """Rows: true class; columns: clusters, ordered by the class the Hungarian matching gave them."""
+    """Rows: true class (named); columns: clusters, ordered by the class the Hungarian matching gave them."""
     num_classes = confusion.shape[0]
-    order = np.argsort(mapping)  # cluster matched to class 0 first, ...
-    matrix = confusion[order].T  # (class, cluster in matched order)
+    matrix, order = confusion_as_drawn(confusion, mapping)
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
     ax.imshow(matrix, cmap="Blues")
     if num_classes <= 20:
@@ -38,10 +51,50 @@ def plot_confusion(confusion, mapping, path, title, class_names=None):
             for j in range(num_classes):
                 ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    names = class_names or [str(c) for c in range(num_classes)]
+    names = list(class_names or [str(c) for c in range(num_classes)])
     ax.set_yticks(range(num_classes), names, fontsize=8)
     ax.set_xticks(range(num_classes), [str(c) for c in order], fontsize=8)
     ax.set(xlabel="cluster (matched order)", ylabel="true class", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cluster_summary(preds, probs, targets, mapping, num_clusters, per_row=8):
+    """For each cluster: its size, its ``per_row`` most confident images (indexes, highest probability
+    first), and where labels exist its matched class and purity (share of its images of that class)."""
+    rows = []
+    for c in range(num_clusters):
+        members = np.flatnonzero(preds == c)
+        best = members[np.argsort(-probs[members], kind="stable")][:per_row]
+        row = {"cluster": c, "size": len(members), "images": best.tolist()}
+        if mapping is not None:
+            row["class"] = int(mapping[c])
+            row["purity"] = float((targets[members] == mapping[c]).mean()) if len(members) else 0.0
+        rows.append(row)
+    return rows
+
+
+def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows=20):
+    """``clusters.png``: one row per cluster (the largest ``max_rows``), its most confident images,
+    its size and, with labels, its matched class and purity."""
+    preds, probs = np.asarray(preds), np.asarray(probs, dtype=np.float64)
+    rows = cluster_summary(preds, probs, dataset.targets.numpy(), mapping, dataset.num_classes, per_row)
+    rows = sorted(rows, key=lambda r: -r["size"])[:max_rows]
+    names = list(dataset.class_names or [str(c) for c in range(dataset.num_classes)])
+    fig, axes = plt.subplots(len(rows), per_row + 1, figsize=(1.1 * (per_row + 2.5), 1.1 * len(rows) + 0.3),
+                             squeeze=False, gridspec_kw={"width_ratios": [2.5] + [1] * per_row})
+    for ax_row, row in zip(axes, rows):
+        text = f"cluster {row['cluster']}\n{row['size']} images"
+        if "class" in row:
+            text += f"\n{names[row['class']]}\npurity {100 * row['purity']:.0f}%"
+        ax_row[0].text(0, 0.5, text, va="center", fontsize=8)
+        for ax, index in zip(ax_row[1:], row["images"] + [None] * per_row):
+            if index is not None:
+                ax.imshow(np.asarray(dataset.data[index]), interpolation="nearest")
+        for ax in ax_row:
+            ax.axis("off")
+    fig.suptitle("most confident images per cluster (selected head)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -52,7 +52,10 @@ def load_checkpoint(path):
 
 
 def checkpoint_stage(ckpt):
-    """1 for a stage-1 file (memory bank 'npc'), 2 for a stage-2 file (heads 'fc')."""
+    """1 for a stage-1 file (memory bank 'npc'), 2 for a stage-2 file (heads 'fc'), 3 for a few-label
+    fine-tuning file of semi.py ('classifier')."""
+    if "classifier" in ckpt:
+        return 3
     if "fc" in ckpt:
         return 2
     if "npc" in ckpt:

@@ -21,7 +21,7 @@ def run_script(script, args, **kwargs):
 
 def run_main(module, args):
     """Run ``module.main`` in this process through the same CLI wrapper as the command line."""
-    from lib.runtime import run_cli
+    from engine.cli import run_cli
     return run_cli(module.main, module.get_args_parser(), [str(a) for a in args])
 
 

@@ -24,7 +24,7 @@ LOG_KEYS = ("epoch", "lr", "loss", "loss_assign", "loss_cp", "head_losses", "hea
 
 
 def read_log(directory):
-    with open(os.path.join(directory, "log.jsonl")) as f:
+    with open(os.path.join(directory, "log_ul.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -92,7 +92,9 @@ def test_test_only_writes_eval_confusion_and_predictions(stage2_run, tmp_path, c
     assert is_png(out / "confusion_matrix.png")
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 64 and list(rows[0]) == ["index", "label"] + [f"head{i}" for i in range(5)]
+    assert len(rows) == 64
+    assert list(rows[0]) == ["index", "path", "label", "cluster", "probability"] + [f"head{i}" for i in range(5)]
+    assert [int(r["index"]) for r in rows] == list(range(64))
     labels = [int(r["label"]) for r in rows]
     for h in range(5):
         acc = cluster_accuracy([int(r[f"head{h}"]) for r in rows], labels, 10)
@@ -113,9 +115,9 @@ def test_released_ckpt_ul_evaluates_with_its_own_weights(tmp_path, capsys):
     net = resnet18()
     net.load_state_dict({k[len("module."):]: v for k, v in state["net"].items()})
     net.eval()
-    data = datasets.build_dataset("digits", "data", train=True, subset=32)
+    data = datasets.build_dataset("digits", "data", "train", subset=32)
     with torch.no_grad():
-        feats = net(torch.stack([data[i][0] for i in range(32)]))
+        feats = net(torch.stack([data[i]["image"] for i in range(32)]))
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     for h in range(5):
@@ -141,7 +143,7 @@ def test_sigkill_and_resume_ends_equal(stage1, tmp_path):
     proc = subprocess.Popen([sys.executable, "main.py", *map(str, flags + ["--model_dir", killed])], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import time
-    while not (killed / "log.jsonl").exists() or not (killed / "log.jsonl").read_text().strip():
+    while not (killed / "log_ul.jsonl").exists() or not (killed / "log_ul.jsonl").read_text().strip():
         assert proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -212,5 +214,5 @@ def test_existing_stage2_run_is_not_overwritten(stage1, stage2_run, tmp_path, ca
     target = tmp_path / "ckpt_ul.t7"
     target.write_bytes((stage2_run / "ckpt_ul.t7").read_bytes())
     before = target.read_bytes()
-    expect_error(capsys, SMALL + ["--resume", stage1, "--model_dir", tmp_path], "already holds")
+    expect_error(capsys, SMALL + ["--resume", stage1, "--model_dir", tmp_path], "already exists")
     assert target.read_bytes() == before

@@ -1,5 +1,5 @@
-"""The ResNet-18-with-Sobel backbone (REFERENCE §2), the stage-2 heads (§4) and loading the released
-checkpoint layout (§6, original_checkpoint_layout.json)."""
+"""The ResNet-18-with-Sobel backbone (docs/method.md, "Backbone"), the stage-2 heads (Eq. 13) and loading the
+released checkpoint layout (tests/fixtures/released_checkpoint_layout.json)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.checkpoint import load_checkpoint, load_network, strip_prefix
-from lib.runtime import InputError
+from engine.errors import InputError
 from models import MultiHeadNormFC, resnet18
 
 DTYPES = {"float32": torch.float32, "int64": torch.int64}

@@ -39,7 +39,7 @@ def test_stage1_step_with_option_matches_plain(option):
             net = net.to(memory_format=torch.channels_last)
             x = images.contiguous(memory_format=torch.channels_last)
         losses = super_and.train_step(net, npc, ans, x, indexes, opt, 0.2, args)
-        results.append((losses, npc.memory.clone(), copy.deepcopy(net.state_dict())))
+        results.append((torch.stack(list(losses.values())), npc.memory.clone(), copy.deepcopy(net.state_dict())))
     (plain, mem_plain, net_plain), (fast, mem_fast, net_fast) = results
     if option == "--channels_last":  # the same arithmetic in another layout
         assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-5)
@@ -61,8 +61,10 @@ def test_stage2_step_with_amp_matches_plain():
         net = resnet18(low_dim=32, width=8)
         heads = MultiHeadNormFC(32, 10)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        results.append(stage2.train_step(net, heads, images, opt, args))
+        losses = stage2.train_step(net, heads, images, opt, args)
+        results.append(torch.cat([losses["head_losses"], torch.stack([losses["loss_assign"], losses["loss_cp"]])]))
     assert torch.allclose(results[0], results[1], rtol=0.05, atol=0.02)
+    assert not torch.equal(results[0], results[1])  # autocast really ran
     assert results[1].dtype == torch.float32
 
 
@@ -71,7 +73,7 @@ def test_gpu_augment_loader_trains_on_cpu(tmp_path):
     run_main(super_and, NARROW + ["--subset", "64", "--batch_size", "16", "--rounds", "1", "--epochs", "1",
                                   "--gpu_augment", "--model_dir", tmp_path])
     import json
-    with open(tmp_path / "log.jsonl") as f:
+    with open(tmp_path / "log_embed.jsonl") as f:
         record = json.loads(f.readline())
     assert record["loss"] == pytest.approx(record["loss_and"] + record["loss_aug"], rel=1e-5)
     assert (tmp_path / "ckpt_embed.t7").exists()

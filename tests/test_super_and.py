@@ -20,7 +20,7 @@ ANS_BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", 
 
 
 def read_log(directory):
-    with open(os.path.join(directory, "log.jsonl")) as f:
+    with open(os.path.join(directory, "log_embed.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -53,8 +53,8 @@ def test_two_round_run_writes_log_and_released_checkpoint(two_rounds, capsys):
     assert torch.allclose(ckpt["npc"]["memory"].norm(dim=1), torch.ones(64), atol=1e-5)  # every slot updated
 
 
-def test_issue_command_full_width(tmp_path):
-    """The issue's own command, with the real network: 64 anchors after round 1."""
+def test_full_width_command(tmp_path):
+    """A quick command with the real network (width 64, d = 128): 64 anchors after round 1."""
     result = run_script("super_and.py", ["--dataset", "digits", "--subset", "256", "--rounds", "2", "--epochs",
                                          "1", "--batch_size", "32", "--workers", "0", "--model_dir", tmp_path])
     assert result.returncode == 0, result.stderr
@@ -84,7 +84,7 @@ def test_sigkill_and_resume_ends_equal(tmp_path):
     proc = subprocess.Popen([sys.executable, "super_and.py", *map(str, flags + ["--model_dir", killed])],
                             cwd=os.path.dirname(super_and.__file__), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_lines(killed / "log.jsonl", 1, proc)
+    _wait_for_lines(killed / "log_embed.jsonl", 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(killed / "ckpt_embed.t7")["next"] != {"round": 2, "epoch": 0}  # really cut short
@@ -111,10 +111,10 @@ def test_released_checkpoint_test_only(tmp_path, capsys):
     net = resnet18()
     net.load_state_dict({k[len("module."):]: v for k, v in state["net"].items()})
     net.eval()
-    test = datasets.build_dataset("digits", "data", train=False, subset=48)
-    train = datasets.build_dataset("digits", "data", train=True, subset=48)
+    test = datasets.build_dataset("digits", "data", "test", subset=48)
+    train = datasets.build_dataset("digits", "data", "train", subset=48)
     with torch.no_grad():
-        feats = net(torch.stack([test[i][0] for i in range(len(test))]))
+        feats = net(torch.stack([test[i]["image"] for i in range(len(test))]))
     preds = weighted_knn_predict(feats, state["npc"]["memory"], train.targets, 10)
     assert top1 == pytest.approx((preds == test.targets).float().mean().item() * 100)
 

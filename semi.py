@@ -1,0 +1,190 @@
+"""Few-label training from the pretrained encoder (paper §4.4; docs/method.md, "Semi-supervised fine-tuning").
+
+    python semi.py --dataset cifar10 --resume ckpt_ul.t7 --labels_per_class 25 --model_dir semi/   # stage-2 encoder
+    python semi.py --dataset cifar10 --resume ckpt_embed.t7 --labels_per_class 25 --model_dir semi1/
+    python semi.py --dataset cifar10 --from_scratch --labels_per_class 25 --model_dir scratch/     # the baseline
+    python semi.py --resume ckpt_semi.t7 --model_dir semi/                                          # continue
+
+A linear classifier on the encoder's embedding, the whole network fine-tuned with cross-entropy on K labelled
+images per class (balanced, drawn by --seed, saved as labelled_indexes.json), SGD with Nesterov momentum,
+lr x0.1 at epochs 80, 120 and 160 of 180. Writes ckpt_semi.t7 every epoch, log_semi.jsonl (test accuracy per
+epoch) and eval_semi.json.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+
+import datasets
+from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_int, positive_int, run_cli
+from engine.errors import InputError
+from engine.lifecycle import open_run, read_checkpoint, require_keys, set_lr, training_state
+from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
+from lib.checkpoint import checkpoint_stage, load_network
+from lib.optim import sgd_optimizer
+from models import NETWORKS
+
+CKPT, LOG, INDEXES = "ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json"
+TRAINING_KEYS = ("classifier", "optimizer", "rng", "args", "epoch", "next_epoch", "labelled_indexes", "start")
+
+
+def get_args_parser():
+    p = ArgumentParser(description="Few-label fine-tuning of the Super-AND encoder (paper §4.4)",
+                       parents=[common_parser(datasets.DATASETS, NETWORKS)])
+    p.set_defaults(lr=0.005, epochs=180, batch_size=64, model_dir="semi/")
+    p.add_argument("--labels_per_class", default=25, type=positive_int,
+                   help="K labelled training images per class, balanced, drawn by --seed (>= 1)")
+    p.add_argument("--from_scratch", action="store_true", help="random initialization instead of --resume")
+    p.add_argument("--lr_decay_start", default=80, type=non_negative_int, help="epoch of the first x0.1 (>= 0)")
+    p.add_argument("--lr_decay_every", default=40, type=positive_int, help="epochs between later x0.1 (>= 1)")
+    return p
+
+
+def semi_lr(epoch, base_lr, start=80, every=40):
+    """base_lr before ``start``, then x0.1 at ``start`` and every ``every`` epochs after it (80, 120, 160)."""
+    return base_lr if epoch < start else base_lr * 0.1 ** (1 + (epoch - start) // every)
+
+
+def draw_labelled(targets, per_class, num_classes, seed):
+    """``per_class`` indexes of each class, drawn without replacement by ``seed``, sorted."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(targets == c)
+        if len(members) < per_class:
+            raise InputError(f"--labels_per_class {per_class}: class {c} has only {len(members)} training images")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).tolist()
+
+
+def weak_augmentation(size, mean, std):
+    """The standard weak augmentation of few-label training: a random crop of the image padded by 1/8 of its
+    side (reflected), a horizontal flip."""
+    return transforms.Compose([transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
+
+
+class Classifier(nn.Module):
+    """The encoder (``net``: the unit-norm embedding) and a linear layer to the classes."""
+
+    def __init__(self, net, low_dim, num_classes):
+        super().__init__()
+        self.net = net
+        self.classifier = nn.Linear(low_dim, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.net(x))
+
+
+@torch.no_grad()
+def test_accuracy(model, loader, device):
+    """Top-1 accuracy (%) on ``loader``."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        logits = model(batch["image"].to(device, non_blocking=True))
+        correct += (logits.argmax(1).cpu() == batch["target"]).sum().item()
+        total += len(batch["target"])
+    return 100.0 * correct / max(total, 1)
+
+
+def train_one_epoch(model, loader, optimizer, amp, device):
+    model.train()
+    total, count = torch.zeros((), device=device), 0
+    for batch in loader:
+        images, targets = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        count += 1
+    return total.item() / max(count, 1)
+
+
+def load_start(args, model):
+    """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues.
+    Returns (path, checkpoint of a run to continue or None)."""
+    if args.from_scratch == bool(args.resume):
+        raise InputError("pass either --resume CKPT (a stage-1, stage-2 or semi.py checkpoint) or --from_scratch")
+    if args.from_scratch:
+        return None, None
+    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    load_network(model.net, ckpt["net"], path)
+    if checkpoint_stage(ckpt) != 3:
+        return None, None  # an encoder to start from: a new run
+    if args.test_only:
+        model.classifier.load_state_dict(ckpt["classifier"])
+        return path, ckpt
+    require_keys(ckpt, path, TRAINING_KEYS)
+    if ckpt["classifier"]["weight"].shape != model.classifier.weight.shape:
+        raise InputError(f"{path} has a classifier of shape {tuple(ckpt['classifier']['weight'].shape)}; "
+                         "check --dataset and --low_dim")
+    model.classifier.load_state_dict(ckpt["classifier"])
+    return path, ckpt
+
+
+def main(args):
+    device = choose_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    check_output_dir(args.model_dir)
+    seed_everything(args.seed)
+    info = datasets.DATASETS[args.dataset]
+    train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
+    if not train_set.has_labels:
+        raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")
+    net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
+    model = Classifier(net, args.low_dim, train_set.num_classes).to(device)
+    path, ckpt = load_start(args, model)
+    test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
+    if args.test_only:
+        print(f"test accuracy {test_accuracy(model, test_loader, device):.2f}%")
+        return None
+    labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
+                                                                   train_set.num_classes, args.seed)
+    if len(labelled) < args.batch_size:
+        raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
+    train_set.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
+    loader = datasets.make_loader(torch.utils.data.Subset(train_set, labelled), args.batch_size, True,
+                                  args.workers, device)
+    _, fast = speed_options(model, args.channels_last, args.compile)
+    optimizer = sgd_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
+                  position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
+        if ckpt is None:
+            with open(os.path.join(args.model_dir, INDEXES), "w") as f:
+                json.dump(labelled, f)
+        accuracy = ckpt["acc"] if ckpt else None
+        start_from = ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)
+        for epoch in range(ckpt["next_epoch"] if ckpt else 0, args.epochs):
+            start = time.time()
+            lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
+            set_lr(optimizer, lr)
+            loss = train_one_epoch(fast, loader, optimizer, args.amp, device)
+            accuracy = test_accuracy(model, test_loader, device)
+            record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}
+            run.save({"net": model.net.state_dict(), "classifier": model.classifier.state_dict(), "stage": 3,
+                      "epoch": epoch, "acc": accuracy, "labelled_indexes": labelled, "start": start_from,
+                      **training_state(optimizer, args, record, next_epoch=epoch + 1)})
+            run.log.append(record)
+            print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {accuracy:.2f}% {record['seconds']:.1f}s")
+        summary = {"test_acc": accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
+                   train_set.num_classes, "start": start_from,
+                   "epochs": args.epochs, "dataset": args.dataset}
+        with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
