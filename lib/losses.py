@@ -1,7 +1,11 @@
-"""The losses of both stages, one function per equation of the paper (REFERENCE §3, §4).
+"""The losses of both stages, one function per equation of the paper: Eq. 1-3 in stage 1
+(docs/method.md, "AND loss (Eq. 1)", "UE loss (Eq. 2)", "AUG loss (Eq. 3)"), Eq. 9 and Eq. 11 in
+stage 2 ("Class-assignment loss (Eq. 9)", "Consistency-preserving loss (Eq. 11)").
 
-Every function follows the released code's math, including which factors are detached.
-Rows of a (2B, ·) input are the B first views followed by the B second views.
+Every function follows the released code's math, including which factors are detached, and
+computes in the dtype of its inputs (float64 in, float64 out); ``aug_loss`` and ``iic_loss``
+lift half-precision inputs to float32. Rows of a (2B, ·) input are the B first views followed by
+the B second views.
 """
 import sys
 

@@ -1,4 +1,4 @@
-"""The memory bank of Super-AND, the released "non-parametric classifier" (REFERENCE §3)."""
+"""The memory bank of Super-AND, the released "non-parametric classifier" (docs/method.md, "Memory bank")."""
 import math
 
 import torch
@@ -10,7 +10,8 @@ class MemoryBank(nn.Module):
     """N x d bank of past embeddings; logits = features · memoryᵀ / τ.
 
     The bank is a buffer, a constant for autograd: the gradient of the features is
-    grad_logits · memory / τ, exactly as in the released custom autograd function.
+    grad_logits · memory / τ, exactly as in the released custom autograd function. It is float32
+    when created and follows the module's dtype (``bank.double()`` keeps it in float64).
 
     Args:
         num_samples: N, training images.
@@ -39,10 +40,11 @@ class MemoryBank(nn.Module):
 
         ``features`` is (B, d), or the (2B, d) batch of both views: the released code writes both
         views into the same slot and the second view's write is the one that remains, so only the
-        second half (view 2) is used.
+        second half (view 2) is used. The new slots are computed in the bank's dtype: bfloat16
+        features meet a float32 bank in float32, float64 features a float64 bank in float64.
         """
         if features.shape[0] == 2 * indexes.shape[0]:
             features = features[indexes.shape[0]:]
         old = self.memory.index_select(0, indexes)
-        new = F.normalize(old * self.momentum + features.float() * (1 - self.momentum), dim=1)
+        new = F.normalize(old * self.momentum + features.to(self.memory.dtype) * (1 - self.momentum), dim=1)
         self.memory.index_copy_(0, indexes, new)

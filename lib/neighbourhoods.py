@@ -1,15 +1,19 @@
-"""Anchor-neighbourhood discovery (ANs) of Super-AND (REFERENCE §3)."""
+"""Anchor-neighbourhood discovery (ANs) of Super-AND (docs/method.md, "Anchor neighbourhoods").
+
+Entropies and similarities are computed in the dtype of the memory bank (float32 in training,
+float64 in the tests that hold them against slow loops).
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _row_chunks(num_rows, dim, budget_bytes=128 * 2**20):
-    """Rows per chunk so that two (chunk x N) float32 blocks stay under ``budget_bytes``."""
-    return max(1, min(num_rows, budget_bytes // (4 * max(num_rows, 1) * 2)))
+def _row_chunks(num_rows, dim, itemsize=4, budget_bytes=128 * 2**20):
+    """Rows per chunk so that two (chunk x N) blocks of ``itemsize``-byte numbers stay under ``budget_bytes``."""
+    return max(1, min(num_rows, budget_bytes // (itemsize * max(num_rows, 1) * 2)))
 
 
-BLOCK = 2048  # square (BLOCK x BLOCK) similarity blocks: 16 MiB each, whatever N is
+BLOCK = 2048  # square (BLOCK x BLOCK) similarity blocks: 16 MiB each in float32, whatever N is
 
 
 @torch.no_grad()
@@ -25,8 +29,8 @@ def sample_entropy(memory, temperature, chunk_size=None):
     n = memory.shape[0]
     scaled = memory / temperature
     if memory.norm(dim=1).max() ** 2 / temperature > 60:  # exp could overflow float32: shift each row
-        chunk_size = chunk_size or _row_chunks(n, memory.shape[1])
-        entropy = torch.empty(n, device=memory.device)
+        chunk_size = chunk_size or _row_chunks(n, memory.shape[1], memory.element_size())
+        entropy = torch.empty(n, dtype=memory.dtype, device=memory.device)
         for start in range(0, n, chunk_size):
             z = scaled[start:start + chunk_size] @ memory.T  # (chunk, N)
             z -= z.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
@@ -35,8 +39,8 @@ def sample_entropy(memory, temperature, chunk_size=None):
             entropy[start:start + chunk_size] = total.log() - (e * z).sum(1) / total
         return entropy
     chunk_size = chunk_size or BLOCK
-    total = torch.zeros(n, device=memory.device)  # Z_i
-    weighted = torch.zeros(n, device=memory.device)  # Σ_j e_ij z_ij
+    total = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Z_i
+    weighted = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Σ_j e_ij z_ij
     for i in range(0, n, chunk_size):
         rows = scaled[i:i + chunk_size]
         for j in range(i, n, chunk_size):
@@ -65,7 +69,7 @@ def nearest_neighbours(memory, queries, k, chunk_size=None):
     for start in range(0, len(queries), chunk_size):
         rows = queries[start:start + chunk_size]
         query = unit[rows]
-        best_sim = torch.full((len(rows), 0), float("-inf"), device=memory.device)
+        best_sim = torch.full((len(rows), 0), float("-inf"), dtype=unit.dtype, device=memory.device)
         best_idx = torch.empty((len(rows), 0), dtype=torch.long, device=memory.device)
         for j in range(0, n, chunk_size):
             sim = query @ unit[j:j + chunk_size].T  # (chunk, block)
@@ -106,6 +110,7 @@ class AnchorNeighbourhoods(nn.Module):
     Buffers: samples_num, anchor_indexes, instance_indexes (the non-anchors), position (an anchor's
     row in ``neighbours``, or −1 − its row in ``instance_indexes``), neighbours (num_anchors, k),
     entropy (N,), consistency (share of neighbours with the anchor's ground-truth label; printed only).
+    ``discover`` keeps ``entropy`` in the dtype of the memory it is given.
     """
 
     def __init__(self, num_samples, ans_size=1):
@@ -130,6 +135,8 @@ class AnchorNeighbourhoods(nn.Module):
         position = torch.empty(n, dtype=torch.long, device=memory.device)
         position[anchors] = torch.arange(len(anchors), device=memory.device)
         position[instances] = -1 - torch.arange(len(instances), device=memory.device)
+        if self.entropy.dtype != entropy.dtype:  # load_state_dict would cast into the old dtype
+            self.entropy = self.entropy.to(entropy.dtype)
         consistency = torch.tensor(0.0)
         if labels is not None and len(anchors):
             labels = labels.to(memory.device)

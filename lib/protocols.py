@@ -1,4 +1,6 @@
-"""Evaluation protocols: weighted kNN for the embedding (stage 1), Hungarian-matched clustering (stage 2)."""
+"""Evaluation protocols (docs/method.md, "Evaluation"): weighted kNN for the embedding of stage 1
+("Weighted kNN"), Hungarian-matched accuracy, NMI and ARI for the clusters of stage 2 ("Hungarian
+ACC, NMI, ARI")."""
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -7,15 +9,35 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 @torch.no_grad()
 def weighted_knn_scores(features, bank, bank_labels, num_classes, k=200, sigma=0.1, chunk_size=1024):
-    """Class votes of the weighted kNN (REFERENCE §3): each of the k most similar bank rows votes
-    for its label with weight exp(similarity / σ). Returns (Q, num_classes) float scores."""
-    k = min(k, bank.shape[0])
+    """Class votes of the weighted kNN (docs/method.md, "Weighted kNN").
+
+    Each of the k bank rows of largest dot product with a query votes for its label with weight
+    exp(similarity / σ). Bank rows labelled −1 (images without a label, e.g. STL-10's unlabeled
+    split in the bank of stage 1) are left out before the search: the k neighbours are the k
+    nearest labelled rows. Computed in the promoted dtype of ``features`` and ``bank``.
+
+    Args:
+        features: (Q, d) query embeddings.
+        bank: (N, d) the memory bank (stage 1 does not recompute the training features).
+        bank_labels: (N,) long, −1 for no label.
+        num_classes: C.
+        k: K = 200; fewer when the bank holds fewer labelled rows.
+        sigma: σ = 0.1.
+        chunk_size: queries per (chunk x N) block of similarities.
+    Returns (Q, C) scores.
+    """
     bank_labels = bank_labels.to(bank.device)
-    scores = torch.empty(features.shape[0], num_classes, device=bank.device)
+    labelled = bank_labels >= 0
+    if not labelled.all():
+        bank, bank_labels = bank[labelled], bank_labels[labelled]
+    k = min(k, bank.shape[0])
+    dtype = torch.promote_types(features.dtype, bank.dtype)
+    bank = bank.to(dtype)
+    scores = torch.empty(features.shape[0], num_classes, dtype=dtype, device=bank.device)
     for start in range(0, features.shape[0], chunk_size):
-        query = features[start:start + chunk_size].to(bank.device, bank.dtype)
+        query = features[start:start + chunk_size].to(bank.device, dtype)
         sim, idx = (query @ bank.T).topk(k, dim=1)  # (q, k)
-        votes = torch.zeros(query.shape[0], num_classes, device=bank.device)
+        votes = torch.zeros(query.shape[0], num_classes, dtype=dtype, device=bank.device)
         votes.scatter_add_(1, bank_labels[idx], (sim / sigma).exp())
         scores[start:start + chunk_size] = votes
     return scores
@@ -24,6 +46,29 @@ def weighted_knn_scores(features, bank, bank_labels, num_classes, k=200, sigma=0
 def weighted_knn_predict(features, bank, bank_labels, num_classes, k=200, sigma=0.1):
     """Top-1 weighted-kNN prediction (Q,) of each query row against the (N, d) bank."""
     return weighted_knn_scores(features, bank, bank_labels, num_classes, k, sigma).argmax(1)
+
+
+@torch.no_grad()
+def knn_accuracy(features, bank, bank_labels, targets, num_classes, k=200, sigma=0.1, topk=(1, 5)):
+    """Weighted-kNN accuracies in percent, one per entry of ``topk`` (docs/method.md, "Weighted kNN").
+
+    A query counts as correct at top-n when its label is among the n classes of highest score
+    (n capped at C). Bank rows labelled −1 do not vote (see ``weighted_knn_scores``). The share of
+    hits is averaged in the dtype of the scores (float32 in training, as the released code).
+
+    Args:
+        features: (Q, d) embeddings of the test split.
+        bank: (N, d) the memory bank; bank_labels: (N,) its labels, −1 for none.
+        targets: (Q,) labels of the queries.
+        num_classes, k, sigma: as in ``weighted_knn_scores``.
+        topk: the n of each accuracy returned, (1, 5) for top-1 and top-5.
+    Returns a tuple of floats, e.g. (top1 %, top5 %).
+    """
+    scores = weighted_knn_scores(features, bank, bank_labels, num_classes, k, sigma)
+    targets = torch.as_tensor(targets).to(scores.device)
+    ranked = scores.topk(min(max(topk), num_classes), dim=1).indices  # (Q, n) classes, best first
+    hits = ranked == targets.unsqueeze(1)
+    return tuple(hits[:, :n].any(1).to(scores.dtype).mean().item() * 100 for n in topk)
 
 
 def confusion_matrix(preds, targets, num_classes):
@@ -58,12 +103,18 @@ def clustering_metrics(preds, targets, num_classes):
 
 @torch.no_grad()
 def compute_features(net, loader, device, amp=False):
-    """Embeddings (N, d) of an evaluation loader, in loader order, with the network in eval mode."""
+    """Embeddings (N, d) of an evaluation loader, in loader order, with the network in eval mode.
+
+    Batches are dicts with an ``"image"`` entry, or (images, targets, indexes) tuples. The
+    embeddings come back in the network's dtype, bfloat16 under ``amp`` lifted to float32.
+    """
     was_training = net.training
     net.eval()
     feats = []
-    for images, _, _ in loader:
+    for batch in loader:
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(net(images.to(device, non_blocking=True)).float())
+            out = net(images.to(device, non_blocking=True))
+        feats.append(out.to(torch.promote_types(out.dtype, torch.float32)))
     net.train(was_training)
     return torch.cat(feats)

@@ -1,4 +1,5 @@
-"""Per-epoch schedules of the released code, as functions of the epoch within a round (REFERENCE §3, §4)."""
+"""Per-epoch schedules of the released code, as functions of the epoch within a round
+(docs/method.md, "Optimizer and schedules", "UE loss (Eq. 2)", "Anchor neighbourhoods")."""
 
 
 def step_lr(epoch, base_lr):
@@ -10,10 +11,13 @@ def step_lr(epoch, base_lr):
 
 
 def ue_weight(epoch):
-    """w of the UE loss: 0.2 · floor(epoch / 80), so UE is off for the first 80 epochs of each round."""
+    """w of the UE loss (Eq. 2): 0.2 · floor(epoch / 80), so UE is off for the first 80 epochs of each round."""
     return 0.2 * (epoch // 80)
 
 
 def num_anchors(num_samples, select_rate, round_index):
-    """floor(N · ANs_select_rate · round): round 0 has none, and the anchors grow every round."""
+    """floor(N · ANs_select_rate · round): round 0 has none, and the anchors grow every round.
+
+    The product is taken in floating point and truncated, as in the released code.
+    """
     return int(num_samples * select_rate * round_index)

@@ -1,4 +1,5 @@
-"""The memory bank (NPC) of stage 1 against REFERENCE §3 and the released checkpoint layout (§6)."""
+"""The memory bank (NPC) of stage 1 (docs/method.md, "Memory bank") against slow loops, and its
+released checkpoint layout (docs/method.md, "Checkpoint formats")."""
 import math
 
 import pytest
@@ -61,7 +62,7 @@ def _update_reference(memory, indexes, view2, m):
     for row, i in enumerate(indexes.tolist()):
         v = [m * float(memory[i, d]) + (1 - m) * float(view2[row, d]) for d in range(memory.shape[1])]
         norm = math.sqrt(sum(x * x for x in v))
-        out[i] = torch.tensor([x / norm for x in v])
+        out[i] = torch.tensor([x / norm for x in v], dtype=memory.dtype)
     return out
 
 
@@ -108,3 +109,36 @@ def test_params_buffer_and_state_dict():
     assert torch.equal(other.memory, bank.memory)
     # buffers follow the module: .double() converts the bank like any other state
     assert bank.double().memory.dtype == torch.float64
+
+
+def test_float64_bank_stays_float64_and_matches_the_loops():
+    torch.manual_seed(5)
+    bank = MemoryBank(12, 4, temperature=0.07, momentum=0.8).double()
+    assert bank.memory.dtype == torch.float64
+    features = torch.randn(6, 4, dtype=torch.float64)
+    logits = bank(features)
+    assert logits.dtype == torch.float64
+    expected = torch.tensor([[sum(float(f[d]) * float(m[d]) for d in range(4)) / 0.07 for m in bank.memory]
+                             for f in features], dtype=torch.float64)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    old = bank.memory.clone()
+    indexes = torch.tensor([3, 11, 0])
+    bank.update(indexes, features)  # (2B, d): view 2 is the second half
+    assert bank.memory.dtype == torch.float64
+    expected = _update_reference(old, indexes, features[3:], 0.8)
+    torch.testing.assert_close(bank.memory, expected, rtol=1e-12, atol=1e-12)
+    # a float32 round trip of the features would move the slots by about 1e-8
+    rounded = _update_reference(old, indexes, features[3:].float().double(), 0.8)
+    assert (bank.memory - rounded).abs().max() > 1e-10
+
+
+def test_bfloat16_features_update_a_float32_bank_in_float32():
+    torch.manual_seed(6)
+    bank = MemoryBank(10, 8)
+    old = bank.memory.clone()
+    indexes = torch.tensor([1, 7])
+    features = torch.randn(4, 8).bfloat16()
+    bank.update(indexes, features)
+    assert bank.memory.dtype == torch.float32
+    expected = torch.nn.functional.normalize(old[indexes] * 0.5 + features[2:].float() * 0.5, dim=1)
+    assert torch.equal(bank.memory[indexes], expected)

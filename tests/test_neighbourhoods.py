@@ -1,4 +1,5 @@
-"""Anchor-neighbourhood discovery (REFERENCE §3) against a slow loop, and its saved state (§6)."""
+"""Anchor-neighbourhood discovery (docs/method.md, "Anchor neighbourhoods") against a slow loop, and
+its saved state (docs/method.md, "Checkpoint formats")."""
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from lib.neighbourhoods import AnchorNeighbourhoods, discover_neighbourhoods, nearest_neighbours, sample_entropy
 
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
 BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
            "consistency"}
 
@@ -33,25 +35,28 @@ def neighbours_reference(memory, i, k):
     return [j for _, j in sims[:k]]
 
 
-def _memory(seed, n=20, d=6, unit=True):
+def _memory(seed, n=20, d=6, unit=True, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    memory = torch.randn(n, d, generator=g)
+    memory = torch.randn(n, d, generator=g, dtype=torch.float64)
     if unit:
-        return torch.nn.functional.normalize(memory, dim=1)
+        return torch.nn.functional.normalize(memory, dim=1).to(dtype)
     # norms from 0.2 to 3: dot product and cosine order neighbours differently
-    return memory / memory.norm(dim=1, keepdim=True) * torch.rand(n, 1, generator=g).mul(2.8).add(0.2)
+    norms = torch.rand(n, 1, generator=g, dtype=torch.float64).mul(2.8).add(0.2)
+    return (memory / memory.norm(dim=1, keepdim=True) * norms).to(dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("chunk_size", [3, None])
-def test_discover_neighbourhoods_matches_loop(seed, unit, chunk_size):
-    memory = _memory(seed, unit=unit)
+def test_discover_neighbourhoods_matches_loop(seed, unit, chunk_size, dtype):
+    memory = _memory(seed, unit=unit, dtype=dtype)
     temperature, num_anchors, k = 0.1 if unit else 0.5, 7, 3
     anchors, neighbours, entropy = discover_neighbourhoods(
         memory, temperature, num_anchors, k, chunk_size=chunk_size, return_entropy=True)
     ref_entropy = entropy_reference(memory, temperature)
-    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    assert entropy.dtype == dtype
+    torch.testing.assert_close(entropy.double(), ref_entropy, **TOLERANCE[dtype])
     order = ref_entropy.argsort().tolist()
     gap = ref_entropy[order[num_anchors]] - ref_entropy[order[num_anchors - 1]]
     assert gap > 1e-3  # precondition: the anchor set is well defined at float32 precision
@@ -76,13 +81,28 @@ def test_non_unit_rows_use_cosine_not_dot_product_for_neighbours():
     assert found.tolist() == [neighbours_reference(memory, i, 2) for i in range(20)]  # ... cosine wins
 
 
-def test_entropy_uses_raw_memory_and_temperature():
-    memory = _memory(3, unit=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entropy_uses_raw_memory_and_temperature(dtype):
+    memory = _memory(3, unit=False, dtype=dtype)
+    # τ = 0.1: rows of norm up to 3 take the row-shifted path; τ = 1: the symmetric blocks
     for temperature in (0.1, 1.0):
-        torch.testing.assert_close(sample_entropy(memory, temperature, chunk_size=4).double(),
-                                   entropy_reference(memory, temperature), rtol=1e-4, atol=1e-4)
+        for chunk_size in (4, None):
+            entropy = sample_entropy(memory, temperature, chunk_size=chunk_size)
+            assert entropy.dtype == dtype
+            torch.testing.assert_close(entropy.double(), entropy_reference(memory, temperature), **TOLERANCE[dtype])
     # uniform similarities give the entropy log N
-    assert sample_entropy(torch.zeros(5, 3), 0.1).tolist() == pytest.approx([math.log(5)] * 5)
+    assert sample_entropy(torch.zeros(5, 3, dtype=dtype), 0.1).tolist() == pytest.approx([math.log(5)] * 5)
+
+
+def test_float64_discovery_keeps_the_entropy_in_float64():
+    memory = _memory(4, dtype=torch.float64)
+    ans = AnchorNeighbourhoods(20, ans_size=2)
+    ans.discover(memory, 0.1, 6)
+    assert ans.entropy.dtype == torch.float64
+    torch.testing.assert_close(ans.entropy, entropy_reference(memory, 0.1), **TOLERANCE[torch.float64])
+    for row, a in enumerate(ans.anchor_indexes.tolist()):
+        assert ans.neighbours[row].tolist() == neighbours_reference(memory, a, 2)
+    assert set(ans.state_dict()) == BUFFERS
 
 
 def _discovered(seed=4, n=20, num_anchors=6, k=2, labels=True):
