@@ -95,8 +95,8 @@ def _write_json(path, record):
 def normalization(data_dir, cache_dir=None):
     """Per-channel mean and std (3-tuples, [0, 1] scale) of the 105,000 training images, train + unlabeled.
 
-    Computed on first use, in chunks (``arrays.channel_stats``: exact byte histograms, about one
-    minute for the 2.8 GB on one core), and cached as a small JSON: ``stl10_binary/normalization.json``
+    Computed on first use, in chunks (``arrays.channel_stats``: exact byte histograms; about 20 s
+    on one core plus reading the 2.8 GB), and cached as a small JSON: ``stl10_binary/normalization.json``
     beside the data when that folder is writable, else ``<cache_dir>/stl10-normalization.json``
     when a cache_dir is given, else nowhere (computed again on every use). A cached value is used
     only while the training files keep the sizes it records.
