@@ -1,8 +1,11 @@
-"""Readers that turn each data set into (uint8 images N x 32 x 32 x 3, int64 labels N).
+"""Readers that turn each split of a 32x32 data set into (uint8 images N x 32 x 32 x 3, int64 labels N),
+and the class names its labels stand for (docs/method.md, "Data sets").
 
-CIFAR goes through torchvision (downloading when missing, as the released code did); Fashion-MNIST
-reads IDX files (Debian's ``dataset-fashion-mnist`` package, else torchvision's download); digits is
-scikit-learn's bundled 8x8 set, so the demo and the tests need no network at all.
+Every reader is ``reader(data_dir, part)`` with ``part`` "train" or "test". CIFAR goes through
+torchvision (downloading when missing, as the released code did); Fashion-MNIST reads IDX files
+(Debian's ``dataset-fashion-mnist`` package, else torchvision's download); digits is scikit-learn's
+bundled 8x8 set, so the demo and the tests need no network at all. STL-10 (datasets/stl10.py) and
+image folders (datasets/folder.py) have their own modules.
 """
 import gzip
 import os
@@ -11,9 +14,34 @@ import urllib.error
 
 import numpy as np
 
-from lib.runtime import InputError
+from engine.errors import InputError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+# class names in label order, as each data set's own metadata lists them
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
+CIFAR20_CLASSES = (  # CIFAR-100's 20 superclasses ("coarse labels")
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+    "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+    "vehicles_1", "vehicles_2")
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
 
 
 def _torchvision(cls, name, data_dir, train):
@@ -30,20 +58,20 @@ def _torchvision(cls, name, data_dir, train):
                          f"copy the data set there, and pass --data_dir") from None
 
 
-def cifar10(data_dir, train):
+def cifar10(data_dir, part):
     from torchvision.datasets import CIFAR10
-    ds = _torchvision(CIFAR10, "CIFAR-10", data_dir, train)
+    ds = _torchvision(CIFAR10, "CIFAR-10", data_dir, part == "train")
     return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
 
-def cifar100(data_dir, train, coarse=False):
+def cifar100(data_dir, part, coarse=False):
+    """CIFAR-100 with its 100 fine labels, or (``coarse``) the 20 superclass labels of the same images."""
     from torchvision.datasets import CIFAR100
-    ds = _torchvision(CIFAR100, "CIFAR-100", data_dir, train)
+    ds = _torchvision(CIFAR100, "CIFAR-100", data_dir, part == "train")
     if not coarse:
         return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
     # torchvision keeps only the fine labels; the 20 superclasses are in the raw pickle
-    split = "train" if train else "test"
-    with open(os.path.join(ds.root, ds.base_folder, split), "rb") as f:
+    with open(os.path.join(ds.root, ds.base_folder, part), "rb") as f:
         raw = pickle.load(f, encoding="latin1")
     return np.asarray(ds.data), np.asarray(raw["coarse_labels"], dtype=np.int64)
 
@@ -75,9 +103,9 @@ def _find_idx(directory, stem):
     return None
 
 
-def fashion_mnist(data_dir, train):
+def fashion_mnist(data_dir, part):
     """28x28 grey images zero-padded to 32x32 and repeated to 3 channels."""
-    prefix = "train" if train else "t10k"
+    prefix = "train" if part == "train" else "t10k"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     for directory in (os.path.join(data_dir, "fashion-mnist"), DEBIAN_FASHION_MNIST,
                       os.path.join(data_dir, "FashionMNIST", "raw")):
@@ -87,7 +115,7 @@ def fashion_mnist(data_dir, train):
             break
     else:
         from torchvision.datasets import FashionMNIST
-        ds = _torchvision(FashionMNIST, "Fashion-MNIST", data_dir, train)
+        ds = _torchvision(FashionMNIST, "Fashion-MNIST", data_dir, part == "train")
         images, labels = ds.data.numpy(), ds.targets.numpy()
     images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
     return np.repeat(images[..., None], 3, axis=3), labels.astype(np.int64)
@@ -96,7 +124,7 @@ def fashion_mnist(data_dir, train):
 DIGITS_TRAIN = 1497  # scikit-learn's 1,797 digits: the first 1,497 train, the last 300 test
 
 
-def digits(data_dir, train):
+def digits(data_dir, part):
     """scikit-learn's bundled 8x8 digits (values 0-16), scaled to 0-255 and upsampled to 32x32 RGB."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -105,5 +133,5 @@ def digits(data_dir, train):
     images = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR)) for im in images])
     images = np.repeat(images[..., None], 3, axis=3)
     labels = bunch.target.astype(np.int64)
-    part = slice(None, DIGITS_TRAIN) if train else slice(DIGITS_TRAIN, None)
-    return images[part], labels[part]
+    rows = slice(None, DIGITS_TRAIN) if part == "train" else slice(DIGITS_TRAIN, None)
+    return images[rows], labels[rows]

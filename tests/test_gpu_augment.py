@@ -1,4 +1,5 @@
-"""The batched augmentation (lib/gpu_augment.py) against torchvision's v1 transforms (REFERENCE §3).
+"""The batched augmentation (datasets/gpu_augment.py) against torchvision's v1 transforms
+(docs/method.md, "Data and augmentation").
 
 Parameter distributions are compared with torchvision's own samplers by two-sample KS tests;
 each op is compared with torchvision's functional on the same fixed parameters; the rates of the
@@ -14,9 +15,9 @@ from scipy import stats
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from lib import gpu_augment as ga
+from datasets import gpu_augment as ga
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # CIFAR-10 (REFERENCE §3)
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # CIFAR-10's normalization
 OFF = dict(scale=None, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0.0, flip_p=0.0)
 
 
@@ -44,7 +45,7 @@ def torchvision_crops(n, height, width, scale, ratio):
 
 
 @pytest.mark.parametrize("height, width, scale, ratio", [
-    (32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),  # REFERENCE §3 on CIFAR
+    (32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),  # the method's crop on CIFAR
     (28, 40, (0.2, 1.0), (3 / 4, 4 / 3)),
     (28, 40, (0.5, 1.0), (2.0, 4.0)),  # many tries too wide: the central-crop fallback is common (~28%)
 ])
@@ -255,7 +256,7 @@ def test_grayscale_rate_with_everything_on():
 
 
 def test_whole_pipeline_matches_torchvision_in_distribution():
-    """Per-output statistics of REFERENCE §3's transform on one image: ours vs torchvision's PIL pipeline."""
+    """Per-output statistics of the training transform on one image: ours vs torchvision's PIL pipeline."""
     n, size = 2000, 16  # 16 x 16 images keep it cheap; the crop test covers 32 x 32
     image = colourful_images(1, size, size, seed=7)[0]
     reference = transforms.Compose([
@@ -293,7 +294,9 @@ def test_loader_epoch():
     loader, _, targets = make_loader()
     assert len(loader) == 100 // 16 and loader.batch_size == 16 and loader.num_samples == 100
     seen = []
-    for view1, view2, batch_targets, indexes in loader:
+    for batch in loader:
+        assert set(batch) == {"view1", "view2", "target", "index"}  # the DataLoader's keys (views=2)
+        view1, view2, batch_targets, indexes = batch["view1"], batch["view2"], batch["target"], batch["index"]
         assert view1.shape == view2.shape == (16, 3, 32, 32) and view1.dtype == torch.float32
         assert batch_targets.dtype == indexes.dtype == torch.long and indexes.shape == (16,)
         assert torch.equal(batch_targets, targets[indexes])
@@ -312,12 +315,37 @@ def test_loader_is_determined_by_the_torch_seed():
     torch.manual_seed(11)
     again = list(loader)
     for a, b in zip(first, again):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
-    assert not torch.equal(first[0][3], second_epoch[0][3])  # a new shuffle every epoch
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key])
+    assert not torch.equal(first[0]["index"], second_epoch[0]["index"])  # a new shuffle every epoch
     # the batch is the augmentation of the indexed images, drawn from the global generator
     torch.manual_seed(11)
     indexes = torch.randperm(100)[:16]
     views = ga.two_view_augment(torch.from_numpy(images)[indexes], MEAN, STD)
-    assert torch.equal(first[0][3], indexes)
-    assert torch.equal(first[0][0], views[:16]) and torch.equal(first[0][1], views[16:])
+    assert torch.equal(first[0]["index"], indexes)
+    assert torch.equal(first[0]["view1"], views[:16]) and torch.equal(first[0]["view2"], views[16:])
+
+
+class CountingImages:
+    """An array-like that records every slice read from it (a file-backed array stands in)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+def test_loader_uploads_array_likes_in_chunks(monkeypatch):
+    monkeypatch.setattr(ga.GpuTwoViewLoader, "UPLOAD_CHUNK", 7)
+    images = colourful_images(20, 8, 8).numpy()
+    source = CountingImages(images)
+    loader = ga.GpuTwoViewLoader(source, torch.zeros(20, dtype=torch.long), 4, MEAN, STD, "cpu", size=8)
+    assert torch.equal(loader.images, torch.from_numpy(images))
+    assert source.reads == [slice(0, 7), slice(7, 14), slice(14, 21)]  # never the whole array at once
+    assert next(iter(loader))["view1"].shape == (4, 3, 8, 8)

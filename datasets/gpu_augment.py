@@ -1,16 +1,17 @@
-"""The stage-1/2 training augmentation (REFERENCE §3) on whole batches, on the device the images live on.
+"""The two-view training augmentation of both stages on whole batches, on the device the images live on.
 
-REFERENCE §3's training transform is RandomResizedCrop(32, scale=(0.2, 1.0)), ColorJitter(0.4,
-0.4, 0.4, 0.4), RandomGrayscale(0.2), RandomHorizontalFlip, ToTensor, Normalize, applied twice to
-each image (two independent views). ``datasets.train_transform`` runs it with torchvision's v1
-transforms on PIL images, one image at a time in worker processes; this module draws the same
+The training transform (docs/method.md, "Data and augmentation") is RandomResizedCrop(image_size,
+scale=(0.2, 1.0)), ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale(0.2), RandomHorizontalFlip,
+ToTensor, Normalize, applied twice to each image (two independent views). ``datasets.train_transform``
+runs it with torchvision's v1 transforms on PIL images, one image at a time in worker processes;
+this module draws the same
 parameters from the same distributions for a whole batch at once and applies them with tensor ops,
 so the augmentation runs on the GPU next to the network (``--gpu_augment``). No step loops over
 samples: the 10 crop tries are drawn as one (n, 10) tensor, and the only Python loops are over the
 4 positions x 4 colour ops of ColorJitter's random order and over the batches of an epoch.
 
 Where the result differs from ``datasets.train_transform`` (the PIL pipeline); the colour ops
-follow torchvision's *tensor* semantics, as the brief of this module asks:
+follow torchvision's *tensor* semantics (what ColorJitter runs on tensors):
 - PIL works in uint8 and rounds after each of its two resize passes and after every colour op;
   here everything stays float32 in [0, 1] from ToTensor's ``/255`` onwards (the resize alone
   differs from PIL's by at most 1.5/255, 0.5/255 on average; tests/test_gpu_augment.py).
@@ -26,6 +27,7 @@ follow torchvision's *tensor* semantics, as the brief of this module asks:
 - The random numbers are drawn in another order than torchvision's, so a seed gives other (equally
   distributed) augmentations than the CPU loader.
 """
+import numpy as np
 import torch
 
 # ITU-R 601-2 luma as torchvision's tensor rgb_to_grayscale writes it (PIL: 0.299)
@@ -47,7 +49,7 @@ def _randint_below(upper, device, generator):
 
 
 def sample_crop_params(n, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), device=None, generator=None):
-    """RandomResizedCrop's crop boxes (REFERENCE §3: scale=(0.2, 1.0)) for ``n`` images of height x width.
+    """RandomResizedCrop's crop boxes for ``n`` images of height x width (the method's scale=(0.2, 1.0)).
 
     Follows ``torchvision.transforms.RandomResizedCrop.get_params`` in distribution: up to 10 tries
     of target area = H·W·U(scale) and aspect ratio = exp(U(log ratio[0], log ratio[1])), with
@@ -99,7 +101,7 @@ def _factor_range(value, center):
 
 
 def sample_jitter_params(n, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, device=None, generator=None):
-    """ColorJitter(0.4, 0.4, 0.4, 0.4)'s parameters (REFERENCE §3) for ``n`` images.
+    """ColorJitter(0.4, 0.4, 0.4, 0.4)'s parameters for ``n`` images.
 
     As ``torchvision.transforms.ColorJitter.get_params``: brightness, contrast and saturation
     factors ~ U(max(0, 1 − v), 1 + v), hue shift ~ U(−v, v), and a uniformly random order of the
@@ -202,7 +204,7 @@ _ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  #
 
 
 def color_jitter(img, params):
-    """ColorJitter (REFERENCE §3) with per-image factors and per-image op order from ``sample_jitter_params``.
+    """ColorJitter with per-image factors and per-image op order from ``sample_jitter_params``.
 
     At position j every op k is computed for the whole batch and kept (torch.where) for the images
     whose j-th op is k, so each image sees its four ops in its own order without a loop over images.
@@ -257,7 +259,7 @@ def resized_crop(img, top, left, h, w, size):
 
 def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
             brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, grayscale_p=0.2, flip_p=0.5):
-    """One independent draw of REFERENCE §3's training transform for each image of a batch.
+    """One independent draw of the training transform for each image of a batch.
 
     images_uint8: (n, H, W, 3) uint8 on any device. Returns (n, 3, size, size) float32 on that device:
     RandomResizedCrop(size, scale, ratio) -> ColorJitter(brightness, contrast, saturation, hue) ->
@@ -293,12 +295,12 @@ def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), 
 
 
 def two_view_augment(images_uint8, mean, std, size=32, generator=None, **switches):
-    """Two independent views of each image (REFERENCE §3): (B, H, W, 3) uint8 -> (2B, 3, size, size).
+    """Two independent views of each image: (B, H, W, 3) uint8 -> (2B, 3, size, size).
 
     Rows 0..B−1 are view 1, rows B..2B−1 view 2 (the order both stages feed the network). Every
     random parameter is drawn independently per row, as two calls of the torchvision transform
     would. ``switches`` are ``augment``'s keywords (scale, ratio, the jitter strengths,
-    grayscale_p, flip_p), REFERENCE §3's values by default.
+    grayscale_p, flip_p), the method's values by default (docs/method.md, "Data and augmentation").
 
     Differences from the PIL pipeline of ``datasets.train_transform`` (see the module docstring):
     resampling and colour ops in float32 without PIL's rounding to uint8 between steps; the
@@ -310,21 +312,29 @@ def two_view_augment(images_uint8, mean, std, size=32, generator=None, **switche
 
 
 class GpuTwoViewLoader:
-    """The two-view training loader (REFERENCE §3: batch 128, shuffle, drop_last) with augmentation on ``device``.
+    """The two-view training loader (shuffle, drop_last) with the augmentation on ``device``.
 
-    The uint8 images go to ``device`` once; each epoch shuffles with ``torch.randperm`` on the
-    device's global generator (so a checkpoint's RNG state makes a resumed run draw the same
-    epochs) and yields (view1, view2, targets, indexes) as the DataLoader over
-    ``datasets.ImageDataset(views=2)`` does: views (B, 3, size, size) float32, targets and
-    indexes (B,) long, all on ``device``.
+    The uint8 images go to ``device`` once, in chunks (a file-backed array such as STL-10's or a
+    folder's cache is read chunk by chunk, never whole into host memory); each epoch shuffles with
+    ``torch.randperm`` on the device's global generator (so a checkpoint's RNG state makes a resumed
+    run draw the same epochs) and yields the batches the DataLoader over
+    ``datasets.ImageDataset(views=2)`` yields: dicts with "view1" and "view2" (B, 3, size, size)
+    float32 and "target" and "index" (B,) long, all on ``device``.
     """
+
+    UPLOAD_CHUNK = 4096  # images copied to the device at a time
 
     def __init__(self, images, targets, batch_size, mean, std, device, size=32):
         device = torch.device(device)
-        self.images = torch.as_tensor(images, dtype=torch.uint8).to(device)  # (N, H, W, 3)
+        if len(getattr(images, "shape", ())) != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (N, H, W, 3) uint8, not {tuple(getattr(images, 'shape', ()))}")
+        self.images = torch.empty(tuple(images.shape), dtype=torch.uint8, device=device)  # (N, H, W, 3)
+        for start in range(0, len(images), self.UPLOAD_CHUNK):
+            chunk = images[start:start + self.UPLOAD_CHUNK]
+            if not isinstance(chunk, torch.Tensor):
+                chunk = torch.from_numpy(np.ascontiguousarray(np.asarray(chunk, dtype=np.uint8)))
+            self.images[start:start + len(chunk)] = chunk.to(device=device, dtype=torch.uint8)
         self.targets = torch.as_tensor(targets, dtype=torch.long).to(device)  # (N,)
-        if self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be (N, H, W, 3) uint8, not {tuple(self.images.shape)}")
         if self.targets.shape != self.images.shape[:1]:
             raise ValueError(f"{len(self.targets)} targets for {len(self.images)} images")
         self.batch_size = int(batch_size)
@@ -342,4 +352,5 @@ class GpuTwoViewLoader:
         for step in range(len(self)):
             indexes = order[step * self.batch_size:(step + 1) * self.batch_size]  # (B,)
             views = two_view_augment(self.images[indexes], self.mean, self.std, self.size)  # (2B, 3, size, size)
-            yield views[:self.batch_size], views[self.batch_size:], self.targets[indexes], indexes
+            yield {"view1": views[:self.batch_size], "view2": views[self.batch_size:],
+                   "target": self.targets[indexes], "index": indexes}

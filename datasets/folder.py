@@ -1,0 +1,249 @@
+"""A folder of image files as a data set, decoded once into a uint8 cache mapped from disk.
+
+Layout, as torchvision's ImageFolder: each sub-folder of DIR is a class (sorted names give the
+labels 0, 1, ...; sub-folders of a class belong to it), or a folder with no sub-folders is an
+unlabelled set (every target -1; the number of classes to find, K >= 2, comes from the caller).
+Files and folders whose names start with "." are left out (the default cache lives in DIR/.cache).
+In a labelled folder, files directly in DIR belong to no class and are left out with one warning.
+Images are in the order ImageFolder gives: by class, then by path, sorted.
+
+Decoding: any format and mode PIL reads (RGB, L, RGBA, P, CMYK, 16-bit, ...), the first frame of
+an animation, turned upright by its EXIF orientation, converted to RGB with PIL (alpha is dropped:
+transparent pixels keep their stored colour; 16-bit images are scaled to 8 bits), then resized as
+the evaluation transform does (docs/method.md, "Data and augmentation"): the shorter side to
+image_size (bilinear, antialiased), then the central image_size x image_size square. A file PIL
+cannot read is skipped with one warning line naming it, and one line counts them at the end.
+
+Cache: one ``.npy`` of (N, image_size, image_size, 3) uint8, written through
+``np.lib.format.open_memmap`` to a temporary file and renamed into place, and a JSON describing
+it: a signature of the folder (SHA-256 of every file's relative path, size and modification
+time), image_size, class names, the skipped files, and the per-channel mean and std of the cached
+images (computed in chunks). The next run scans the folder again (names and ``stat`` only) and
+maps the cache when the signature matches; any added, removed or changed file rebuilds it. One
+cache per image_size can live side by side in the same cache folder.
+"""
+import functools
+import glob
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision import transforms
+
+from engine.errors import InputError
+
+from .arrays import MappedImages, channel_stats
+
+CACHE_FORMAT = 1
+DEFAULT_CACHE = ".cache"  # inside the folder when no cache_dir is given
+
+
+@dataclass
+class FolderImages:
+    """What ``load`` gives: images (``MappedImages``), targets (int64, -1 = unlabelled), file paths
+    in the same order, class names (None for an unlabelled folder), the number of classes and the
+    per-channel mean and std of the images."""
+    data: MappedImages
+    targets: np.ndarray
+    paths: list
+    class_names: tuple
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+def _hidden(name):
+    return name.startswith(".")
+
+
+def scan(folder, skip=None):
+    """Image candidates of ``folder`` in data set order: (relative paths, targets, class names or None).
+
+    ``skip`` is a directory to leave out (a cache folder inside ``folder``). Raises InputError for a
+    missing or empty folder and for a single class sub-folder.
+    """
+    if not os.path.isdir(folder):
+        raise InputError(f"image folder {folder} does not exist or is not a folder")
+    skip = None if skip is None else os.path.realpath(skip)
+    entries = sorted((e for e in os.scandir(folder) if not _hidden(e.name)), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and os.path.realpath(e.path) != skip]
+    loose = [e.name for e in entries if not e.is_dir()]
+    if not classes:
+        if not loose:
+            raise InputError(f"image folder {folder} is empty: put the images in it, or one sub-folder per class")
+        return loose, np.full(len(loose), -1, dtype=np.int64), None
+    if len(classes) == 1:
+        raise InputError(f"image folder {folder} has a single class sub-folder ({classes[0]}); a labelled folder "
+                         f"needs two or more, an unlabelled one keeps its images directly in {folder}")
+    if loose:
+        print(f"warning: left out {len(loose)} file(s) directly in {folder} (e.g. {loose[0]}): a folder with class "
+              f"sub-folders takes its images from them", file=sys.stderr)
+    files, targets = [], []
+    for label, name in enumerate(classes):
+        walk = []
+        for root, dirs, names in os.walk(os.path.join(folder, name), followlinks=True):
+            dirs[:] = [d for d in dirs if not _hidden(d)]
+            walk.append((root, sorted(n for n in names if not _hidden(n))))
+        before = len(files)
+        for root, names in sorted(walk):  # ImageFolder's order: sorted (root, files) pairs
+            files += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+        if len(files) == before:
+            raise InputError(f"class sub-folder {os.path.join(folder, name)} has no files")
+        targets += [label] * (len(files) - before)
+    return files, np.asarray(targets, dtype=np.int64), tuple(classes)
+
+
+def signature(folder, files, image_size):
+    """SHA-256 of the image size and every file's relative path, size and modification time (ns)."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT} image_size {image_size}\n".encode())
+    for rel in files:
+        st = os.stat(os.path.join(folder, rel))
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _resize(image_size):
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+
+
+def decode(path, image_size):
+    """One image file as (image_size, image_size, 3) uint8: upright, RGB, shorter side resized, centre crop."""
+    with Image.open(path) as im, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. PIL's note on palette transparency, which we drop anyway
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16"):  # 16-bit: keep the top 8 bits' worth (PIL's convert would clip)
+            im = Image.fromarray(np.round(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8))
+        im = im.convert("RGB")
+    return np.asarray(_resize(image_size)(im), dtype=np.uint8)
+
+
+def _reason(err):
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:100]}".rstrip(": ")
+
+
+def _write_json(path, record):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _build(folder, files, image_size, cache_dir, digest):
+    """Decode every file into a new ``.npy`` in ``cache_dir``; returns (npy path, count, skipped)."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
+        os.close(fd)
+    except OSError as err:
+        raise InputError(f"cannot write the image cache of {folder} in {cache_dir} ({type(err).__name__}); "
+                         f"give a writable cache folder") from None
+    print(f"{folder}: decoding {len(files):,} files to {image_size}x{image_size} images once, into {cache_dir}",
+          flush=True)
+    try:
+        # room for every file; the skipped ones leave unused rows at the end (the JSON says how many are used)
+        shape = (len(files), image_size, image_size, 3)
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        count, skipped = 0, []
+        for rel in files:
+            path = os.path.join(folder, rel)
+            try:
+                images[count] = decode(path, image_size)
+            except Exception as err:  # any unreadable file is skipped, whatever the decoder raised
+                print(f"warning: skipped {path}: not a readable image ({_reason(err)})", file=sys.stderr)
+                skipped.append(rel)
+                continue
+            count += 1
+        images.flush()
+        del images
+        npy = os.path.join(cache_dir, f"folder-{image_size}px-{digest[:16]}.npy")
+        os.replace(tmp, npy)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(files)} files in {folder} (not readable images)",
+              file=sys.stderr)
+    return npy, count, skipped
+
+
+def load(folder, image_size, cache_dir=None, num_classes=None):
+    """The images of ``folder`` at image_size x image_size, from the cache or decoded into it first.
+
+    ``num_classes``: required (K >= 2) for an unlabelled folder, the number of classes to find; a
+    labelled folder's class count is its number of sub-folders, and a num_classes that differs
+    from it is an error rather than an override (the labels could not score such a clustering
+    class by class). Returns ``FolderImages``.
+    """
+    folder = os.fspath(folder)
+    cache_dir = os.path.join(folder, DEFAULT_CACHE) if cache_dir is None else os.fspath(cache_dir)
+    files, targets, class_names = scan(folder, skip=cache_dir)
+    if class_names is None:
+        if num_classes is None:
+            raise InputError(f"image folder {folder} has no class sub-folders (unlabelled images): pass "
+                             f"--num_classes K, the number of classes to find (K >= 2)")
+        if num_classes < 2:
+            raise InputError(f"--num_classes must be at least 2 for an unlabelled folder, not {num_classes}")
+    elif num_classes is not None and num_classes != len(class_names):
+        raise InputError(f"--num_classes {num_classes} contradicts the {len(class_names)} class sub-folders of "
+                         f"{folder}; leave it out for a labelled folder")
+
+    digest = signature(folder, files, image_size)
+    record_path = os.path.join(cache_dir, f"folder-{image_size}px.json")
+    record = _read_record(record_path, digest, cache_dir)
+    if record is None:
+        npy, count, skipped = _build(folder, files, image_size, cache_dir, digest)
+        if count == 0:
+            os.remove(npy)
+            raise InputError(f"image folder {folder} has no readable images ({len(files)} files skipped)")
+        mean, std = channel_stats(MappedImages.from_npy(npy, count))
+        record = {"format": CACHE_FORMAT, "folder": os.path.abspath(folder), "signature": digest,
+                  "image_size": image_size, "files": len(files), "images": count, "npy": os.path.basename(npy),
+                  "class_names": None if class_names is None else list(class_names), "skipped": skipped,
+                  "mean": mean, "std": std}
+        _write_json(record_path, record)
+        for stale in glob.glob(os.path.join(cache_dir, f"folder-{image_size}px-*.npy")):
+            if stale != npy:  # an earlier build of this folder (or of another one) at this size
+                os.remove(stale)
+    elif record["skipped"]:
+        print(f"warning: {len(record['skipped'])} of {record['files']} files in {folder} are not readable images "
+              f"and stay left out (listed in {record_path})", file=sys.stderr)
+
+    skipped = set(record["skipped"])
+    keep = np.array([rel not in skipped for rel in files], dtype=bool)
+    targets = targets[keep]
+    if class_names is not None:
+        empty = [name for label, name in enumerate(class_names) if not (targets == label).any()]
+        if empty:
+            raise InputError(f"class sub-folder {os.path.join(folder, empty[0])} has no readable images")
+    paths = [os.path.join(folder, rel) for rel, kept in zip(files, keep) if kept]
+    data = MappedImages.from_npy(os.path.join(cache_dir, record["npy"]), record["images"])
+    return FolderImages(data, targets, paths, class_names, len(class_names) if class_names else num_classes,
+                        tuple(record["mean"]), tuple(record["std"]))
+
+
+def _read_record(path, digest, cache_dir):
+    """The cache's JSON when it describes this folder as it is now and its ``.npy`` is whole, else None."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("format") != CACHE_FORMAT or record.get("signature") != digest:
+            return None
+        stored = np.load(os.path.join(cache_dir, record["npy"]), mmap_mode="r")
+        if stored.shape[0] < record["images"] or stored.dtype != np.uint8:
+            return None
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
