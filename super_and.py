@@ -103,6 +103,7 @@ def check_stage1_checkpoint(ckpt, path, args, num_samples):
         other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
         raise InputError(f"{path} is a stage-{stage} checkpoint; evaluate it with {other}, or pass a "
                          "ckpt_embed.t7 here")
+    require_keys(ckpt, path, ["npc.memory"])
     saved = ckpt.get("args", {}).get("dataset")
     if saved is not None and saved != args.dataset:
         raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
@@ -115,14 +116,14 @@ def check_stage1_checkpoint(ckpt, path, args, num_samples):
     if not args.test_only and "next" not in ckpt:  # released files: their broken resume is not reproduced
         raise InputError(f"{path} holds no training state (a released or converted file): evaluate it with "
                          "--test_only, or start stage 2 from it with main.py --resume")
+    if not args.test_only:
+        require_keys(ckpt, path, TRAINING_KEYS)
 
 
 def load_stage1(args, num_samples, net, npc, ans):
     """Read ``--resume`` into the network, the bank and the anchors; returns (path, checkpoint)."""
-    path, ckpt = read_checkpoint(args.resume, args.model_dir, required=["npc.memory"])
+    path, ckpt = read_checkpoint(args.resume, args.model_dir)
     check_stage1_checkpoint(ckpt, path, args, num_samples)
-    if not args.test_only:
-        require_keys(ckpt, path, TRAINING_KEYS)
     if not torch.isfinite(ckpt["npc"]["memory"]).all():
         raise InputError(f"{path} holds a non-finite memory bank; it cannot be evaluated or continued")
     load_network(net, ckpt["net"], path)
@@ -145,7 +146,8 @@ def main(args):
     train_set = datasets.from_args(args, info.embed_split, views=2)
     test_set = datasets.from_args(args, info.test_split) if info.test_split else None
     num_samples, num_classes = len(train_set), train_set.num_classes
-    check_flags(args, num_samples)
+    if not args.test_only:
+        check_flags(args, num_samples)
     train_loader = datasets.make_train_loader(train_set, args, device)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device) if test_set else None
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)

@@ -7,6 +7,7 @@ are dicts: ``views=2`` gives {"view1", "view2", "target", "index"} (two independ
 training augmentation, docs/method.md, "Data and augmentation"), ``views=1`` gives
 {"image", "target", "index"} through the evaluation transform.
 """
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -219,3 +220,11 @@ def make_train_loader(dataset, args, device):
     from .gpu_augment import GpuTwoViewLoader
     return GpuTwoViewLoader(dataset.data, dataset.targets, args.batch_size, dataset.mean, dataset.std, device,
                             size=dataset.image_size)
+
+
+def from_args(args, split, views=1):
+    """``build_dataset`` with a script's flags: --dataset, --data_dir, --subset, --image_size, --num_classes;
+    a folder's decoded images are cached in <model_dir>/cache."""
+    return build_dataset(args.dataset, args.data_dir, split, views=views, subset=args.subset,
+                         image_size=args.image_size, num_classes=args.num_classes,
+                         cache_dir=os.path.join(args.model_dir, "cache") if args.model_dir else None)

@@ -54,14 +54,14 @@ def test_two_round_run_writes_log_and_released_checkpoint(two_rounds, capsys):
 
 
 def test_full_width_command(tmp_path):
-    """A quick command with the real network (width 64, d = 128): 64 anchors after round 1."""
-    result = run_script("super_and.py", ["--dataset", "digits", "--subset", "256", "--rounds", "2", "--epochs",
+    """A quick command with the real network (width 64, d = 128): 16 anchors after round 1."""
+    result = run_script("super_and.py", ["--dataset", "digits", "--subset", "64", "--rounds", "2", "--epochs",
                                          "1", "--batch_size", "32", "--workers", "0", "--model_dir", tmp_path])
     assert result.returncode == 0, result.stderr
-    assert "round 1: 64 anchors" in result.stdout
+    assert "round 1: 16 anchors" in result.stdout
     assert result.stdout.count("accuracy: ") == 2
     records = read_log(tmp_path)
-    assert [r["anchors"] for r in records] == [0, 64]
+    assert [r["anchors"] for r in records] == [0, 16]
     assert load_checkpoint(os.path.join(tmp_path, "ckpt_embed.t7"))["net"]["linear.weight"].shape == (128, 1024)
 
 
