@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 from torchvision import transforms
+from tqdm import tqdm
 
 from engine.errors import InputError
 
@@ -157,7 +158,7 @@ def _build(folder, files, image_size, cache_dir, digest):
         shape = (len(files), image_size, image_size, 3)
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         count, skipped = 0, []
-        for rel in files:
+        for rel in tqdm(files, desc="decode", unit="img", leave=False, disable=None):
             path = os.path.join(folder, rel)
             try:
                 images[count] = decode(path, image_size)
