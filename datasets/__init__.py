@@ -10,6 +10,7 @@ training augmentation, docs/method.md, "Data and augmentation"), ``views=1`` giv
 import os
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,13 +36,13 @@ class DatasetInfo:
     when there are none. Splits are raw split names joined by "+".
     """
     name: str
-    num_classes: int | None
-    mean: tuple | None
-    std: tuple | None
-    class_names: tuple | None
+    num_classes: Optional[int]
+    mean: Optional[tuple]
+    std: Optional[tuple]
+    class_names: Optional[tuple]
     embed_split: str = "train"
     cluster_split: str = "train"
-    test_split: str | None = "test"
+    test_split: Optional[str] = "test"
 
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 from torchvision import transforms
+from tqdm import tqdm
 
 from engine.errors import InputError
 
@@ -124,8 +125,9 @@ def decode(path, image_size):
     return np.asarray(_resize(image_size)(im), dtype=np.uint8)
 
 
-def _reason(err):
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:100]}".rstrip(": ")
+def _reason(err, path):
+    message = " ".join(str(err).replace(repr(path), "").replace(path, "").split())[:100]
+    return f"{type(err).__name__}: {message}".rstrip(": ")
 
 
 def _write_json(path, record):
@@ -149,19 +151,19 @@ def _build(folder, files, image_size, cache_dir, digest):
     except OSError as err:
         raise InputError(f"cannot write the image cache of {folder} in {cache_dir} ({type(err).__name__}); "
                          f"give a writable cache folder") from None
-    print(f"{folder}: decoding {len(files):,} files to {image_size}x{image_size} images once, into {cache_dir}",
+    print(f"{folder}: decoding {len(files):,} file(s) to {image_size}x{image_size} images once, into {cache_dir}",
           flush=True)
     try:
         # room for every file; the skipped ones leave unused rows at the end (the JSON says how many are used)
         shape = (len(files), image_size, image_size, 3)
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         count, skipped = 0, []
-        for rel in files:
+        for rel in tqdm(files, desc="decode", unit="img", leave=False, disable=None):
             path = os.path.join(folder, rel)
             try:
                 images[count] = decode(path, image_size)
             except Exception as err:  # any unreadable file is skipped, whatever the decoder raised
-                print(f"warning: skipped {path}: not a readable image ({_reason(err)})", file=sys.stderr)
+                print(f"warning: skipped {path}: not a readable image ({_reason(err, path)})", file=sys.stderr)
                 skipped.append(rel)
                 continue
             count += 1
