@@ -18,13 +18,21 @@ import numpy as np
 import torch
 
 import datasets
-from engine.cli import ArgumentParser, check_output_dir, check_output_file, common_parser, non_negative_float, positive_float
-from engine.cli import positive_int, run_cli
+from engine.cli import (
+    ArgumentParser,
+    check_output_dir,
+    check_output_file,
+    common_parser,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from engine.errors import InputError
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.plots import plot_clusters, plot_confusion, plot_curves
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
-from lib.checkpoint import checkpoint_stage, load_network, save_checkpoint
+from lib.checkpoint import checkpoint_stage, load_network
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
 from lib.protocols import clustering_metrics, compute_features, hungarian_match

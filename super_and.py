@@ -11,7 +11,16 @@ import time
 import torch
 
 import datasets
-from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_float, positive_float, positive_int, run_cli, share
+from engine.cli import (
+    ArgumentParser,
+    check_output_dir,
+    common_parser,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_cli,
+    share,
+)
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options

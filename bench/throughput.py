@@ -35,12 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import datasets
 import main as stage2
 import super_and as stage1
-from lib.memory_bank import MemoryBank
-from lib.neighbourhoods import AnchorNeighbourhoods
-from lib.protocols import clustering_metrics, weighted_knn_predict
 from engine.cli import ArgumentParser
 from engine.system import choose_device, keep_freed_memory, speed_options
+from lib.memory_bank import MemoryBank
+from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
+from lib.protocols import clustering_metrics, weighted_knn_predict
 from lib.schedules import num_anchors, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
@@ -242,7 +242,7 @@ def build_stages(args, device, sizes):
     ans.discover(npc.memory, a1.npc_t, num_anchors(n, a1.ANs_select_rate, 1))
     synchronize(device)
     discovery_s = time.perf_counter() - start  # a cross-check of bench_ans's fresh-process number
-    heads = MultiHeadNormFC(a2.low_dim, datasets.num_classes(a2.dataset), a2.num_heads, a2.tau_c,
+    heads = MultiHeadNormFC(a2.low_dim, datasets.DATASETS[a2.dataset].num_classes, a2.num_heads, a2.tau_c,
                             a2.head_norm).to(device)
     fixed = FixedFeatures(2 * batch, a1.low_dim).to(device)
     fixed_optimizer = torch.optim.SGD(fixed.parameters(), lr=a1.lr, momentum=a1.momentum, nesterov=True)
@@ -273,7 +273,8 @@ def bench_steps(s, device, sizes):
 
     def step1(net=model, optimizer=s["optimizer"]):
         # as train_one_epoch: the step plus the on-device running sum that the epoch logs
-        totals["stage1"] += stage1.train_step(net, s["npc"], s["ans"], images, indexes, optimizer, s["weight"], a1)["loss"]
+        losses = stage1.train_step(net, s["npc"], s["ans"], images, indexes, optimizer, s["weight"], a1)
+        totals["stage1"] += losses["loss"]
 
     def step2(net=model, optimizer=s["optimizer"]):
         totals["stage2"] += stage2.train_step(net, s["heads"], images, optimizer, a2)["loss"]
@@ -434,10 +435,10 @@ def bench_loader(args, s, device, sizes):
     the share of real stage-1 steps spent waiting for their batch."""
     n = sizes["num_samples"]
     la = stage1_args(args, sizes, dataset="digits")  # digits: offline, and its mean/std for --gpu_augment
-    digits = datasets.build_dataset("digits", la.data_dir, train=True, views=2)
+    digits = datasets.build_dataset("digits", la.data_dir, "train", views=2)
     repeats = -(-n // len(digits))
     dataset = datasets.ImageDataset(np.concatenate([digits.data] * repeats)[:n], digits.targets.repeat(repeats)[:n],
-                                    digits.transform, views=2)
+                                    digits.transform, views=2, num_classes=10, mean=digits.mean, std=digits.std)
     try:
         loader = datasets.make_train_loader(dataset, la, device)
     except ImportError as err:  # --gpu_augment without its module
@@ -451,7 +452,7 @@ def bench_loader(args, s, device, sizes):
     first = time.perf_counter() - start  # worker start-up (or the upload of the images to the device)
     start, images = time.perf_counter(), 0
     for _ in range(sizes["loader_batches"]):
-        images += len(next(batches)[0])
+        images += len(next(batches)["view1"])
     synchronize(device)
     out = {"loader_images_per_s": images / (time.perf_counter() - start), "loader_first_batch_s": first,
            "loader_workers": 0 if args.gpu_augment else args.workers, "data_wait_share": None}
@@ -474,11 +475,11 @@ def data_wait_share(batches, s, device, steps):
     waiting = total = 0.0
     for _ in range(steps):
         start = time.perf_counter()
-        view1, view2, _, indexes = next(batches)
-        images = torch.cat([view1, view2]).to(device, non_blocking=True)
+        batch = next(batches)
+        images = torch.cat([batch["view1"], batch["view2"]]).to(device, non_blocking=True)
         if a1.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        indexes = indexes.to(device, non_blocking=True)
+        indexes = batch["index"].to(device, non_blocking=True)
         synchronize(device)
         ready = time.perf_counter()
         stage1.train_step(s["model"], s["npc"], s["ans"], images, indexes, s["optimizer"], s["weight"], a1)

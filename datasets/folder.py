@@ -192,15 +192,7 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
     folder = os.fspath(folder)
     cache_dir = os.path.join(folder, DEFAULT_CACHE) if cache_dir is None else os.fspath(cache_dir)
     files, targets, class_names = scan(folder, skip=cache_dir)
-    if class_names is None:
-        if num_classes is None:
-            raise InputError(f"image folder {folder} has no class sub-folders (unlabelled images): pass "
-                             f"--num_classes K, the number of classes to find (K >= 2)")
-        if num_classes < 2:
-            raise InputError(f"--num_classes must be at least 2 for an unlabelled folder, not {num_classes}")
-    elif num_classes is not None and num_classes != len(class_names):
-        raise InputError(f"--num_classes {num_classes} contradicts the {len(class_names)} class sub-folders of "
-                         f"{folder}; leave it out for a labelled folder")
+    _check_class_count(folder, class_names, num_classes)
 
     digest = signature(folder, files, image_size)
     record_path = os.path.join(cache_dir, f"folder-{image_size}px.json")
@@ -234,6 +226,19 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
     data = MappedImages.from_npy(os.path.join(cache_dir, record["npy"]), record["images"])
     return FolderImages(data, targets, paths, class_names, len(class_names) if class_names else num_classes,
                         tuple(record["mean"]), tuple(record["std"]))
+
+
+def _check_class_count(folder, class_names, num_classes):
+    """An unlabelled folder needs K >= 2 clusters; a labelled one takes its count from its sub-folders."""
+    if class_names is None:
+        if num_classes is None:
+            raise InputError(f"image folder {folder} has no class sub-folders (unlabelled images): pass "
+                             f"--num_classes K, the number of classes to find (K >= 2)")
+        if num_classes < 2:
+            raise InputError(f"--num_classes must be at least 2 for an unlabelled folder, not {num_classes}")
+    elif num_classes is not None and num_classes != len(class_names):
+        raise InputError(f"--num_classes {num_classes} contradicts the {len(class_names)} class sub-folders of "
+                         f"{folder}; leave it out for a labelled folder")
 
 
 def _read_record(path, digest, cache_dir):

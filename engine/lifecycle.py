@@ -14,6 +14,7 @@ killed at, the documented command continues it: ``--resume <checkpoint>`` once a
 same command again before that. One run per folder: ``run.lock`` names its owner (PID, host) and a lock
 left by a killed run is taken over.
 """
+import contextlib
 import glob
 import json
 import math
@@ -163,10 +164,8 @@ class RunLock:
                         f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
                         f"choose another --model_dir (if that run is gone, delete {self.path})") from None
                 if self._holder() == text:  # still the dead run's lock: take it over
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.remove(self.path)
-                    except FileNotFoundError:
-                        pass
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)

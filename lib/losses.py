@@ -59,10 +59,7 @@ def aug_loss(features, temperature, neg_m=1.0):
     eye = torch.eye(rows, dtype=torch.bool, device=x.device)
     all_prob = sim.exp().masked_fill(eye, 0.0)
     pos = all_prob.gather(1, partner.unsqueeze(1)).squeeze(1)  # (2B,)
-    if neg_m == 1:
-        denom = all_prob.sum(1)
-    else:
-        denom = (all_prob.sum(1) - pos) * neg_m + pos
+    denom = all_prob.sum(1) if neg_m == 1 else (all_prob.sum(1) - pos) * neg_m + pos
     log_pos = torch.log(pos / denom)
     negatives = eye.clone()
     negatives[torch.arange(rows, device=x.device), partner] = True  # exclude self and partner

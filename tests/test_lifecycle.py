@@ -117,13 +117,12 @@ def test_open_run_removes_temporaries_and_restores_state(tmp_path):
 
 def test_ctrl_c_inside_a_run_says_how_to_resume(tmp_path):
     from engine.lifecycle import Interrupted
-    with pytest.raises(Interrupted, match="run the same command again"):
-        with open_run(str(tmp_path), "ckpt.t7", "log.jsonl"):
-            raise KeyboardInterrupt
-    with pytest.raises(Interrupted, match="--resume ckpt.t7"):
-        with open_run(str(tmp_path), "ckpt.t7", "log.jsonl") as run:
-            run.save({"net": {}})
-            raise KeyboardInterrupt
+    with pytest.raises(Interrupted, match="run the same command again"), \
+            open_run(str(tmp_path), "ckpt.t7", "log.jsonl"):
+        raise KeyboardInterrupt
+    with pytest.raises(Interrupted, match="--resume ckpt.t7"), open_run(str(tmp_path), "ckpt.t7", "log.jsonl") as run:
+        run.save({"net": {}})
+        raise KeyboardInterrupt
     assert not (tmp_path / "run.lock").exists()
 
 

@@ -72,8 +72,8 @@ def test_and_loss_matches_reference_value_and_gradient(seed):
 def test_and_loss_all_anchors_and_no_anchors():
     logits, indexes, neighbours, _ = _and_inputs(3)
     for is_anchor in (torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)):
-        loss, grad = grad_of(lambda x: and_loss(x, indexes, neighbours, is_anchor), logits)
-        ref, ref_grad = grad_of(lambda x: and_loss_reference(x, indexes, neighbours, is_anchor), logits)
+        loss, grad = grad_of(lambda x, a=is_anchor: and_loss(x, indexes, neighbours, a), logits)
+        ref, ref_grad = grad_of(lambda x, a=is_anchor: and_loss_reference(x, indexes, neighbours, a), logits)
         torch.testing.assert_close(loss, ref, **TIGHT)
         torch.testing.assert_close(grad, ref_grad, **TIGHT)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoint import load_checkpoint, load_network, strip_prefix
 from engine.errors import InputError
+from lib.checkpoint import load_checkpoint, load_network, strip_prefix
 from models import MultiHeadNormFC, resnet18
 
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
