@@ -1,0 +1,106 @@
+"""semi.py: few-label fine-tuning from a pretrained encoder (paper §4.4): the labelled draw, the schedule,
+the start from each kind of file, exact resume and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import semi
+import super_and
+from conftest import NARROW, expect_error, run_main
+from lib.checkpoint import load_checkpoint
+
+SMALL = NARROW + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
+
+
+# ---- unit level ----
+
+@pytest.mark.parametrize("epoch,factor", [(0, 1), (79, 1), (80, 0.1), (119, 0.1), (120, 0.01), (159, 0.01),
+                                          (160, 0.001), (179, 0.001)])
+def test_schedule_decays_at_80_120_160(epoch, factor):
+    assert semi.semi_lr(epoch, 0.005) == pytest.approx(0.005 * factor, rel=1e-12)
+
+
+def test_labelled_draw_is_balanced_exact_and_seeded():
+    targets = np.repeat(np.arange(4), [10, 7, 5, 9])
+    chosen = semi.draw_labelled(targets, 5, 4, seed=1)
+    assert len(chosen) == 20 and len(set(chosen)) == 20
+    assert np.bincount(targets[chosen], minlength=4).tolist() == [5, 5, 5, 5]
+    assert chosen == semi.draw_labelled(targets, 5, 4, seed=1)
+    assert chosen != semi.draw_labelled(targets, 5, 4, seed=2)
+    with pytest.raises(Exception, match="class 2 has only 5"):
+        semi.draw_labelled(targets, 6, 4, seed=1)
+
+
+# ---- end to end ----
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1")
+    run_main(super_and, NARROW + ["--subset", "64", "--batch_size", "16", "--rounds", "1", "--epochs", "1",
+                                  "--model_dir", out])
+    return out / "ckpt_embed.t7"
+
+
+@pytest.fixture(scope="module")
+def whole(stage1_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("semi")
+    summary = run_main(semi, SMALL + ["--epochs", "2", "--resume", stage1_ckpt, "--model_dir", out])
+    return out, summary
+
+
+@pytest.mark.slow
+def test_run_writes_indexes_log_checkpoint_and_eval(whole, stage1_ckpt):
+    out, summary = whole
+    import datasets
+    labels = datasets.build_dataset("digits", "data", "train", subset=64).targets.numpy()
+    chosen = json.loads((out / "labelled_indexes.json").read_text())
+    assert np.bincount(labels[chosen], minlength=10).tolist() == [3] * 10
+    records = [json.loads(line) for line in (out / "log_semi.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(0 <= r["test_acc"] <= 100 for r in records)
+    saved = json.loads((out / "eval_semi.json").read_text())
+    assert saved["test_acc"] == records[-1]["test_acc"] == summary["test_acc"]
+    assert saved["labelled"] == 30 and saved["labels_per_class"] == 3
+    ckpt = load_checkpoint(out / "ckpt_semi.t7")
+    assert ckpt["labelled_indexes"] == chosen and ckpt["next_epoch"] == 2
+    start = load_checkpoint(stage1_ckpt)["net"]
+    assert torch.equal(start["sobel.1.weight"], ckpt["net"]["sobel.1.weight"])  # frozen
+    assert not torch.equal(start["conv1.weight"], ckpt["net"]["conv1.weight"])  # the whole network fine-tuned
+    assert ckpt["classifier"]["weight"].shape == (10, 32)
+
+
+@pytest.mark.slow
+def test_resume_ends_where_the_whole_run_ends(whole, stage1_ckpt, tmp_path):
+    out, _ = whole
+    folder = tmp_path / "cut"
+    run_main(semi, SMALL + ["--epochs", "1", "--resume", stage1_ckpt, "--model_dir", folder])
+    run_main(semi, SMALL + ["--epochs", "2", "--resume", "ckpt_semi.t7", "--model_dir", folder])
+    a, b = load_checkpoint(out / "ckpt_semi.t7"), load_checkpoint(folder / "ckpt_semi.t7")
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert torch.equal(a["classifier"]["weight"], b["classifier"]["weight"])
+    assert (out / "log_semi.jsonl").read_text().count("\n") == (folder / "log_semi.jsonl").read_text().count("\n")
+
+
+@pytest.mark.slow
+def test_scratch_baseline_starts_elsewhere(stage1_ckpt, tmp_path):
+    run_main(semi, SMALL + ["--epochs", "1", "--from_scratch", "--lr", "0", "--model_dir", tmp_path / "a"])
+    run_main(semi, SMALL + ["--epochs", "1", "--resume", stage1_ckpt, "--lr", "0", "--model_dir", tmp_path / "b"])
+    scratch, pretrained = load_checkpoint(tmp_path / "a" / "ckpt_semi.t7"), load_checkpoint(tmp_path / "b" /
+                                                                                          "ckpt_semi.t7")
+    assert torch.equal(pretrained["net"]["conv1.weight"], load_checkpoint(stage1_ckpt)["net"]["conv1.weight"])
+    assert not torch.equal(scratch["net"]["conv1.weight"], pretrained["net"]["conv1.weight"])
+    assert json.loads((tmp_path / "a" / "eval_semi.json").read_text())["start"] == "scratch"
+
+
+def test_bad_input(stage1_ckpt, capsys, tmp_path):
+    out = tmp_path / "o"
+    expect_error(capsys, semi, SMALL + ["--model_dir", out], "--resume", "--from_scratch")
+    expect_error(capsys, semi, SMALL + ["--from_scratch", "--resume", stage1_ckpt, "--model_dir", out],
+                 "either")
+    expect_error(capsys, semi, NARROW + ["--subset", "64", "--labels_per_class", "50", "--from_scratch",
+                                         "--model_dir", out], "--labels_per_class 50", "only")
+    expect_error(capsys, semi, NARROW + ["--subset", "64", "--labels_per_class", "1", "--from_scratch",
+                                         "--model_dir", out], "fewer than --batch_size")
+    assert not out.exists()
