@@ -32,7 +32,7 @@ from engine.errors import InputError
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.plots import plot_clusters, plot_confusion, plot_curves
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
-from lib.checkpoint import checkpoint_stage, load_network
+from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
 from lib.protocols import clustering_metrics, compute_features, hungarian_match
@@ -40,7 +40,8 @@ from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
 
 BEST, LAST, LOG = "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl"
-BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "nmi_list", "ari_list", "stage")
+BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "nmi_list", "ari_list", "stage",
+             "normalization")
 TRAINING_KEYS = ("optimizer", "rng", "args", "epoch", "next_epoch", "best_loss", "best_epoch")
 SAME_IMAGES = ({"cifar100", "cifar20"},)  # data sets that share their images (an encoder transfers)
 
@@ -173,9 +174,22 @@ def report(result, selected, preds, probs, dataset, args, out_dir):
     return summary
 
 
-def load_encoder(args, num_classes, device):
-    """The network and heads from ``--resume``: (path, checkpoint, stage, net, model, heads)."""
-    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+def evaluation_set(args, ckpt):
+    """The images stage 2 trains on and scores. Predicting on a new folder of images: an unlabelled one
+    takes its cluster count from the checkpoint's heads, and every folder is normalized as the images the
+    network was trained on (the checkpoint's normalization)."""
+    if args.dataset == "folder" and args.num_classes is None and "fc" in ckpt and \
+            datasets.folder.scan(args.data_dir)[2] is None:
+        args.num_classes = next(iter(ckpt["fc"].values())).shape[1]
+    eval_set = datasets.from_args(args, datasets.DATASETS[args.dataset].cluster_split)
+    if args.dataset == "folder" and args.test_only and "normalization" in ckpt:
+        eval_set.mean, eval_set.std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
+        eval_set.transform = datasets.eval_transform(eval_set.mean, eval_set.std, args.image_size)
+    return eval_set
+
+
+def load_encoder(args, path, ckpt, num_classes, device):
+    """The network and heads from ``--resume``: (stage, net, model, heads)."""
     stage = checkpoint_stage(ckpt)
     check_checkpoint(ckpt, path, args, num_classes)
     if args.test_only and stage != 2:
@@ -192,7 +206,7 @@ def load_encoder(args, num_classes, device):
     if stage == 2:
         heads.load_state_dict(ckpt["fc"])
     net, model = speed_options(net, args.channels_last, args.compile)  # train with `model`, save `net`
-    return path, ckpt, stage, net, model, heads
+    return stage, net, model, heads
 
 
 def main(args):
@@ -206,15 +220,15 @@ def main(args):
     if args.export_predictions:
         check_output_file(args.export_predictions, "--export_predictions")
     seed_everything(args.seed)
-    info = datasets.DATASETS[args.dataset]
-    eval_set = datasets.from_args(args, info.cluster_split)
+    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    eval_set = evaluation_set(args, ckpt)
     eval_loader = datasets.make_loader(eval_set, 100, False, args.workers, device)
-    path, ckpt, stage, net, model, heads = load_encoder(args, eval_set.num_classes, device)
+    stage, net, model, heads = load_encoder(args, path, ckpt, eval_set.num_classes, device)
     if args.test_only:
         result, preds, probs = evaluate(net, heads, eval_loader, eval_set.num_classes, device)
         with RunLock(args.model_dir):
             return report(result, ckpt.get("selected_head"), preds, probs, eval_set, args, args.model_dir)
-    train_set = datasets.from_args(args, info.cluster_split, views=2)
+    train_set = datasets.from_args(args, datasets.DATASETS[args.dataset].cluster_split, views=2)
     if len(train_set) < args.batch_size:
         raise InputError(f"the training split has {len(train_set)} images, fewer than --batch_size {args.batch_size}")
     train_loader = datasets.make_train_loader(train_set, args, device)
@@ -251,6 +265,7 @@ def train_and_save(run, epoch, model, net, heads, optimizer, train_loader, eval_
     if losses["loss"] < best[0]:
         best = (losses["loss"], epoch)
     state = {"net": net.state_dict(), "fc": heads.state_dict(), "acc_list": (result or {}).get("head_acc"),
+             "normalization": normalization(eval_loader.dataset),
              "head_losses": losses["head_losses"], "selected_head": selected, "epoch": epoch,
              "nmi_list": (result or {}).get("head_nmi"), "ari_list": (result or {}).get("head_ari"), "stage": 2}
     # the last epoch first: a kill between the two saves is repaired from it on resume

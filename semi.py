@@ -25,7 +25,7 @@ from engine.cli import ArgumentParser, check_output_dir, common_parser, non_nega
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, set_lr, training_state
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
-from lib.checkpoint import checkpoint_stage, load_network
+from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.optim import sgd_optimizer
 from models import NETWORKS
 
@@ -174,6 +174,7 @@ def main(args):
             accuracy = test_accuracy(model, test_loader, device)
             record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}
             run.save({"net": model.net.state_dict(), "classifier": model.classifier.state_dict(), "stage": 3,
+                      "normalization": normalization(train_set),
                       "epoch": epoch, "acc": accuracy, "labelled_indexes": labelled, "start": start_from,
                       **training_state(optimizer, args, record, next_epoch=epoch + 1)})
             run.log.append(record)

@@ -7,6 +7,7 @@
 Writes <model_dir>/ckpt_embed.t7 after every epoch and one JSON line per epoch to <model_dir>/log_embed.jsonl.
 """
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +25,7 @@ from engine.cli import (
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
-from lib.checkpoint import checkpoint_stage, load_network
+from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
@@ -142,6 +143,39 @@ def load_stage1(args, num_samples, net, npc, ans):
     return path, ckpt
 
 
+@dataclass
+class Stage1:
+    """What the epochs of stage 1 work on."""
+    net: torch.nn.Module  # saved
+    model: torch.nn.Module  # trained: ``net``, compiled with --compile
+    npc: MemoryBank
+    ans: AnchorNeighbourhoods
+    optimizer: torch.optim.Optimizer  # one for all rounds
+    train_loader: object
+    test_loader: object  # None: no held-out images
+    labels: torch.Tensor  # of the training images, for the kNN monitor and the anchors' label consistency
+    num_classes: int
+    normalization: dict
+
+
+def build(args, device):
+    """The data, network, memory bank, anchors and optimizer of a run: (training set, Stage1)."""
+    info = datasets.DATASETS[args.dataset]
+    train_set = datasets.from_args(args, info.embed_split, views=2)
+    test_set = datasets.from_args(args, info.test_split) if info.test_split else None
+    if not args.test_only:
+        check_flags(args, len(train_set))
+    train_loader = datasets.make_train_loader(train_set, args, device)
+    test_loader = datasets.make_loader(test_set, 100, False, args.workers, device) if test_set else None
+    net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
+    net, model = speed_options(net, args.channels_last, args.compile)
+    npc = MemoryBank(len(train_set), args.low_dim, args.npc_t, args.npc_m).to(device)
+    ans = AnchorNeighbourhoods(len(train_set), args.ANs_size).to(device)
+    optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
+    return train_set, Stage1(net, model, npc, ans, optimizer, train_loader, test_loader, train_set.targets.to(device),
+                             train_set.num_classes, normalization(train_set))
+
+
 def main(args):
     device = choose_device(args.device)
     if device.type == "cpu":
@@ -151,59 +185,46 @@ def main(args):
     if not args.test_only:
         check_output_dir(args.model_dir)
     seed_everything(args.seed)
-    info = datasets.DATASETS[args.dataset]
-    train_set = datasets.from_args(args, info.embed_split, views=2)
-    test_set = datasets.from_args(args, info.test_split) if info.test_split else None
-    num_samples, num_classes = len(train_set), train_set.num_classes
-    if not args.test_only:
-        check_flags(args, num_samples)
-    train_loader = datasets.make_train_loader(train_set, args, device)
-    test_loader = datasets.make_loader(test_set, 100, False, args.workers, device) if test_set else None
-    net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
-    net, model = speed_options(net, args.channels_last, args.compile)  # train with `model`, save `net`
-    npc = MemoryBank(num_samples, args.low_dim, args.npc_t, args.npc_m).to(device)
-    ans = AnchorNeighbourhoods(num_samples, args.ANs_size).to(device)
-    optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)  # kept across rounds
-    labels = train_set.targets.to(device)
-    path, ckpt = load_stage1(args, num_samples, net, npc, ans) if args.resume else (None, None)
+    train_set, s = build(args, device)
+    num_samples = len(train_set)
+    path, ckpt = load_stage1(args, num_samples, s.net, s.npc, s.ans) if args.resume else (None, None)
     if args.test_only:
-        top1, top5 = evaluate(net, npc, test_loader, labels, num_classes, device)
+        top1, top5 = evaluate(s.net, s.npc, s.test_loader, s.labels, s.num_classes, device)
         print(f"kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN accuracy")
         print(f"accuracy: {top1:.2f}" if top1 is not None else "accuracy: n/a")
         return top1
     start = (ckpt["next"]["round"], ckpt["next"]["epoch"]) if ckpt else (0, 0)
     top1 = ckpt["acc"] * 100 if ckpt else None
-    with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=position, optimizer=optimizer,
+    with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=position, optimizer=s.optimizer,
                   args=args) as run:
         for round_index in range(start[0], args.rounds):
             first_epoch = start[1] if round_index == start[0] else 0
             if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
                 count = num_anchors(num_samples, args.ANs_select_rate, round_index)
-                consistency = ans.discover(npc.memory, args.npc_t, count, labels if train_set.has_labels else None)
+                consistency = s.ans.discover(s.npc.memory, args.npc_t, count,
+                                             s.labels if train_set.has_labels else None)
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
-                top1 = train_and_save(run, round_index, epoch, model, net, npc, ans, optimizer, train_loader,
-                                      test_loader, labels, num_classes, args, device)
+                top1 = train_and_save(run, s, round_index, epoch, args, device)
     return top1
 
 
-def train_and_save(run, round_index, epoch, model, net, npc, ans, optimizer, train_loader, test_loader, labels,
-                   num_classes, args, device):
+def train_and_save(run, s, round_index, epoch, args, device):
     """One epoch of stage 1: train, evaluate, checkpoint, log. Returns the kNN top-1 (%)."""
     start = time.time()
     lr = step_lr(epoch, args.lr)
-    set_lr(optimizer, lr)
+    set_lr(s.optimizer, lr)
     weight = ue_weight(epoch)
-    losses = train_one_epoch(model, npc, ans, train_loader, optimizer, weight, args, device)
-    top1, top5 = evaluate(net, npc, test_loader, labels, num_classes, device)
+    losses = train_one_epoch(s.model, s.npc, s.ans, s.train_loader, s.optimizer, weight, args, device)
+    top1, top5 = evaluate(s.net, s.npc, s.test_loader, s.labels, s.num_classes, device)
     record = {"round": round_index, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
-              "anchors": len(ans.anchor_indexes), "consistency": float(ans.consistency),
+              "anchors": len(s.ans.anchor_indexes), "consistency": float(s.ans.consistency),
               "knn_top1": top1, "knn_top5": top5, "seconds": time.time() - start}
     last = epoch == args.epochs - 1
-    run.save({"net": net.state_dict(), "npc": npc.state_dict(), "ANs_discovery": ans.state_dict(),
+    run.save({"net": s.net.state_dict(), "npc": s.npc.state_dict(), "ANs_discovery": s.ans.state_dict(),
               "acc": (top1 or 0.0) / 100, "round": round_index, "epoch": epoch, "stage": 1,
-              "num_samples": len(npc.memory),
-              **training_state(optimizer, args, record,
+              "num_samples": len(s.npc.memory), "normalization": s.normalization,
+              **training_state(s.optimizer, args, record,
                                next={"round": round_index + last, "epoch": 0 if last else epoch + 1})})
     run.log.append(record)
     knn = f"kNN top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN"

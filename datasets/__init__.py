@@ -7,6 +7,7 @@ are dicts: ``views=2`` gives {"view1", "view2", "target", "index"} (two independ
 training augmentation, docs/method.md, "Data and augmentation"), ``views=1`` gives
 {"image", "target", "index"} through the evaluation transform.
 """
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -226,6 +227,9 @@ def make_train_loader(dataset, args, device):
 def from_args(args, split, views=1):
     """``build_dataset`` with a script's flags: --dataset, --data_dir, --subset, --image_size, --num_classes;
     a folder's decoded images are cached in <model_dir>/cache."""
+    cache_dir = None
+    if args.model_dir:  # one cache per image folder, so a run folder can hold several (training, new images)
+        tag = hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:10]
+        cache_dir = os.path.join(args.model_dir, "cache", f"{os.path.basename(os.path.abspath(args.data_dir))}-{tag}")
     return build_dataset(args.dataset, args.data_dir, split, views=views, subset=args.subset,
-                         image_size=args.image_size, num_classes=args.num_classes,
-                         cache_dir=os.path.join(args.model_dir, "cache") if args.model_dir else None)
+                         image_size=args.image_size, num_classes=args.num_classes, cache_dir=cache_dir)

@@ -63,6 +63,12 @@ def checkpoint_stage(ckpt):
     raise InputError("the checkpoint has neither 'npc' (stage 1) nor 'fc' (stage 2): not a file of this method")
 
 
+def normalization(dataset):
+    """The per-channel mean and std the network's inputs were normalized with, saved in every checkpoint
+    so that new images (another folder) are normalized as the training images were."""
+    return {"mean": list(dataset.mean), "std": list(dataset.std)}
+
+
 def strip_prefix(state_dict, prefix=PREFIX):
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
