@@ -109,7 +109,8 @@ class AnchorNeighbourhoods(nn.Module):
 
     Buffers: samples_num, anchor_indexes, instance_indexes (the non-anchors), position (an anchor's
     row in ``neighbours``, or −1 − its row in ``instance_indexes``), neighbours (num_anchors, k),
-    entropy (N,), consistency (share of neighbours with the anchor's ground-truth label; printed only).
+    entropy (N,), consistency (share of neighbours with the anchor's ground-truth label, over the pairs
+    whose labels are known; printed only).
     ``discover`` keeps ``entropy`` in the dtype of the memory it is given.
     """
 
@@ -140,7 +141,10 @@ class AnchorNeighbourhoods(nn.Module):
         consistency = torch.tensor(0.0)
         if labels is not None and len(anchors):
             labels = labels.to(memory.device)
-            consistency = (labels[neighbours] == labels[anchors].unsqueeze(1)).float().mean()
+            pairs = labels[neighbours], labels[anchors].unsqueeze(1).expand_as(neighbours)
+            known = (pairs[0] >= 0) & (pairs[1] >= 0)  # unlabelled images (label -1) are left out
+            if known.any():
+                consistency = (pairs[0] == pairs[1])[known].float().mean()
         self.load_state_dict({
             "samples_num": self.samples_num, "anchor_indexes": anchors, "instance_indexes": instances,
             "position": position, "neighbours": neighbours, "entropy": entropy,

@@ -173,3 +173,19 @@ def test_state_dict_round_trip_with_another_number_of_anchors(fresh_anchors):
     n2, a2 = fresh.lookup(batch)
     assert torch.equal(a1, a2) and a2.sum() == 6
     assert torch.equal(n1[a1], n2[a2])
+
+
+def test_consistency_leaves_out_unlabelled_images():
+    """STL-10's unlabelled split carries label -1: those pairs say nothing about label consistency."""
+    memory = torch.nn.functional.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1)
+    labels = torch.arange(12) % 3
+    ans = AnchorNeighbourhoods(12, 2)
+    full = ans.discover(memory, 0.1, 6, labels)
+    hidden = labels.clone()
+    hidden[ans.neighbours[0]] = -1  # the first anchor's neighbours lose their labels
+    partial = ans.discover(memory, 0.1, 6, hidden)
+    known = (hidden[ans.neighbours] >= 0) & (hidden[ans.anchor_indexes] >= 0).unsqueeze(1)
+    agree = labels[ans.neighbours] == labels[ans.anchor_indexes].unsqueeze(1)
+    assert partial == pytest.approx(agree[known].double().mean().item())
+    assert full == pytest.approx(agree.double().mean().item())
+    assert ans.discover(memory, 0.1, 6, torch.full((12,), -1)) == 0.0
