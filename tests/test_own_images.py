@@ -15,7 +15,7 @@ import super_and
 from conftest import expect_error, run_main
 from lib.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 NET = ["--width", "8", "--low_dim", "32", "--workers", "0"]
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
 MODES = ["RGB", "L", "RGBA", "P"]
