@@ -133,6 +133,17 @@ def load_start(args, model):
     return path, ckpt
 
 
+def labelled_loader(args, train_set, ckpt, device):
+    """The labelled images (drawn anew, or those of the run being continued) and their loader."""
+    labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
+                                                                   train_set.num_classes, args.seed)
+    if len(labelled) < args.batch_size:
+        raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
+    train_set.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
+    subset = torch.utils.data.Subset(train_set, labelled)
+    return labelled, datasets.make_loader(subset, args.batch_size, True, args.workers, device)
+
+
 def main(args):
     device = choose_device(args.device)
     if device.type == "cpu":
@@ -150,41 +161,40 @@ def main(args):
     if args.test_only:
         print(f"test accuracy {test_accuracy(model, test_loader, device):.2f}%")
         return None
-    labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
-                                                                   train_set.num_classes, args.seed)
-    if len(labelled) < args.batch_size:
-        raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
-    train_set.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
-    loader = datasets.make_loader(torch.utils.data.Subset(train_set, labelled), args.batch_size, True,
-                                  args.workers, device)
+    labelled, loader = labelled_loader(args, train_set, ckpt, device)
     _, fast = speed_options(model, args.channels_last, args.compile)
     optimizer = sgd_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    keep = {"labelled_indexes": labelled, "normalization": normalization(train_set),
+            "start": ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)}
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
         if ckpt is None:
             with open(os.path.join(args.model_dir, INDEXES), "w") as f:
                 json.dump(labelled, f)
         accuracy = ckpt["acc"] if ckpt else None
-        start_from = ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)
         for epoch in range(ckpt["next_epoch"] if ckpt else 0, args.epochs):
-            start = time.time()
-            lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
-            set_lr(optimizer, lr)
-            loss = train_one_epoch(fast, loader, optimizer, args.amp, device)
-            accuracy = test_accuracy(model, test_loader, device)
-            record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}
-            run.save({"net": model.net.state_dict(), "classifier": model.classifier.state_dict(), "stage": 3,
-                      "normalization": normalization(train_set),
-                      "epoch": epoch, "acc": accuracy, "labelled_indexes": labelled, "start": start_from,
-                      **training_state(optimizer, args, record, next_epoch=epoch + 1)})
-            run.log.append(record)
-            print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {accuracy:.2f}% {record['seconds']:.1f}s")
+            accuracy = train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep, args, device)
         summary = {"test_acc": accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
-                   train_set.num_classes, "start": start_from,
-                   "epochs": args.epochs, "dataset": args.dataset}
+                   train_set.num_classes, "start": keep["start"], "epochs": args.epochs, "dataset": args.dataset}
         with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep, args, device):
+    """One epoch: train ``fast`` (the model, compiled with --compile), test ``model``, checkpoint with
+    ``keep`` (the labelled indexes, the normalization, the start), log. Returns the test accuracy (%)."""
+    start = time.time()
+    lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
+    set_lr(optimizer, lr)
+    loss = train_one_epoch(fast, loader, optimizer, args.amp, device)
+    accuracy = test_accuracy(model, test_loader, device)
+    record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}
+    run.save({"net": model.net.state_dict(), "classifier": model.classifier.state_dict(), "stage": 3,
+              "epoch": epoch, "acc": accuracy, **keep, **training_state(optimizer, args, record, next_epoch=epoch + 1)})
+    run.log.append(record)
+    print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {accuracy:.2f}% {record['seconds']:.1f}s")
+    return accuracy
 
 
 if __name__ == "__main__":

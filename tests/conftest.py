@@ -15,8 +15,9 @@ NARROW = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers",
 
 def run_script(script, args, **kwargs):
     """Run ``script`` (super_and.py or main.py) as a separate process; returns CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}  # tiny work: one thread (above)
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, **kwargs)
+                          capture_output=True, text=True, env=env, **kwargs)
 
 
 def run_main(module, args):
@@ -51,6 +52,16 @@ def write_released_ul(path, num_classes=10, low_dim=128):
     state = {"net": released_net_state(low_dim), "fc": fc, "acc_list": [10.0] * 5}
     torch.save(state, path, _use_new_zipfile_serialization=False)
     return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_work_on_one_thread():
+    """The tests' networks and tensors are tiny: one thread is faster than two OpenMP threads waiting on
+    each other, and far faster when the cores are shared (two threads on one free core spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
