@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import super_and
-from conftest import NARROW, run_main, run_script, write_released_embed
+from conftest import NARROW, run_main, write_released_embed
 from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import weighted_knn_predict
 
 pytestmark = [pytest.mark.slow,  # every test here runs the script or needs a run of it
               pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread, no waiting on a second
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for the runs in a process of their own
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # a run in a process of its own, on one thread too
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 RELEASED_KEYS = {"net", "npc", "ANs_discovery", "acc", "round", "epoch"}
 ANS_BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
@@ -83,7 +83,6 @@ def test_sigkill_and_resume_ends_equal(tmp_path):
     import sys
     flags = SMALL + ["--rounds", "2", "--epochs", "1"]  # killed in round 0, resumed into round 1
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run_script("super_and.py", flags + ["--model_dir", whole], env=ONE_THREAD).returncode == 0
     proc = subprocess.Popen([sys.executable, "super_and.py", *map(str, flags + ["--model_dir", killed])],
                             cwd=os.path.dirname(super_and.__file__), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ONE_THREAD)
@@ -91,8 +90,9 @@ def test_sigkill_and_resume_ends_equal(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(killed / "ckpt_embed.t7")["next"] != {"round": 2, "epoch": 0}  # really cut short
-    resumed = run_script("super_and.py", flags + ["--model_dir", killed, "--resume", "ckpt_embed.t7"], env=ONE_THREAD)
-    assert resumed.returncode == 0, resumed.stderr
+    # the uninterrupted run and the resumed one in this process, on one thread as the killed process was
+    run_main(super_and, flags + ["--model_dir", whole])
+    run_main(super_and, flags + ["--model_dir", killed, "--resume", "ckpt_embed.t7"])
     a, b = load_checkpoint(whole / "ckpt_embed.t7"), load_checkpoint(killed / "ckpt_embed.t7")
     assert torch.equal(a["npc"]["memory"], b["npc"]["memory"])
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
