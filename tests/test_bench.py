@@ -1,10 +1,14 @@
-"""bench/throughput.py --quick runs end to end and writes every number the issue lists (speed is never asserted)."""
+"""bench/throughput.py --quick runs end to end and writes every number bench/README.md describes (speed is never
+asserted)."""
 import json
 import math
 import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the benchmark as a process
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ["backbone_step_s", "stage1_step_s", "stage2_step_s", "stage1_ratio", "stage2_ratio",
             "stage1_method_s", "stage2_method_s", "ans_discovery_s", "eval_s", "knn_s",

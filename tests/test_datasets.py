@@ -238,6 +238,7 @@ def test_digits_normalization_constants(digits_train):
     assert len(datasets.DATASETS["digits"].mean) == 3 and len(datasets.DATASETS["digits"].std) == 3
 
 
+@pytest.mark.slow  # reads all 60,000 training images
 def test_fashion_mnist_normalization_constants(fmnist_train):
     mean, std = channel_stats(fmnist_train[0])
     assert np.allclose(datasets.DATASETS["fashion-mnist"].mean, mean, atol=1e-3)
@@ -257,6 +258,7 @@ def test_cifar_constants_and_class_counts_match_reference():
 
 # --------------------------------------------------------------------------------------- Fashion-MNIST
 
+@pytest.mark.slow  # reads all 60,000 training images
 @needs_debian_fmnist
 def test_fashion_mnist_debian_train(fmnist_train):
     x, y = fmnist_train

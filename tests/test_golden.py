@@ -18,7 +18,7 @@ from lib.checkpoint import load_checkpoint
 FLAGS = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0", "--subset", "64",
          "--batch_size", "16"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def digest(state):

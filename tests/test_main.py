@@ -15,6 +15,8 @@ from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import cluster_accuracy
 
+pytestmark = [pytest.mark.slow,  # every test here runs the script or needs a run of it
+              pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread, no waiting on a second
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 LOG_KEYS = ("epoch", "lr", "loss", "loss_assign", "loss_cp", "head_losses", "head_acc", "head_nmi", "head_ari",
             "selected_head", "acc", "nmi", "ari", "seconds")
@@ -31,14 +33,14 @@ def is_png(path):
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("s1")
     run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
     return out / "ckpt_embed.t7"
 
 
 @pytest.fixture(scope="module")
-def stage2_run(stage1, tmp_path_factory):
+def stage2_run(stage1, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("s2")
     run_main(stage2, SMALL + ["--epochs", "3", "--resume", stage1, "--model_dir", out])
     return out
@@ -125,7 +127,7 @@ def test_released_ckpt_ul_evaluates_with_its_own_weights(tmp_path, capsys):
 def test_released_ckpt_embed_starts_stage2(tmp_path):
     state = write_released_embed(tmp_path / "ckpt_embed.t7", num_samples=1497)
     out = tmp_path / "s2"
-    run_main(stage2, ["--dataset", "digits", "--subset", "16", "--batch_size", "8", "--workers", "0", "--epochs", "1",
+    run_main(stage2, ["--dataset", "digits", "--subset", "8", "--batch_size", "8", "--workers", "0", "--epochs", "1",
                       "--lr", "0", "--resume", tmp_path / "ckpt_embed.t7", "--model_dir", out])
     trained = load_checkpoint(out / "ckpt_ul.t7")["net"]
     # with lr 0 the weights are the file's: it really started from the released encoder

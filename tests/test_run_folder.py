@@ -17,7 +17,7 @@ import super_and
 from conftest import NARROW, ROOT, expect_error, run_main, run_script
 from lib.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 
 

@@ -12,6 +12,7 @@ from conftest import NARROW, expect_error, run_main
 from lib.checkpoint import load_checkpoint
 
 SMALL = NARROW + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, no waiting on a second
 
 
 # ---- unit level ----
@@ -94,6 +95,7 @@ def test_scratch_baseline_starts_elsewhere(stage1_ckpt, tmp_path):
     assert json.loads((tmp_path / "a" / "eval_semi.json").read_text())["start"] == "scratch"
 
 
+@pytest.mark.slow  # needs a stage-1 run
 def test_bad_input(stage1_ckpt, capsys, tmp_path):
     out = tmp_path / "o"
     expect_error(capsys, semi, SMALL + ["--model_dir", out], "--resume", "--from_scratch")

@@ -1,15 +1,31 @@
-"""The speed options change how the network runs, never the method's math."""
+"""The speed options change how the network runs, never the method's math; each one really takes effect.
+
+One step of each stage with and without an option (fast), then tiny runs of both scripts with each option
+(slow): the device-side augmentation is the loader that trains, the network runs channels-last or compiled,
+and the checkpoints load into a plain network. ``torch.compile`` is run with its ``eager`` backend (the
+wrapping, the saved names); the real compiler (inductor) takes minutes on a CPU and runs with TEST_COMPILE=1.
+Tests marked ``cuda`` run where PyTorch sees a GPU and are skipped elsewhere.
+"""
 import copy
+import functools
+import json
+import os
 
 import pytest
 import torch
 
+import datasets
 import main as stage2
 import super_and
 from conftest import NARROW, run_main
+from lib.checkpoint import load_checkpoint, load_network
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from models import MultiHeadNormFC, resnet18
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, no waiting on a second
+TINY = NARROW + ["--subset", "32", "--batch_size", "16", "--epochs", "1"]  # 2 steps per epoch
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def stage1_parts(args):
@@ -68,12 +84,129 @@ def test_stage2_step_with_amp_matches_plain():
     assert results[1].dtype == torch.float32
 
 
-def test_gpu_augment_loader_trains_on_cpu(tmp_path):
-    """--gpu_augment feeds the same training loop (here on the CPU): epochs, log and checkpoint as usual."""
-    run_main(super_and, NARROW + ["--subset", "64", "--batch_size", "16", "--rounds", "1", "--epochs", "1",
-                                  "--gpu_augment", "--model_dir", tmp_path])
-    import json
-    with open(tmp_path / "log_embed.jsonl") as f:
-        record = json.loads(f.readline())
+# ---- whole runs of both scripts ----
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_both(folder, extra):
+    """Stage 1 (one round, one epoch) and stage 2 from it (one epoch), both with ``extra`` flags."""
+    run_main(super_and, TINY + extra + ["--rounds", "1", "--model_dir", folder / "s1"])
+    run_main(stage2, TINY + extra + ["--resume", folder / "s1" / "ckpt_embed.t7", "--model_dir", folder / "s2"])
+    return load_checkpoint(folder / "s1" / "ckpt_embed.t7"), load_checkpoint(folder / "s2" / "ckpt_ul.t7")
+
+
+def spy_steps(monkeypatch, look):
+    """``look(network, images)`` at every training step of both scripts; returns what it gave, in order."""
+    seen = []
+    for module, where in ((super_and, 2), (stage2, 1)):  # (net, npc, ans, images, ...), (net, heads, images, ...)
+        def step(net, *args, real=module.train_step, where=where):
+            seen.append(look(net, args[where]))
+            return real(net, *args)
+        monkeypatch.setattr(module, "train_step", step)
+    return seen
+
+
+def loads_into_plain_network(ckpt):
+    net = resnet18(low_dim=32, width=8)
+    load_network(net, ckpt["net"], "checkpoint")  # exact keys and shapes, no '_orig_mod.' prefix
+    return net
+
+
+@pytest.fixture
+def gpu_loaders(monkeypatch):
+    """Every GpuTwoViewLoader the scripts build, with the batches it yielded; and the ``train`` flag of every
+    DataLoader they build (the PIL pipeline's training loader must not be one of them)."""
+    from datasets import gpu_augment
+    built, loader_kinds = [], []
+
+    class Spy(gpu_augment.GpuTwoViewLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.batches = 0
+            built.append(self)
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                self.batches += 1
+                yield batch
+
+    real_make_loader = datasets.make_loader
+
+    def make_loader(dataset, batch_size, train, *args, **kwargs):
+        loader_kinds.append(train)
+        return real_make_loader(dataset, batch_size, train, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_augment, "GpuTwoViewLoader", Spy)
+    monkeypatch.setattr(datasets, "make_loader", make_loader)
+    return built, loader_kinds
+
+
+@pytest.mark.slow
+def test_gpu_augment_is_the_training_loader_of_both_stages(tmp_path, gpu_loaders):
+    built, loader_kinds = gpu_loaders
+    run_both(tmp_path, ["--gpu_augment"])
+    assert [(loader.device.type, loader.batches) for loader in built] == [("cpu", 2), ("cpu", 2)]  # one per stage
+    assert True not in loader_kinds  # evaluation loaders only
+    (record,) = read_log(tmp_path / "s1" / "log_embed.jsonl")
     assert record["loss"] == pytest.approx(record["loss_and"] + record["loss_aug"], rel=1e-5)
-    assert (tmp_path / "ckpt_embed.t7").exists()
+    assert len(read_log(tmp_path / "s2" / "log_ul.jsonl")) == 1
+
+
+@pytest.mark.slow
+def test_channels_last_runs_both_stages(tmp_path, monkeypatch):
+    layout = spy_steps(monkeypatch, lambda net, images: (
+        images.is_contiguous(memory_format=torch.channels_last),
+        net.conv1.weight.is_contiguous(memory_format=torch.channels_last)))
+    for ckpt in run_both(tmp_path, ["--channels_last"]):
+        loads_into_plain_network(ckpt)
+    assert layout == [(True, True)] * 4  # 2 steps of each stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    "eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(not os.environ.get("TEST_COMPILE"),
+                                                      reason="minutes on a CPU; TEST_COMPILE=1 runs it")),
+])
+def test_compile_runs_both_stages(tmp_path, monkeypatch, backend):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    compiled = spy_steps(monkeypatch, lambda net, images: hasattr(net, "_orig_mod"))  # torch's compiled wrapper
+    try:
+        s1, s2 = run_both(tmp_path, ["--compile"])
+    finally:
+        torch._dynamo.reset()
+    assert compiled == [True] * 4
+    for ckpt in (s1, s2):
+        assert not any(key.startswith("_orig_mod.") for key in ckpt["net"])
+        loads_into_plain_network(ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_step_of_both_stages_with_amp_and_gpu_augment(tmp_path, monkeypatch, gpu_loaders):
+    built, loader_kinds = gpu_loaders
+    outputs = []
+
+    def look(net, images):
+        def hook(module, inputs, out):
+            outputs.append((out.dtype, out.device.type))
+            handle.remove()
+        handle = net.linear.register_forward_hook(hook)  # the step's forward pass only
+        return images.device.type
+
+    devices = spy_steps(monkeypatch, look)
+    s1, s2 = run_both(tmp_path, ["--device", "cuda", "--amp", "--gpu_augment"])
+    assert devices == ["cuda"] * 4
+    assert outputs == [(torch.bfloat16, "cuda")] * 4  # autocast ran the network in bfloat16
+    assert [(loader.device.type, loader.batches) for loader in built] == [("cuda", 2), ("cuda", 2)]
+    assert True not in loader_kinds
+    assert s1["npc"]["memory"].dtype == torch.float32 and torch.isfinite(s1["npc"]["memory"]).all()
+    for folder, name in (("s1", "log_embed.jsonl"), ("s2", "log_ul.jsonl")):
+        (record,) = read_log(tmp_path / folder / name)
+        assert all(torch.isfinite(torch.tensor(v)).all() for k, v in record.items() if k.startswith("loss"))
+    for ckpt in (s1, s2):
+        loads_into_plain_network(ckpt)  # saved from the GPU, loaded on the CPU

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 import super_and
-from conftest import NARROW, run_main, run_script, write_released_embed
+from conftest import NARROW, run_main, write_released_embed
 from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import weighted_knn_predict
 
+pytestmark = [pytest.mark.slow,  # every test here runs the script or needs a run of it
+              pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread, no waiting on a second
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # a run in a process of its own, on one thread too
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 RELEASED_KEYS = {"net", "npc", "ANs_discovery", "acc", "round", "epoch"}
 ANS_BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
@@ -25,7 +28,7 @@ def read_log(directory):
 
 
 @pytest.fixture(scope="module")
-def two_rounds(tmp_path_factory):
+def two_rounds(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("s1")
     run_main(super_and, SMALL + ["--rounds", "2", "--epochs", "1", "--model_dir", out])
     return out
@@ -54,14 +57,14 @@ def test_two_round_run_writes_log_and_released_checkpoint(two_rounds, capsys):
 
 
 def test_full_width_command(tmp_path, capsys):
-    """A quick command with the real network (width 64, d = 128): 16 anchors after round 1."""
-    run_main(super_and, ["--dataset", "digits", "--subset", "64", "--rounds", "2", "--epochs", "1", "--batch_size",
-                         "32", "--workers", "0", "--model_dir", tmp_path])
+    """A quick command with the real network (width 64, d = 128): 4 anchors after round 1."""
+    run_main(super_and, ["--dataset", "digits", "--subset", "16", "--rounds", "2", "--epochs", "1", "--batch_size",
+                         "8", "--workers", "0", "--model_dir", tmp_path])
     out = capsys.readouterr().out
-    assert "round 1: 16 anchors" in out
+    assert "round 1: 4 anchors" in out
     assert out.count("accuracy: ") == 2
     records = read_log(tmp_path)
-    assert [r["anchors"] for r in records] == [0, 16]
+    assert [r["anchors"] for r in records] == [0, 4]  # floor(16 * 0.25 * round)
     assert load_checkpoint(os.path.join(tmp_path, "ckpt_embed.t7"))["net"]["linear.weight"].shape == (128, 1024)
 
 
@@ -80,16 +83,16 @@ def test_sigkill_and_resume_ends_equal(tmp_path):
     import sys
     flags = SMALL + ["--rounds", "2", "--epochs", "1"]  # killed in round 0, resumed into round 1
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run_script("super_and.py", flags + ["--model_dir", whole]).returncode == 0
     proc = subprocess.Popen([sys.executable, "super_and.py", *map(str, flags + ["--model_dir", killed])],
                             cwd=os.path.dirname(super_and.__file__), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=ONE_THREAD)
     _wait_for_lines(killed / "log_embed.jsonl", 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(killed / "ckpt_embed.t7")["next"] != {"round": 2, "epoch": 0}  # really cut short
-    resumed = run_script("super_and.py", flags + ["--model_dir", killed, "--resume", "ckpt_embed.t7"])
-    assert resumed.returncode == 0, resumed.stderr
+    # the uninterrupted run and the resumed one in this process, on one thread as the killed process was
+    run_main(super_and, flags + ["--model_dir", whole])
+    run_main(super_and, flags + ["--model_dir", killed, "--resume", "ckpt_embed.t7"])
     a, b = load_checkpoint(whole / "ckpt_embed.t7"), load_checkpoint(killed / "ckpt_embed.t7")
     assert torch.equal(a["npc"]["memory"], b["npc"]["memory"])
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
