@@ -274,6 +274,8 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
             done = position(ckpt)
             run.log.rewind(lambda record: position(record) < done, ckpt.get("log_record"))
             optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # a changed --momentum or --weight_decay takes effect (lr:
+                group.update(momentum=args.momentum, weight_decay=args.weight_decay)  # set every epoch)
             set_rng_state(ckpt["rng"])
             note = changed_arguments(ckpt["args"], args)
             print(f"resuming {resumed} after {done}" + (f"; {note}" if note else ""))

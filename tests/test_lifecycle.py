@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,7 +106,9 @@ def test_open_run_removes_temporaries_and_restores_state(tmp_path):
     expected = torch.rand(3)
     fresh = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     with open_run(str(tmp_path), "ckpt.t7", "log.jsonl", resumed=str(tmp_path / "ckpt.t7"), ckpt=saved,
-                  position=lambda r: r["epoch"], optimizer=fresh, args=None) as run:
+                  position=lambda r: r["epoch"], optimizer=fresh,
+                  args=SimpleNamespace(momentum=0.9, weight_decay=0.01)) as run:
+        assert fresh.param_groups[0]["weight_decay"] == 0.01  # a changed flag takes effect on resume
         assert not (tmp_path / "ckpt.t7.tmp4242").exists()
         assert run.log.read() == [{"epoch": 0}, {"epoch": 1}]  # epoch 2 came after the checkpoint
         assert torch.equal(torch.rand(3), expected)  # the RNG continues where the checkpoint left it

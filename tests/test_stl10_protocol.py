@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from test_datasets import write_stl10
 
 import main as stage2
 import super_and
 from conftest import run_main
 from lib.checkpoint import load_checkpoint
-from test_datasets import write_stl10
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 NET = ["--dataset", "stl10", "--width", "8", "--low_dim", "32", "--workers", "0", "--batch_size", "8"]
