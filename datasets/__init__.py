@@ -18,10 +18,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from engine import distributed
 from engine.errors import InputError
 
 from . import folder, sources, stl10
 from .arrays import ConcatImages
+from .sharding import ShardSampler
 
 
 @dataclass(frozen=True)
@@ -201,31 +203,43 @@ def build_dataset(name, data_dir, split, views=1, transform=None, subset=None, i
                         std=std, paths=paths, image_size=int(image_size))
 
 
-def make_loader(dataset, batch_size, train, workers, device):
+def make_loader(dataset, batch_size, train, workers, device, seed=0):
     """Training loaders shuffle and drop the last partial batch (released); evaluation keeps order.
 
     Batches are the items' dicts with each entry stacked: {"view1", "view2", "target", "index"} or
-    {"image", "target", "index"}, tensors on the host (pinned for CUDA).
+    {"image", "target", "index"}, tensors on the host (pinned for CUDA). Under torchrun with P processes a
+    training loader's ``batch_size`` is the global batch: this process takes batch_size / P images of
+    each step from one shuffle shared by all, drawn from ``seed`` and the epoch (datasets/sharding.py).
     """
+    sampler = None
+    if train and distributed.world_size() > 1:
+        sampler = ShardSampler(len(dataset), batch_size, distributed.rank(), distributed.world_size(), seed)
+        batch_size = distributed.split_batch(batch_size)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False)
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
 
 
 def make_train_loader(dataset, args, device):
     """The two-view training loader: torchvision transforms in ``args.workers`` processes, or with
     ``args.gpu_augment`` the same augmentations on whole batches on ``device`` (datasets/gpu_augment.py),
-    yielding the same dict keys with the tensors already on ``device``."""
+    yielding the same dict keys with the tensors already on ``device``. ``args.batch_size`` is the global
+    batch (split over the processes of a torchrun launch)."""
+    seed = getattr(args, "seed", 0)
     if not getattr(args, "gpu_augment", False):
-        return make_loader(dataset, args.batch_size, True, args.workers, device)
+        return make_loader(dataset, args.batch_size, True, args.workers, device, seed=seed)
     from .gpu_augment import GpuTwoViewLoader
-    return GpuTwoViewLoader(dataset.data, dataset.targets, args.batch_size, dataset.mean, dataset.std, device,
-                            size=dataset.image_size)
+    sampler = None
+    if distributed.world_size() > 1:
+        sampler = ShardSampler(len(dataset), args.batch_size, distributed.rank(), distributed.world_size(), seed)
+    return GpuTwoViewLoader(dataset.data, dataset.targets, distributed.split_batch(args.batch_size), dataset.mean,
+                            dataset.std, device, size=dataset.image_size, sampler=sampler)
 
 
 def from_args(args, split, views=1):
     """``build_dataset`` with a script's flags: --dataset, --data_dir, --subset, --image_size, --num_classes;
     a folder's decoded images are cached in <model_dir>/cache."""
-    return build_dataset(args.dataset, args.data_dir, split, views=views, subset=args.subset,
-                         image_size=args.image_size, num_classes=args.num_classes,
-                         cache_dir=os.path.join(args.model_dir, "cache") if args.model_dir else None)
+    # several processes: rank 0 downloads or caches first, the others then read what it wrote
+    return distributed.main_first(lambda: build_dataset(
+        args.dataset, args.data_dir, split, views=views, subset=args.subset, image_size=args.image_size,
+        num_classes=args.num_classes, cache_dir=os.path.join(args.model_dir, "cache") if args.model_dir else None))
