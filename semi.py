@@ -87,7 +87,7 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def test_accuracy(model, loader, device):
     """Top-1 accuracy (%) on ``loader`` (several processes: each its share of the batches, counts summed)."""
-    distributed.broadcast_state(model)  # rank 0's BatchNorm running statistics everywhere
+    distributed.broadcast_buffers(model)  # rank 0's BatchNorm running statistics everywhere
     model.eval()
     correct = total = 0
     for batch in distributed.shard(loader):

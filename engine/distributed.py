@@ -213,6 +213,16 @@ def broadcast_state(module, src=0):
     return module
 
 
+@torch.no_grad()
+def broadcast_buffers(module, src=0):
+    """``module``'s buffers (BatchNorm's running statistics) from process ``src``: after training, where each
+    process updated its own from its own rows, evaluation uses rank 0's everywhere (the ones it saves)."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+    return module
+
+
 def from_main(module, compute, *args):
     """``compute(*args)`` on rank 0, which fills ``module``'s buffers (the anchors and neighbourhoods); the
     other processes receive the buffers and the return value. One process: ``compute(*args)``."""
@@ -314,8 +324,7 @@ def compute_features(net, loader, device, amp=False):
     from lib.protocols import compute_features as features_of
     if world_size() == 1:
         return features_of(net, loader, device, amp)
-    for buffer in net.buffers():
-        dist.broadcast(buffer, src=0)
+    broadcast_buffers(net)
     mine = shard(loader)
     rows = features_of(net, mine, device, amp) if len(mine) else None  # a process may have no batch
     shape, dtype = broadcast_object(None if rows is None else (tuple(rows.shape[1:]), rows.dtype))  # rank 0 has one
