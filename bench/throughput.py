@@ -568,8 +568,15 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
     alone = {name + "_local": without_communication(fn, net, distributed) for name, fn in
              (("stage1", lambda m: stage1.train_step(m, npc, ans, images, indexes, optimizer, ue_weight(80), a1)),
               ("stage2", lambda m: stage2.train_step(m, heads, images, optimizer, a2)))}
-    times = {name: [] for name in [*real, *alone]}
-    fns = {**real, **alone}
+    # the communication alone, far less noisy than a difference of two whole steps on a busy machine: one
+    # all-reduce of as many float32 as the network has trainable parameters (DDP's gradient average, in
+    # one piece rather than its buckets), and the features' gather forward and backward
+    grads = torch.ones(sum(p.numel() for p in net.parameters() if p.requires_grad), device=device)
+    features = torch.randn(2 * local, a1.low_dim, device=device, requires_grad=True)
+    comm = {"gradient_allreduce": lambda: torch.distributed.all_reduce(grads),
+            "gather_views": lambda: distributed.gather_views(features).sum().backward()}
+    times = {name: [] for name in [*real, *alone, *comm]}
+    fns = {**real, **alone, **comm}
     for step in range(sizes["warmup"] + sizes["steps"]):
         for name, fn in fns.items():
             distributed.barrier()  # both processes start the step together
@@ -583,6 +590,8 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
         sync = med[stage] - med[stage + "_local"]
         out.update({f"{stage}_step_s": med[stage], f"{stage}_local_work_s": med[stage + "_local"],
                     f"{stage}_sync_s": sync, f"{stage}_sync_share": sync / med[stage]})
+    out.update({f"{name}_s": med[name] for name in comm})
+    out["gradient_mib"] = grads.numel() * 4 / 2**20
     out["step_times_s"] = times
     if distributed.is_main():
         queue.put(out)
@@ -652,8 +661,8 @@ def print_table(result):
         for part, unit in (("step_s", "s"), ("local_work_s", "s"), ("sync_s", "s"), ("sync_share", "")):
             name = f"ddp_{stage}_{part}"
             rows.append((name, name, unit, None))
-    rows += [("ddp_ans_discovery_and_broadcast_s", "ddp_ans_discovery_and_broadcast_s", "s", None),
-             ("ddp_ans_broadcast_s", "ddp_ans_broadcast_s", "s", None)]
+    rows += [(name, name, "s", None) for name in ("ddp_gradient_allreduce_s", "ddp_gather_views_s",
+                                                  "ddp_ans_discovery_and_broadcast_s", "ddp_ans_broadcast_s")]
     print(f"{'metric':<34} {'value':>10} {'unit':<6} {'target':<8} met")
     for label, value, unit, key in rows:
         if isinstance(value, str):  # a top-level key; absent when its part was not run
