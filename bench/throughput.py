@@ -531,10 +531,9 @@ def free_port():
 
 def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
     """One of the two processes: the environment torchrun would give, then the measurements (rank 0 reports)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
     from engine import distributed
+    os.environ.update(distributed.launch_environment(rank, 2, port))
+    torch.set_num_threads(threads)
     device = distributed.init(device_type)
     args = argparse.Namespace(**flags)
     args.device = device_type

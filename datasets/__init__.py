@@ -211,9 +211,8 @@ def make_loader(dataset, batch_size, train, workers, device, seed=0):
     training loader's ``batch_size`` is the global batch: this process takes batch_size / P images of
     each step from one shuffle shared by all, drawn from ``seed`` and the epoch (datasets/sharding.py).
     """
-    sampler = None
-    if train and distributed.world_size() > 1:
-        sampler = ShardSampler(len(dataset), batch_size, distributed.rank(), distributed.world_size(), seed)
+    sampler = _shard_sampler(len(dataset), batch_size, seed) if train else None
+    if sampler is not None:
         batch_size = distributed.split_batch(batch_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
@@ -229,11 +228,16 @@ def make_train_loader(dataset, args, device):
     if not getattr(args, "gpu_augment", False):
         return make_loader(dataset, args.batch_size, True, args.workers, device, seed=seed)
     from .gpu_augment import GpuTwoViewLoader
-    sampler = None
-    if distributed.world_size() > 1:
-        sampler = ShardSampler(len(dataset), args.batch_size, distributed.rank(), distributed.world_size(), seed)
     return GpuTwoViewLoader(dataset.data, dataset.targets, distributed.split_batch(args.batch_size), dataset.mean,
-                            dataset.std, device, size=dataset.image_size, sampler=sampler)
+                            dataset.std, device, size=dataset.image_size,
+                            sampler=_shard_sampler(len(dataset), args.batch_size, seed))
+
+
+def _shard_sampler(num_samples, batch_size, seed):
+    """This process's share of every step (datasets/sharding.py) under torchrun; None for one process."""
+    if distributed.world_size() == 1:
+        return None
+    return ShardSampler(num_samples, batch_size, distributed.rank(), distributed.world_size(), seed)
 
 
 def from_args(args, split, views=1):

@@ -97,7 +97,8 @@ def common_parser(dataset_names, network_names):
     several = p.add_argument_group("several processes (torchrun; README, 'Several GPUs and machines')")
     several.add_argument("--sync_bn", action="store_true",
                          help="GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm), as one "
-                              "device computes them, instead of each process's share (the released DataParallel)")
+                              "device computes them, instead of over each process's own rows (as the released "
+                              "DataParallel had them per GPU)")
     return p
 
 

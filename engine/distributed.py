@@ -10,7 +10,7 @@ plain ``python super_and.py``. With P processes:
   shuffle of the data set shared by all (``datasets.sharding.ShardSampler``), and ``start_epoch`` derives
   each epoch's shuffle from (seed, epoch) and each process's own random streams (its augmentations) from
   (seed, epoch, rank), so a run resumed with the same P repeats the uninterrupted run.
-- ``gather_views`` turns every process's (2B/P, d) features [view 1; view 2] into the global (2B, d)
+- ``gather_views`` turns every process's (2b, d) features [view 1; view 2] (b = B/P) into the global (2B, d)
   [all view 1; all view 2], with gradients; every process then computes the same global loss. The gather's
   backward sums each row's gradient over the P identical losses (P times the gradient of one loss) and
   DistributedDataParallel divides the parameter gradients by P: together the single-process gradient.
@@ -32,6 +32,13 @@ from .system import choose_device, seed_everything
 def _launched():
     """torchrun sets WORLD_SIZE; one process under it is the single-process run."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_environment(rank, world_size, port, host="127.0.0.1"):
+    """The variables torchrun gives process ``rank`` of ``world_size`` on one machine (what ``init`` reads),
+    for tests and benchmarks that start the processes themselves."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": host,
+            "MASTER_PORT": str(port)}
 
 
 def world_size():

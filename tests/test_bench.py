@@ -1,4 +1,4 @@
-"""bench/throughput.py --quick runs end to end and writes every number the issue lists (speed is never asserted)."""
+"""bench/throughput.py --quick runs end to end and writes every number it measures (speed is never asserted)."""
 import json
 import math
 import os

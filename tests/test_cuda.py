@@ -133,7 +133,8 @@ def test_two_gpus_equal_one_process(sync_bn):
         pytest.skip("needs two GPUs")
     with tempfile.TemporaryDirectory() as out:
         assert spawn(_step_worker, out, "cuda", sync_bn, method="spawn") == [0, 0]
-        first, second = (torch.load(os.path.join(out, f"rank{r}.pt"), map_location="cpu") for r in range(2))
+        first, second = (torch.load(os.path.join(out, f"rank{r}.pt"), map_location="cpu", weights_only=True)
+                         for r in range(2))
     one = to_cpu(reference(CUDA, per_process_batchnorm=not sync_bn))
     check_against_one_process(first, second, one, rtol=1e-4, exact_features=False)
 

@@ -49,8 +49,7 @@ def _free_port():
 
 def _enter(rank, world, port):
     """What torchrun gives each process: its rank and the rendezvous in the environment."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(distributed.launch_environment(rank, world, port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
 
@@ -200,7 +199,7 @@ def _step_worker(rank, out_dir, device_type="cpu", sync_bn=False):
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("steps")
     assert spawn(_step_worker, str(out)) == [0] * PROCESSES
-    return [torch.load(out / f"rank{r}.pt") for r in range(PROCESSES)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(PROCESSES)]
 
 
 def reference(device="cpu", per_process_batchnorm=True):
@@ -379,7 +378,7 @@ def test_two_processes_agree_after_every_epoch(stage1_two):
     """Banks, anchors and weights equal on both processes; every index trained on once per epoch."""
     dumps = stage1_two / "dumps"
     for position in ("0-0", "1-0"):
-        a, b = (torch.load(dumps / f"rank{r}-{position}.pt") for r in range(2))
+        a, b = (torch.load(dumps / f"rank{r}-{position}.pt", weights_only=True) for r in range(2))
         assert torch.equal(a["memory"], b["memory"])
         assert all(torch.equal(a["ans"][k], b["ans"][k]) for k in a["ans"])
         assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
