@@ -108,6 +108,16 @@ def split_batch(batch_size):
     return batch_size // processes
 
 
+@torch.no_grad()
+def gather(tensor):
+    """Every process's ``tensor`` concatenated along dim 0 in rank order, no gradient (the batch's indexes)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherRows(torch.autograd.Function):
     """All processes' rows in rank order (all_gather along dim 0). Backward: each process's gradient of the
     gathered rows, summed over the processes, and this process's own rows of that sum (a reduce-scatter,
@@ -115,9 +125,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows):
-        parts = [torch.empty_like(rows) for _ in range(world_size())]
-        dist.all_gather(parts, rows.contiguous())
-        return torch.cat(parts)
+        return gather(rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -141,16 +149,6 @@ def gather_views(features):
     half = features.shape[0] // 2
     every = _GatherRows.apply(features).view(world_size(), 2, half, *features.shape[1:])  # (P, 2, b, d)
     return every.transpose(0, 1).reshape(features.shape[0] * world_size(), *features.shape[1:])  # (2B, d)
-
-
-@torch.no_grad()
-def gather(tensor):
-    """Every process's ``tensor`` concatenated along dim 0 in rank order, no gradient (the batch's indexes)."""
-    if world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 def average(tensor):
@@ -177,7 +175,7 @@ def total(*numbers):
 def wrap(model, sync_bn=False):
     """DistributedDataParallel around ``model`` for several processes (the model itself for one).
 
-    BatchNorm keeps each process's statistics over its own 2B/P rows, as the released DataParallel had them
+    BatchNorm keeps each process's statistics over its own 2b rows, as the released DataParallel had them
     per device; its running statistics are rank 0's (DDP broadcasts rank 0's buffers before each forward,
     as DataParallel kept device 0's). ``sync_bn`` (CUDA only) converts the BatchNorm layers in place to
     SyncBatchNorm: statistics over the whole global batch, as one device computes them.
@@ -214,9 +212,8 @@ def broadcast_tensor(tensor, src=0):
 def broadcast_state(module, src=0):
     """Every parameter and buffer of ``module`` from process ``src``: state drawn at construction (the
     memory bank, the frozen heads) or running statistics, identical on all processes whatever each drew."""
-    if world_size() > 1:
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=src)
+    for tensor in module.state_dict().values():
+        broadcast_tensor(tensor, src)
     return module
 
 
@@ -224,9 +221,8 @@ def broadcast_state(module, src=0):
 def broadcast_buffers(module, src=0):
     """``module``'s buffers (BatchNorm's running statistics) from process ``src``: after training, where each
     process updated its own from its own rows, evaluation uses rank 0's everywhere (the ones it saves)."""
-    if world_size() > 1:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=src)
+    for buffer in module.buffers():
+        broadcast_tensor(buffer, src)
     return module
 
 
@@ -328,7 +324,7 @@ def gather_shards(rows, num_rows, batch_size):
 def compute_features(net, loader, device, amp=False):
     """``lib.protocols.compute_features`` over the processes: rank 0's BatchNorm running statistics on
     every process, each process its share of the batches, all features gathered in loader order."""
-    from lib.protocols import compute_features as features_of
+    from lib.protocols import compute_features as features_of  # (scikit-learn comes with it: only when evaluating)
     if world_size() == 1:
         return features_of(net, loader, device, amp)
     broadcast_buffers(net)
