@@ -1,6 +1,7 @@
 # make demo: stage 1 + stage 2 on scikit-learn's bundled digits (CPU, a few minutes, no download)
 # make test: the whole test suite (CPU); make test-fast: the math and unit tests only (seconds)
 # make lint: ruff with the rules in pyproject.toml
+# make gpu-check: everything measured on a CUDA machine, into runs/gpu-check (under 10 minutes on one GPU)
 # All create .venv and install requirements-dev.txt (requirements.txt + pytest, ruff) on first use.
 PY ?= python3
 VENV ?= .venv
@@ -12,7 +13,9 @@ DEMO_FLAGS := --dataset digits --width 16 --batch_size 32 --workers 2
 FASHION ?= runs/fashion
 FASHION_FLAGS := --dataset fashion-mnist --subset 3000 --width 16 --batch_size 32 --workers 2
 
-.PHONY: demo test test-fast lint bench fashion own-images semi-demo
+GPU_CHECK ?= runs/gpu-check
+
+.PHONY: demo test test-fast lint bench fashion own-images semi-demo gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -37,6 +40,11 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PYTHON) bench/throughput.py --json bench/results-cpu.json
+
+# On a CUDA machine: the cuda tests, throughput (fp32, --amp, --amp --gpu_augment), a two-GPU torchrun run
+# where there are two, a short Fashion-MNIST run of both stages; all into $(GPU_CHECK) (bench/gpu_check.py)
+gpu-check: $(VENV)/.installed
+	$(PYTHON) bench/gpu_check.py --out $(GPU_CHECK)
 
 # The Fashion-MNIST run in README (about 20 minutes on 2 CPU cores); its pictures are copied to fig/
 fashion: $(VENV)/.installed

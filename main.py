@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import datasets
+from engine import distributed
 from engine.cli import (
     ArgumentParser,
     check_output_dir,
@@ -31,11 +32,11 @@ from engine.cli import (
 from engine.errors import InputError
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.plots import plot_clusters, plot_confusion, plot_curves
-from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
-from lib.protocols import clustering_metrics, compute_features, hungarian_match
+from lib.protocols import clustering_metrics, hungarian_match
 from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
 
@@ -67,12 +68,13 @@ def get_args_parser():
 
 
 def train_step(net, heads, images, optimizer, args):
-    """One SGD step of mean-over-heads Eq. 9 + λ · Eq. 11 on a (2B, 3, H, W) batch, view 1 rows first.
+    """One SGD step of mean-over-heads Eq. 9 + λ · Eq. 11 on a (2b, 3, H, W) batch, view 1 rows first (this
+    process's b images of the global batch; the losses see all B, gathered).
     Returns the named loss parts (``head_losses``: one per head), detached and left on the device."""
-    batch = images.shape[0] // 2
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
-        features = net(images)
-    features = features.float()  # (2B, d); heads and losses in float32
+        features = net(images)  # (2b, d): this process's b images (b = B for one process)
+    features = distributed.gather_views(features.float())  # (2B, d), the global batch; heads and losses in float32
+    batch = features.shape[0] // 2
     head_losses = torch.stack([iic_loss(p[:batch], p[batch:]) for p in heads(features)])  # (H,)
     l_assign = head_losses.mean()
     l_cp = aug_loss(features, args.batch_t, args.batch_m)  # Eq. 11, on the embeddings
@@ -87,7 +89,7 @@ def train_step(net, heads, images, optimizer, args):
 def evaluate(net, heads, loader, num_classes, device):
     """Each head's clusters on ``loader``: (metrics, predictions (H, N), probabilities (H, N)); metrics are
     each head's ACC / NMI / ARI (%) after Hungarian matching, or None when the images have no labels."""
-    features = compute_features(net, loader, device)
+    features = distributed.compute_features(net, loader, device)
     with torch.no_grad():
         probs, preds = torch.stack(heads(features)).max(dim=2)  # (H, N) each
     probs, preds = probs.cpu(), preds.cpu()
@@ -205,12 +207,13 @@ def load_encoder(args, path, ckpt, num_classes, device):
     load_network(net, ckpt["net"], path)
     if stage == 2:
         heads.load_state_dict(ckpt["fc"])
-    net, model = speed_options(net, args.channels_last, args.compile)  # train with `model`, save `net`
+    distributed.broadcast_state(heads)  # drawn under the seed: rank 0's on every process
+    net, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)  # train `model`, save `net`
     return stage, net, model, heads
 
 
 def main(args):
-    device = choose_device(args.device)
+    device = distributed.init(args.device)  # joins the process group under torchrun
     if device.type == "cpu":
         keep_freed_memory()
     if not args.resume:
@@ -226,6 +229,8 @@ def main(args):
     stage, net, model, heads = load_encoder(args, path, ckpt, eval_set.num_classes, device)
     if args.test_only:
         result, preds, probs = evaluate(net, heads, eval_loader, eval_set.num_classes, device)
+        if not distributed.is_main():  # rank 0 reports
+            return None
         with RunLock(args.model_dir):
             return report(result, ckpt.get("selected_head"), preds, probs, eval_set, args, args.model_dir)
     train_set = datasets.from_args(args, datasets.DATASETS[args.dataset].cluster_split, views=2)
@@ -238,11 +243,13 @@ def main(args):
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
         best = (ckpt["best_loss"], ckpt["best_epoch"]) if resumed else (float("inf"), None)
         if resumed and ckpt["best_epoch"] == ckpt["epoch"]:  # a kill may have come between the two saves
-            run.save({k: ckpt[k] for k in BEST_KEYS}, BEST)
+            run.save({k: ckpt[k] for k in BEST_KEYS if k in ckpt}, BEST)
         result = preds = probs = selected = None
         for epoch in range(ckpt["next_epoch"] if resumed else 0, args.epochs):
             result, preds, probs, selected, best = train_and_save(
                 run, epoch, model, net, heads, optimizer, train_loader, eval_loader, best, args, device)
+        if not distributed.is_main():  # rank 0 draws and reports
+            return None
         plot_curves(run.log.read(), os.path.join(args.model_dir, "curves.png"))
         if result is None and preds is None:
             print(f"nothing to train: {path} already ran {args.epochs} epochs")
@@ -255,6 +262,7 @@ def train_and_save(run, epoch, model, net, heads, optimizer, train_loader, eval_
     start = time.time()
     lr = step_lr(epoch, args.lr)
     set_lr(optimizer, lr)
+    distributed.start_epoch(train_loader, args.seed, epoch)
     model.train()
     losses = run_epoch(train_loader, lambda images, _: train_step(model, heads, images, optimizer, args),
                        device, args.channels_last)

@@ -21,10 +21,11 @@ from torch import nn
 from torchvision import transforms
 
 import datasets
+from engine import distributed
 from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_int, positive_int, run_cli
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, set_lr, training_state
-from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.optim import sgd_optimizer
 from models import NETWORKS
@@ -85,13 +86,15 @@ class Classifier(nn.Module):
 
 @torch.no_grad()
 def test_accuracy(model, loader, device):
-    """Top-1 accuracy (%) on ``loader``."""
+    """Top-1 accuracy (%) on ``loader`` (several processes: each its share of the batches, counts summed)."""
+    distributed.broadcast_buffers(model)  # rank 0's BatchNorm running statistics everywhere
     model.eval()
     correct = total = 0
-    for batch in loader:
+    for batch in distributed.shard(loader):
         logits = model(batch["image"].to(device, non_blocking=True))
         correct += (logits.argmax(1).cpu() == batch["target"]).sum().item()
         total += len(batch["target"])
+    correct, total = distributed.total(correct, total)
     return 100.0 * correct / max(total, 1)
 
 
@@ -108,7 +111,7 @@ def train_one_epoch(model, loader, optimizer, amp, device):
         optimizer.step()
         total += loss.detach()
         count += 1
-    return total.item() / max(count, 1)
+    return distributed.average(total).item() / max(count, 1)  # the global batch's mean cross-entropy
 
 
 def load_start(args, model):
@@ -141,11 +144,11 @@ def labelled_loader(args, train_set, ckpt, device):
         raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
     train_set.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
     subset = torch.utils.data.Subset(train_set, labelled)
-    return labelled, datasets.make_loader(subset, args.batch_size, True, args.workers, device)
+    return labelled, datasets.make_loader(subset, args.batch_size, True, args.workers, device, seed=args.seed)
 
 
 def main(args):
-    device = choose_device(args.device)
+    device = distributed.init(args.device)  # joins the process group under torchrun
     if device.type == "cpu":
         keep_freed_memory()
     check_output_dir(args.model_dir)
@@ -162,13 +165,13 @@ def main(args):
         print(f"test accuracy {test_accuracy(model, test_loader, device):.2f}%")
         return None
     labelled, loader = labelled_loader(args, train_set, ckpt, device)
-    _, fast = speed_options(model, args.channels_last, args.compile)
+    _, fast = speed_options(model, args.channels_last, args.compile, args.sync_bn)
     optimizer = sgd_optimizer(model, args.lr, args.momentum, args.weight_decay)
     keep = {"labelled_indexes": labelled, "normalization": normalization(train_set),
             "start": ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)}
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
-        if ckpt is None:
+        if ckpt is None and distributed.is_main():
             with open(os.path.join(args.model_dir, INDEXES), "w") as f:
                 json.dump(labelled, f)
         accuracy = ckpt["acc"] if ckpt else None
@@ -176,8 +179,9 @@ def main(args):
             accuracy = train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep, args, device)
         summary = {"test_acc": accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
                    train_set.num_classes, "start": keep["start"], "epochs": args.epochs, "dataset": args.dataset}
-        with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        if distributed.is_main():
+            with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
+                json.dump(summary, f, indent=1)
     return summary
 
 
@@ -187,6 +191,7 @@ def train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep
     start = time.time()
     lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
     set_lr(optimizer, lr)
+    distributed.start_epoch(loader, args.seed, epoch)
     loss = train_one_epoch(fast, loader, optimizer, args.amp, device)
     accuracy = test_accuracy(model, test_loader, device)
     record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import datasets
+from engine import distributed
 from engine.cli import (
     ArgumentParser,
     check_output_dir,
@@ -24,13 +25,13 @@ from engine.cli import (
 )
 from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
-from engine.system import choose_device, keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
-from lib.protocols import compute_features, knn_accuracy
+from lib.protocols import knn_accuracy
 from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
@@ -60,11 +61,15 @@ def get_args_parser():
 
 
 def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
-    """One SGD step of AND + AUG + w·UE on a (2B, 3, H, W) batch, view 1 rows first. Returns the named
-    loss parts, detached and left on the device."""
+    """One SGD step of AND + AUG + w·UE on a (2b, 3, H, W) batch, view 1 rows first: this process's b
+    images of the global batch of B (all of it for one process). Returns the named loss parts, detached
+    and left on the device."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
-        features = net(images)  # (2B, d), one forward so BatchNorm sees all 2B views
-    logits = npc(features.float())  # (2B, N), float32 whatever the network ran in
+        features = net(images)  # (2b, d), one forward so BatchNorm sees all 2b views (b = B for one process)
+    # the global batch: every process's view-1 rows, then their view-2 rows (one process: these rows), float32
+    # whatever the network ran in
+    features, indexes = distributed.gather_views(features.float()), distributed.gather(indexes)  # (2B, d), (B,)
+    logits = npc(features)  # (2B, N)
     neighbours, is_anchor = ans.lookup(indexes)
     l_and = and_loss(logits, indexes, neighbours, is_anchor)
     l_aug = aug_loss(logits, args.batch_t, args.batch_m)  # released: on the logits rows
@@ -74,7 +79,7 @@ def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    npc.update(indexes, features.detach().float())  # after the backward pass, as released
+    npc.update(indexes, features.detach())  # after the backward pass, as released; the same on every process
     return {"loss": loss.detach(), "loss_and": l_and.detach(), "loss_aug": l_aug.detach(), "loss_ue": l_ue.detach()}
 
 
@@ -90,7 +95,7 @@ def evaluate(net, npc, test_loader, train_labels, num_classes, device):
     or (None, None) when the images have no labels."""
     if test_loader is None or not test_loader.dataset.has_labels:
         return None, None
-    features = compute_features(net, test_loader, device)
+    features = distributed.compute_features(net, test_loader, device)
     return knn_accuracy(features, npc.memory, train_labels, test_loader.dataset.targets.to(device), num_classes)
 
 
@@ -168,8 +173,8 @@ def build(args, device):
     train_loader = datasets.make_train_loader(train_set, args, device)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device) if test_set else None
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
-    net, model = speed_options(net, args.channels_last, args.compile)
-    npc = MemoryBank(len(train_set), args.low_dim, args.npc_t, args.npc_m).to(device)
+    net, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)
+    npc = distributed.broadcast_state(MemoryBank(len(train_set), args.low_dim, args.npc_t, args.npc_m).to(device))
     ans = AnchorNeighbourhoods(len(train_set), args.ANs_size).to(device)
     optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
     return train_set, Stage1(net, model, npc, ans, optimizer, train_loader, test_loader, train_set.targets.to(device),
@@ -177,7 +182,7 @@ def build(args, device):
 
 
 def main(args):
-    device = choose_device(args.device)
+    device = distributed.init(args.device)  # joins the process group under torchrun
     if device.type == "cpu":
         keep_freed_memory()
     if args.test_only and not args.resume:
@@ -201,7 +206,8 @@ def main(args):
             first_epoch = start[1] if round_index == start[0] else 0
             if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
                 count = num_anchors(num_samples, args.ANs_select_rate, round_index)
-                consistency = s.ans.discover(s.npc.memory, args.npc_t, count, s.labels)
+                consistency = distributed.from_main(  # rank 0 finds them, every process receives them
+                    s.ans, s.ans.discover, s.npc.memory, args.npc_t, count, s.labels)
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
                 top1 = train_and_save(run, s, round_index, epoch, args, device)
@@ -214,6 +220,7 @@ def train_and_save(run, s, round_index, epoch, args, device):
     lr = step_lr(epoch, args.lr)
     set_lr(s.optimizer, lr)
     weight = ue_weight(epoch)
+    distributed.start_epoch(s.train_loader, args.seed, round_index * args.epochs + epoch)
     losses = train_one_epoch(s.model, s.npc, s.ans, s.train_loader, s.optimizer, weight, args, device)
     top1, top5 = evaluate(s.net, s.npc, s.test_loader, s.labels, s.num_classes, device)
     record = {"round": round_index, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,

@@ -8,9 +8,12 @@
 One run measures, on one device: the bare network's SGD step and a full training step of each
 stage on the same 2 x 128 images (the ratio is what the method costs on top of the network);
 anchor-neighbourhood discovery at growing N, each N in a fresh process so its peak memory is its
-own; both evaluation protocols; and the data pipeline. It prints a table and, with --json, writes
-every number with the configuration. Targets are reported, never asserted.
+own; both evaluation protocols; the data pipeline; and two processes (gloo on the CPU, NCCL on two GPUs):
+what a step costs beyond the same per-process work without communication, and the anchors' broadcast.
+It prints a table and, with --json, writes every number with the configuration. Targets are reported,
+never asserted.
 """
+import argparse
 import datetime
 import hashlib
 import json
@@ -44,7 +47,7 @@ from lib.protocols import clustering_metrics, weighted_knn_predict
 from lib.schedules import num_anchors, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
-PARTS = ("steps", "ans", "protocols", "loader")
+PARTS = ("steps", "ans", "protocols", "loader", "ddp")
 # bounds for the CPU at CIFAR-10's sizes: the method's own work (bank, anchors, losses) stays a few per cent
 # of the network's step, and the once-a-round and once-an-epoch parts stay seconds: (metric, comparison, bound)
 TARGETS = [("stage1_ratio", "<=", 1.05), ("stage2_ratio", "<=", 1.03), ("ans_discovery_s", "<=", 10.0),
@@ -112,6 +115,8 @@ def main(args):
     if "loader" in parts:
         progress("data pipeline")
         result.update(bench_loader(args, stage, device, sizes))
+    if "ddp" in parts:
+        result.update(bench_ddp(args, device, sizes))
     result["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     result["device_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result["config"]["loadavg_end"] = os.getloadavg()
@@ -490,6 +495,128 @@ def data_wait_share(batches, s, device, steps):
 
 
 # ---------------------------------------------------------------------------------------------
+# two processes
+
+
+def bench_ddp(args, device, sizes):
+    """Two processes (gloo on the CPU, each with half the threads; NCCL on cuda:0 and cuda:1) running each
+    stage's step on their halves of the global batch, against the same two processes doing the same work
+    without any communication (no DDP, the gather replaced by a local copy of the same shape): the
+    difference is what synchronization costs. Also the anchors found on rank 0 and broadcast."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        print("ddp skipped: two processes need two GPUs", file=sys.stderr)
+        return {"ddp": None}
+    if sizes["batch_size"] % 2:
+        raise SystemExit("error: --batch_size must be even for the two-process measurement")
+    progress("two processes: synchronization cost of a step, anchors' broadcast")
+    context = multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), free_port()
+    threads = max(1, torch.get_num_threads() // 2) if device.type == "cpu" else 1
+    procs = [context.Process(target=ddp_worker, args=(rank, port, vars(args), sizes, device.type, threads, queue))
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    out = queue.get(timeout=3600)
+    for proc in procs:
+        proc.join()
+    return {"ddp": out, **{f"ddp_{k}": v for k, v in out.items() if not isinstance(v, (dict, list))}}
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
+    """One of the two processes: the environment torchrun would give, then the measurements (rank 0 reports)."""
+    from engine import distributed
+    os.environ.update(distributed.launch_environment(rank, 2, port))
+    torch.set_num_threads(threads)
+    device = distributed.init(device_type)
+    args = argparse.Namespace(**flags)
+    args.device = device_type
+    a1, a2 = stage1_args(args, sizes), stage2_args(args, sizes)
+    n, local = sizes["num_samples"], sizes["batch_size"] // 2
+    torch.manual_seed(0)
+    net = NETWORKS[a1.network](low_dim=a1.low_dim, width=a1.width).to(device)
+    net, model = speed_options(net, a1.channels_last, a1.compile)  # DistributedDataParallel
+    optimizer = sgd_optimizer(net, a1.lr, a1.momentum, a1.weight_decay)
+    npc = MemoryBank(n, a1.low_dim, a1.npc_t, a1.npc_m).to(device)
+    ans = AnchorNeighbourhoods(n, a1.ANs_size).to(device)
+    count = num_anchors(n, a1.ANs_select_rate, 1)
+    distributed.barrier()
+    start = time.perf_counter()
+    distributed.from_main(ans, ans.discover, npc.memory, a1.npc_t, count)
+    synchronize(device)
+    found_and_sent = time.perf_counter() - start
+    distributed.barrier()
+    start = time.perf_counter()
+    distributed.from_main(ans, lambda: None)  # the broadcast alone: the same buffers once more
+    synchronize(device)
+    broadcast = time.perf_counter() - start
+    heads = MultiHeadNormFC(a2.low_dim, datasets.DATASETS[a2.dataset].num_classes, a2.num_heads, a2.tau_c,
+                            a2.head_norm).to(device)
+    images = torch.randn(2 * local, 3, 32, 32, device=device)  # this process's (2b, 3, 32, 32)
+    if a1.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    indexes = torch.randperm(n, device=device)[rank * local:(rank + 1) * local]
+    real = {"stage1": lambda: stage1.train_step(model, npc, ans, images, indexes, optimizer, ue_weight(80), a1),
+            "stage2": lambda: stage2.train_step(model, heads, images, optimizer, a2)}
+    alone = {name + "_local": without_communication(fn, net, distributed) for name, fn in
+             (("stage1", lambda m: stage1.train_step(m, npc, ans, images, indexes, optimizer, ue_weight(80), a1)),
+              ("stage2", lambda m: stage2.train_step(m, heads, images, optimizer, a2)))}
+    # the communication alone, far less noisy than a difference of two whole steps on a busy machine: one
+    # all-reduce of as many float32 as the network has trainable parameters (DDP's gradient average, in
+    # one piece rather than its buckets), and the features' gather forward and backward
+    grads = torch.ones(sum(p.numel() for p in net.parameters() if p.requires_grad), device=device)
+    features = torch.randn(2 * local, a1.low_dim, device=device, requires_grad=True)
+    comm = {"gradient_allreduce": lambda: torch.distributed.all_reduce(grads),
+            "gather_views": lambda: distributed.gather_views(features).sum().backward()}
+    times = {name: [] for name in [*real, *alone, *comm]}
+    fns = {**real, **alone, **comm}
+    for step in range(sizes["warmup"] + sizes["steps"]):
+        for name, fn in fns.items():
+            distributed.barrier()  # both processes start the step together
+            seconds = timed(fn, device)
+            if step >= sizes["warmup"]:
+                times[name].append(seconds)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    out = {"processes": 2, "backend": "nccl" if device.type == "cuda" else "gloo", "threads_per_process": threads,
+           "images_per_process": local, "ans_discovery_and_broadcast_s": found_and_sent, "ans_broadcast_s": broadcast}
+    for stage in ("stage1", "stage2"):
+        sync = med[stage] - med[stage + "_local"]
+        out.update({f"{stage}_step_s": med[stage], f"{stage}_local_work_s": med[stage + "_local"],
+                    f"{stage}_sync_s": sync, f"{stage}_sync_share": sync / med[stage]})
+    out.update({f"{name}_s": med[name] for name in comm})
+    out["gradient_mib"] = grads.numel() * 4 / 2**20
+    out["step_times_s"] = times
+    if distributed.is_main():
+        queue.put(out)
+    distributed.cleanup()
+
+
+def without_communication(step, net, distributed):
+    """``step(network)`` on the plain network with the gathers replaced by local stand-ins of the same
+    shapes (this process's rows, then a detached copy for the other process's): the same per-process
+    work as the real step, no collective."""
+    def gather_views(features):
+        half = features.shape[0] // 2
+        other = features.detach()
+        return torch.cat([features[:half], other[:half], features[half:], other[half:]])
+
+    def run():
+        real = distributed.gather_views, distributed.gather
+        distributed.gather_views, distributed.gather = gather_views, lambda t: torch.cat([t, t.flip(0)])
+        try:
+            return step(net)
+        finally:
+            distributed.gather_views, distributed.gather = real
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -529,7 +656,13 @@ def print_table(result):
                        ("stage1_images_per_s", "img/s"), ("data_wait_share", ""), ("host_peak_gib", "GiB"),
                        ("device_peak_gib", "GiB")]:
         rows.append((name, name, unit, name))
-    print(f"{'metric':<30} {'value':>10} {'unit':<6} {'target':<8} met")
+    for stage in ("stage1", "stage2"):  # two processes: the step, the same work alone, the difference
+        for part, unit in (("step_s", "s"), ("local_work_s", "s"), ("sync_s", "s"), ("sync_share", "")):
+            name = f"ddp_{stage}_{part}"
+            rows.append((name, name, unit, None))
+    rows += [(name, name, "s", None) for name in ("ddp_gradient_allreduce_s", "ddp_gather_views_s",
+                                                  "ddp_ans_discovery_and_broadcast_s", "ddp_ans_broadcast_s")]
+    print(f"{'metric':<34} {'value':>10} {'unit':<6} {'target':<8} met")
     for label, value, unit, key in rows:
         if isinstance(value, str):  # a top-level key; absent when its part was not run
             if value not in result:
@@ -538,7 +671,7 @@ def print_table(result):
         target = result["targets"].get(key)
         shown = "n/a" if value is None else f"{value:10.4g}"
         met = "" if target is None else {True: "yes", False: "NO", None: "-"}[target["met"]]
-        print(f"{label:<30} {shown:>10} {unit:<6} {target['target'] if target else '':<8} {met}")
+        print(f"{label:<34} {shown:>10} {unit:<6} {target['target'] if target else '':<8} {met}")
     if not result.get("losses_finite", True):
         print("warning: a training loss became non-finite during the benchmark")
 

@@ -19,10 +19,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from engine import distributed
 from engine.errors import InputError
 
 from . import folder, sources, stl10
 from .arrays import ConcatImages
+from .sharding import ShardSampler
 
 
 @dataclass(frozen=True)
@@ -202,26 +204,41 @@ def build_dataset(name, data_dir, split, views=1, transform=None, subset=None, i
                         std=std, paths=paths, image_size=int(image_size))
 
 
-def make_loader(dataset, batch_size, train, workers, device):
+def make_loader(dataset, batch_size, train, workers, device, seed=0):
     """Training loaders shuffle and drop the last partial batch (released); evaluation keeps order.
 
     Batches are the items' dicts with each entry stacked: {"view1", "view2", "target", "index"} or
-    {"image", "target", "index"}, tensors on the host (pinned for CUDA).
+    {"image", "target", "index"}, tensors on the host (pinned for CUDA). Under torchrun with P processes a
+    training loader's ``batch_size`` is the global batch: this process takes batch_size / P images of
+    each step from one shuffle shared by all, drawn from ``seed`` and the epoch (datasets/sharding.py).
     """
+    sampler = _shard_sampler(len(dataset), batch_size, seed) if train else None
+    if sampler is not None:
+        batch_size = distributed.split_batch(batch_size)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False)
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
 
 
 def make_train_loader(dataset, args, device):
     """The two-view training loader: torchvision transforms in ``args.workers`` processes, or with
     ``args.gpu_augment`` the same augmentations on whole batches on ``device`` (datasets/gpu_augment.py),
-    yielding the same dict keys with the tensors already on ``device``."""
+    yielding the same dict keys with the tensors already on ``device``. ``args.batch_size`` is the global
+    batch (split over the processes of a torchrun launch)."""
+    seed = getattr(args, "seed", 0)
     if not getattr(args, "gpu_augment", False):
-        return make_loader(dataset, args.batch_size, True, args.workers, device)
+        return make_loader(dataset, args.batch_size, True, args.workers, device, seed=seed)
     from .gpu_augment import GpuTwoViewLoader
-    return GpuTwoViewLoader(dataset.data, dataset.targets, args.batch_size, dataset.mean, dataset.std, device,
-                            size=dataset.image_size)
+    return GpuTwoViewLoader(dataset.data, dataset.targets, distributed.split_batch(args.batch_size), dataset.mean,
+                            dataset.std, device, size=dataset.image_size,
+                            sampler=_shard_sampler(len(dataset), args.batch_size, seed))
+
+
+def _shard_sampler(num_samples, batch_size, seed):
+    """This process's share of every step (datasets/sharding.py) under torchrun; None for one process."""
+    if distributed.world_size() == 1:
+        return None
+    return ShardSampler(num_samples, batch_size, distributed.rank(), distributed.world_size(), seed)
 
 
 def from_args(args, split, views=1):
@@ -231,5 +248,7 @@ def from_args(args, split, views=1):
     if args.model_dir:  # one cache per image folder, so a run folder can hold several (training, new images)
         tag = hashlib.sha1(os.path.abspath(args.data_dir).encode()).hexdigest()[:10]
         cache_dir = os.path.join(args.model_dir, "cache", f"{os.path.basename(os.path.abspath(args.data_dir))}-{tag}")
-    return build_dataset(args.dataset, args.data_dir, split, views=views, subset=args.subset,
-                         image_size=args.image_size, num_classes=args.num_classes, cache_dir=cache_dir)
+    # several processes: rank 0 downloads or caches first, the others then read what it wrote
+    return distributed.main_first(lambda: build_dataset(
+        args.dataset, args.data_dir, split, views=views, subset=args.subset, image_size=args.image_size,
+        num_classes=args.num_classes, cache_dir=cache_dir))

@@ -320,11 +320,15 @@ class GpuTwoViewLoader:
     run draw the same epochs) and yields the batches the DataLoader over
     ``datasets.ImageDataset(views=2)`` yields: dicts with "view1" and "view2" (B, 3, size, size)
     float32 and "target" and "index" (B,) long, all on ``device``.
+
+    With several processes, ``sampler`` (a ``datasets.sharding.ShardSampler``) gives this process's
+    indexes of the epoch's shared shuffle and ``batch_size`` is this process's share b of the global batch;
+    each process augments only its own images.
     """
 
     UPLOAD_CHUNK = 4096  # images copied to the device at a time
 
-    def __init__(self, images, targets, batch_size, mean, std, device, size=32):
+    def __init__(self, images, targets, batch_size, mean, std, device, size=32, sampler=None):
         device = torch.device(device)
         if len(getattr(images, "shape", ())) != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N, H, W, 3) uint8, not {tuple(getattr(images, 'shape', ()))}")
@@ -343,12 +347,18 @@ class GpuTwoViewLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
         self.device = device
         self.size = size
+        self.sampler = sampler
 
     def __len__(self):
+        if self.sampler is not None:
+            return len(self.sampler) // self.batch_size
         return self.num_samples // self.batch_size  # drop_last
 
     def __iter__(self):
-        order = torch.randperm(self.num_samples, device=self.device)
+        if self.sampler is not None:
+            order = self.sampler.indexes().to(self.device)  # this process's share of every step, in order
+        else:
+            order = torch.randperm(self.num_samples, device=self.device)
         for step in range(len(self)):
             indexes = order[step * self.batch_size:(step + 1) * self.batch_size]  # (B,)
             views = two_view_augment(self.images[indexes], self.mean, self.std, self.size)  # (2B, 3, size, size)

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 
+from . import distributed
 from .errors import Diverged, InputError
 
 
@@ -68,7 +69,8 @@ def common_parser(dataset_names, network_names):
     p.add_argument("--weight_decay", "--wd", default=5e-4, type=non_negative_float, help="weight decay (>= 0)")
     p.add_argument("--epochs", default=200, type=positive_int, help="training epochs (>= 1)")
     p.add_argument("--batch_size", default=128, type=positive_int,
-                   help="images per step for the whole job, each seen in two views (>= 1)")
+                   help="images per step for the whole job (>= 1); under torchrun each of P processes takes "
+                        "batch_size / P of them, so it must divide by P, and the learning rate stays right")
     p.add_argument("--model_dir", default="checkpoint/", help="the run folder: checkpoints, logs, pictures")
     p.add_argument("--resume", "-r", default="", metavar="CKPT",
                    help="checkpoint to start from or continue: a name inside --model_dir, else a path")
@@ -92,6 +94,11 @@ def common_parser(dataset_names, network_names):
     speed.add_argument("--gpu_augment", action="store_true",
                        help="augment whole batches on the device from uint8 images held there "
                             "(same transforms and parameter distributions, another random stream)")
+    several = p.add_argument_group("several processes (torchrun; README, 'Several GPUs and machines')")
+    several.add_argument("--sync_bn", action="store_true",
+                         help="GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm), as one "
+                              "device computes them, instead of over each process's own rows (as the released "
+                              "DataParallel had them per GPU)")
     return p
 
 
@@ -138,14 +145,20 @@ def run_cli(main, parser, argv=None):
     Ctrl-C one line (what to resume) and 130; the last checkpoint stays intact in every case."""
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # one line per epoch, also when redirected to a file
+    say = distributed.is_main  # several processes meet the same error: rank 0 says it once
     try:
         return main(args)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if say():
+            print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Diverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        if say():
+            print(f"error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
     except KeyboardInterrupt as err:
-        print(f"interrupted: {err or 'nothing was saved'}", file=sys.stderr)
+        if say():
+            print(f"interrupted: {err or 'nothing was saved'}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        distributed.cleanup()

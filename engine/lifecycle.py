@@ -28,6 +28,7 @@ import torch
 
 from lib.checkpoint import load_checkpoint, save_checkpoint
 
+from . import distributed
 from .errors import Diverged, InputError
 from .system import rng_state, set_rng_state
 
@@ -187,12 +188,16 @@ class RunLock:
 
 
 class JsonLog:
-    """A run's log: one JSON object per epoch, appended and flushed as each epoch ends."""
+    """A run's log: one JSON object per epoch, appended and flushed as each epoch ends (by rank 0 alone when
+    several processes run: ``writes`` is False on the others)."""
 
-    def __init__(self, path):
+    def __init__(self, path, writes=True):
         self.path = path
+        self.writes = writes
 
     def append(self, record):
+        if not self.writes:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -226,17 +231,20 @@ class JsonLog:
 
 
 class Run:
-    """An open run folder: its lock, its resumable checkpoint and its log. Use it as a context manager."""
+    """An open run folder: its lock, its resumable checkpoint and its log. Use it as a context manager.
+    With several processes only rank 0 writes (``writes``); the others' saves and log lines do nothing."""
 
-    def __init__(self, model_dir, checkpoint_name, log_name):
+    def __init__(self, model_dir, checkpoint_name, log_name, writes=True):
         self.model_dir = model_dir
         self.checkpoint_name = checkpoint_name
         self.checkpoint_path = os.path.join(model_dir, checkpoint_name)
-        self.log = JsonLog(os.path.join(model_dir, log_name))
+        self.writes = writes
+        self.log = JsonLog(os.path.join(model_dir, log_name), writes)
         self.lock = RunLock(model_dir)
 
     def save(self, state, name=None):
-        save_checkpoint(state, os.path.join(self.model_dir, name or self.checkpoint_name))
+        if self.writes:
+            save_checkpoint(state, os.path.join(self.model_dir, name or self.checkpoint_name))
 
     def __enter__(self):
         return self
@@ -259,13 +267,32 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
     for a new run), takes the folder's lock and removes temporaries a killed run left. On resume
     (``resumed``: the path of ``ckpt``) it rewinds the log to the checkpoint (the records whose
     ``position(record)`` comes before ``position(ckpt)``, then the checkpoint's own record) and restores the
-    optimizer's state and every random stream.
+    optimizer's state and every random stream. With several processes rank 0 alone takes the folder (its
+    error stops them all); every process restores the optimizer and the random streams.
     """
     names = [checkpoint_name, *other_files, log_name]
-    refuse_overwrite(model_dir, names, resuming=resumed)  # before anything is created
-    run = Run(model_dir, checkpoint_name, log_name)
+    run = Run(model_dir, checkpoint_name, log_name, writes=distributed.is_main())
+    distributed.main_decides(lambda: _take_folder(run, names, resumed, ckpt, position))
+    try:
+        if resumed is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # a changed --momentum or --weight_decay takes effect (lr:
+                group.update(momentum=args.momentum, weight_decay=args.weight_decay)  # set every epoch)
+            set_rng_state(ckpt["rng"])
+            note = changed_arguments(ckpt["args"], args)
+            print(f"resuming {resumed} after {position(ckpt)}" + (f"; {note}" if note else ""))
+    except BaseException:
+        run.lock.release()
+        raise
+    return run
+
+
+def _take_folder(run, names, resumed, ckpt, position):
+    """The part of ``open_run`` that touches the folder: checks, lock, leftovers, the log's rewind."""
+    refuse_overwrite(run.model_dir, names, resuming=resumed)  # before anything is created
     run.lock.acquire()
     try:
+        model_dir = run.model_dir
         for leftover in glob.glob(os.path.join(glob.escape(model_dir), "*.t7.tmp*")) + \
                 glob.glob(os.path.join(glob.escape(model_dir), "*.jsonl.tmp")):
             os.remove(leftover)  # a save or rewind cut by a kill; the lock says no one else writes here
@@ -273,16 +300,9 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
         if resumed is not None:
             done = position(ckpt)
             run.log.rewind(lambda record: position(record) < done, ckpt.get("log_record"))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # a changed --momentum or --weight_decay takes effect (lr:
-                group.update(momentum=args.momentum, weight_decay=args.weight_decay)  # set every epoch)
-            set_rng_state(ckpt["rng"])
-            note = changed_arguments(ckpt["args"], args)
-            print(f"resuming {resumed} after {done}" + (f"; {note}" if note else ""))
     except BaseException:
         run.lock.release()
         raise
-    return run
 
 
 # ---- training ----
@@ -310,7 +330,7 @@ def run_epoch(loader, step, device, channels_last=False):
     """
     from tqdm import tqdm
     totals = {}
-    bar = tqdm(loader, leave=False, disable=None, desc="train")
+    bar = tqdm(loader, leave=False, disable=None if distributed.is_main() else True, desc="train")
     for i, batch in enumerate(bar, start=1):
         images = torch.cat([batch["view1"], batch["view2"]]).to(device, non_blocking=True)
         if channels_last:

@@ -72,9 +72,12 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def speed_options(net, channels_last=False, compile=False):
-    """Apply --channels_last and --compile to ``net``; returns (net, model): train with ``model``,
-    save ``net`` (a compiled module's state dict would carry an ``_orig_mod.`` prefix)."""
+def speed_options(net, channels_last=False, compile=False, sync_bn=False):
+    """Apply --channels_last and --compile to ``net`` and, under torchrun with several processes, wrap it in
+    DistributedDataParallel (with --sync_bn: synchronized BatchNorm); returns (net, model): train with
+    ``model``, save ``net`` (a compiled or wrapped module's state dict would carry a prefix)."""
+    from .distributed import wrap  # engine.distributed imports this module
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return net, (torch.compile(net) if compile else net)
+    model = wrap(net, sync_bn)  # ``net`` itself for one process
+    return net, (torch.compile(model) if compile else model)
