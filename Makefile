@@ -29,8 +29,10 @@ demo: $(VENV)/.installed
 	$(PYTHON) main.py $(DEMO_FLAGS) --test_only --resume $(DEMO)/stage2/ckpt_ul.t7 --model_dir $(DEMO)/stage2 --kmeans_baseline
 	@echo "pictures: $(DEMO)/stage2/curves.png $(DEMO)/stage2/confusion_matrix.png"
 
+# the tests run their tiny networks on one thread each: two test processes use both cores
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -m "not slow"

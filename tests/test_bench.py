@@ -22,13 +22,13 @@ def positive(value):
 
 def test_quick_benchmark_writes_every_number(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--ans_sizes", "2000",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {k: result.get(k) for k in POSITIVE if not positive(result.get(k))} == {}
     runs = result["ans_discovery"]
-    assert [r["num_samples"] for r in runs] == [5_000, 10_000]  # --quick's N and 2N
+    assert [r["num_samples"] for r in runs] == [2_000]  # as asked (--quick alone: N and 2N)
     for r in runs:
         assert positive(r["seconds"]) and math.isfinite(r["peak_extra_gib"]) and r["peak_extra_gib"] >= 0
     assert math.isfinite(result["ans_peak_extra_gib"]) and result["ans_peak_extra_gib"] >= 0

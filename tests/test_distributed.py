@@ -338,9 +338,9 @@ def _script_worker(rank, script, argv, dump_dir, stop_after):
             seen.append(indexes.clone())
             return step(net, npc, ans, images, indexes, *rest)
 
-        def dumping_save(run, round_index, epoch, model, net, npc, ans, *rest):
-            top1 = save(run, round_index, epoch, model, net, npc, ans, *rest)
-            torch.save({"memory": npc.memory, "ans": ans.state_dict(), "net": net.state_dict(),
+        def dumping_save(run, s, round_index, epoch, *rest):
+            top1 = save(run, s, round_index, epoch, *rest)
+            torch.save({"memory": s.npc.memory, "ans": s.ans.state_dict(), "net": s.net.state_dict(),
                         "indexes": torch.cat(seen)}, os.path.join(dump_dir, f"rank{rank}-{round_index}-{epoch}.pt"))
             seen.clear()
             if (round_index, epoch) == stop_after:
