@@ -13,7 +13,9 @@ and offsets, not pixels, so a DataLoader worker started by spawn or forkserver m
 instead of receiving a copy.
 """
 import bisect
+import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -161,3 +163,18 @@ def channel_stats(images, chunk=1024):
     mean = (hist * values).sum(axis=1) / count
     std = np.sqrt((hist * (values - mean[:, None]) ** 2).sum(axis=1) / count)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def write_json_atomic(path, record):
+    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from engine.errors import InputError
 
-from .arrays import MappedImages, channel_stats
+from .arrays import MappedImages, channel_stats, write_json_atomic
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE = ".cache"  # inside the folder when no cache_dir is given
@@ -130,18 +130,6 @@ def _reason(err, path):
     return f"{type(err).__name__}: {message}".rstrip(": ")
 
 
-def _write_json(path, record):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _build(folder, files, image_size, cache_dir, digest):
     """Decode every file into a new ``.npy`` in ``cache_dir``; returns (npy path, count, skipped)."""
     try:
@@ -207,7 +195,7 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
                   "image_size": image_size, "files": len(files), "images": count, "npy": os.path.basename(npy),
                   "class_names": None if class_names is None else list(class_names), "skipped": skipped,
                   "mean": mean, "std": std}
-        _write_json(record_path, record)
+        write_json_atomic(record_path, record)
         for stale in glob.glob(os.path.join(cache_dir, f"folder-{image_size}px-*.npy")):
             if stale != npy:  # an earlier build of this folder (or of another one) at this size
                 os.remove(stale)

@@ -13,14 +13,13 @@ images), stage 2 and its evaluation use the 13,000 labelled images (train+test).
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 
 import numpy as np
 
 from engine.errors import InputError
 
-from .arrays import ConcatImages, MappedImages, channel_stats
+from .arrays import ConcatImages, MappedImages, channel_stats, write_json_atomic
 
 FOLDER = "stl10_binary"
 IMAGE_SHAPE = (3, 96, 96)  # as stored: channel, column, row
@@ -77,21 +76,6 @@ def _signature(data_dir):
             for part in TRAINING_PARTS for name in FILES[part] if name and name.endswith("_X.bin")}
 
 
-def _write_json(path, record):
-    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def normalization(data_dir, cache_dir=None):
     """Per-channel mean and std (3-tuples, [0, 1] scale) of the 105,000 training images, train + unlabeled.
 
@@ -121,7 +105,7 @@ def normalization(data_dir, cache_dir=None):
     record = {"images": len(images), "parts": list(TRAINING_PARTS), "files": signature, "mean": mean, "std": std}
     for place in places:
         try:
-            _write_json(place, record)
+            write_json_atomic(place, record)
             break
         except OSError:
             continue

@@ -888,13 +888,13 @@ def test_stl10_normalization_from_training_images_cached_beside_the_data(monkeyp
 def test_stl10_normalization_when_the_data_folder_is_read_only(monkeypatch, tmp_path, capsys):
     write_stl10(str(tmp_path / "data"))
     data_folder = str(tmp_path / "data" / "stl10_binary")
-    write_json = stl10._write_json
+    write_json = stl10.write_json_atomic
 
     def read_only(path, record):
         if path.startswith(data_folder):
             raise PermissionError(13, "Permission denied", path)
         write_json(path, record)
-    monkeypatch.setattr(stl10, "_write_json", read_only)
+    monkeypatch.setattr(stl10, "write_json_atomic", read_only)
     cache = tmp_path / "cache"
     mean, std = stl10.normalization(str(tmp_path / "data"), str(cache))
     assert os.listdir(cache) == ["stl10-normalization.json"]
