@@ -17,6 +17,7 @@ from engine.cli import (
     ArgumentParser,
     check_output_dir,
     common_parser,
+    fraction,
     non_negative_float,
     positive_float,
     positive_int,
@@ -49,7 +50,7 @@ def get_args_parser():
                        parents=[common_parser(datasets.DATASETS, NETWORKS)])
     p.set_defaults(lr=0.03, epochs=200)
     p.add_argument("--npc_t", default=0.1, type=positive_float, help="τ, memory-bank temperature (> 0)")
-    p.add_argument("--npc_m", default=0.5, type=share, help="m, memory-bank momentum (in [0, 1])")
+    p.add_argument("--npc_m", default=0.5, type=fraction, help="m, memory-bank momentum (in [0, 1))")
     p.add_argument("--ANs_select_rate", default=0.25, type=share,
                    help="share of samples that become anchors, per round (in [0, 1]; rate x (rounds - 1) <= 1)")
     p.add_argument("--ANs_size", default=1, type=positive_int, help="neighbours per anchor (1 <= k < N)")
