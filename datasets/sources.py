@@ -7,6 +7,7 @@ torchvision (downloading when missing, as the released code did); Fashion-MNIST 
 bundled 8x8 set, so the demo and the tests need no network at all. STL-10 (datasets/stl10.py) and
 image folders (datasets/folder.py) have their own modules.
 """
+import contextlib
 import gzip
 import os
 import pickle
@@ -44,6 +45,24 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
 
 
+@contextlib.contextmanager
+def no_new_folders_on_error(path):
+    """On an exception, remove the folders on the way to ``path`` that did not exist before and are
+    still empty (what a failed download leaves), so that bad input creates nothing."""
+    new, probe = [], os.path.abspath(path)
+    while not os.path.exists(probe):
+        new.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        yield
+    except BaseException:
+        if new:  # new[-1]: the outermost folder that was created; empty ones inside it go first
+            for root, _, _ in os.walk(new[-1], topdown=False):
+                if not os.listdir(root):
+                    os.rmdir(root)
+        raise
+
+
 def _torchvision(cls, name, data_dir, train):
     """A torchvision data set from ``data_dir``, downloaded there if missing; one clear line offline."""
     try:
@@ -51,7 +70,8 @@ def _torchvision(cls, name, data_dir, train):
     except RuntimeError:
         pass  # not there yet (or corrupt): download it as the released code did
     try:
-        return cls(data_dir, train=train, download=True)
+        with no_new_folders_on_error(data_dir):
+            return cls(data_dir, train=train, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise InputError(f"{name} is not in {os.path.abspath(data_dir)} and could not be downloaded "
                          f"({type(err).__name__}: {' '.join(str(err).split())[:80]}); connect to the internet once or "

@@ -20,6 +20,7 @@ import numpy as np
 from engine.errors import InputError
 
 from .arrays import ConcatImages, MappedImages, channel_stats, write_json_atomic
+from .sources import no_new_folders_on_error
 
 FOLDER = "stl10_binary"
 IMAGE_SHAPE = (3, 96, 96)  # as stored: channel, column, row
@@ -36,7 +37,8 @@ def _download(data_dir):
     from torchvision.datasets import STL10
     folder = os.path.abspath(os.path.join(data_dir, FOLDER))
     try:
-        STL10(data_dir, split="train", download=True)  # the archive holds every split; train is the smallest to load
+        with no_new_folders_on_error(data_dir):
+            STL10(data_dir, split="train", download=True)  # the archive holds every split; train is the smallest
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise InputError(
             f"STL-10 is not in {folder} and could not be downloaded ({type(err).__name__}: "

@@ -1168,3 +1168,19 @@ def test_loose_files_beside_class_folders_are_left_out_with_a_warning(tmp_path, 
     assert ds.paths == files
     err = capsys.readouterr().err
     assert "left out 1 file(s) directly in" in err and "stray.png" in err
+
+
+def test_failed_download_leaves_no_folder(monkeypatch, tmp_path):
+    """Offline, a missing data set is one error and the folders made for the download are gone again."""
+    import urllib.error
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self, *args, **kwargs):
+        os.makedirs(os.path.join(self.root, "cifar-10-batches-py", "partial"), exist_ok=True)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(InputError, match="could not be downloaded"):
+        datasets.build_dataset("cifar10", str(tmp_path / "data" / "deeper"), "train")
+    assert os.listdir(tmp_path) == []
