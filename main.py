@@ -180,8 +180,8 @@ def evaluation_set(args, ckpt):
     """The images stage 2 trains on and scores. Predicting on a new folder of images: an unlabelled one
     takes its cluster count from the checkpoint's heads, and every folder is normalized as the images the
     network was trained on (the checkpoint's normalization)."""
-    if args.dataset == "folder" and args.num_classes is None and "fc" in ckpt and \
-            datasets.folder.scan(args.data_dir)[2] is None:
+    flat_folder = args.dataset == "folder" and datasets.folder.is_flat(args.data_dir)
+    if flat_folder and args.num_classes is None and "fc" in ckpt:
         args.num_classes = next(iter(ckpt["fc"].values())).shape[1]
     eval_set = datasets.from_args(args, datasets.DATASETS[args.dataset].cluster_split)
     if args.dataset == "folder" and args.test_only and "normalization" in ckpt:

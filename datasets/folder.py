@@ -63,6 +63,11 @@ def _hidden(name):
     return name.startswith(".")
 
 
+def is_flat(folder):
+    """True when ``folder`` keeps its images directly (unlabelled), without class sub-folders; one listing."""
+    return os.path.isdir(folder) and not any(e.is_dir() and not _hidden(e.name) for e in os.scandir(folder))
+
+
 def scan(folder, skip=None):
     """Image candidates of ``folder`` in data set order: (relative paths, targets, class names or None).
 
