@@ -207,8 +207,8 @@ def main(args):
             first_epoch = start[1] if round_index == start[0] else 0
             if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
                 count = num_anchors(num_samples, args.ANs_select_rate, round_index)
-                consistency = distributed.from_main(  # rank 0 finds them, every process receives them
-                    s.ans, s.ans.discover, s.npc.memory, args.npc_t, count, s.labels)
+                consistency = distributed.discover(  # split over the processes, the same on every one
+                    s.ans, s.npc.memory, args.npc_t, count, s.labels)
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
                 top1 = train_and_save(run, s, round_index, epoch, args, device)

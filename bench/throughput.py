@@ -519,7 +519,63 @@ def bench_ddp(args, device, sizes):
     out = queue.get(timeout=3600)
     for proc in procs:
         proc.join()
+    a1 = stage1_args(args, sizes)
+    out.update(bench_split_discovery(sizes["num_samples"], a1.low_dim, a1.npc_t, a1.ANs_select_rate, a1.ANs_size))
     return {"ddp": out, **{f"ddp_{k}": v for k, v in out.items() if not isinstance(v, (dict, list))}}
+
+
+def bench_split_discovery(n, dim, temperature, select_rate, ans_size):
+    """The round-1 discovery at N (``distributed.discover``) in one process and split over two gloo
+    processes, one thread each (fresh processes): the seconds, the speed-up and how far the two agree with the
+    one-process anchors and neighbours."""
+    progress(f"ANs discovery at N = {n:,} in one and in two gloo processes")
+    context = multiprocessing.get_context("spawn")
+    runs = {}
+    for world in (1, 2):
+        queue, port = context.Queue(), free_port()
+        work = (world, port, n, dim, temperature, select_rate, ans_size, queue)
+        procs = [context.Process(target=split_discovery_worker, args=(rank, *work)) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        runs[world] = queue.get(timeout=3600)
+        for proc in procs:
+            proc.join()
+    one, two = runs[1], runs[2]
+    return {"ans_split_one_process_s": one["seconds"], "ans_split_two_processes_s": two["seconds"],
+            "ans_speedup": one["seconds"] / two["seconds"],
+            **agreement(one, two)}
+
+
+def agreement(one, two):
+    """The share of one run's anchors that the other found too (the entropies differ by float rounding, so an
+    anchor at the boundary may change places with a non-anchor) and, over those, the share of equal
+    neighbourhoods."""
+    first = dict(zip(one["anchors"], one["neighbours"]))
+    second = dict(zip(two["anchors"], two["neighbours"]))
+    shared = first.keys() & second.keys()
+    return {"ans_split_shared_anchors": len(shared) / max(len(first), 1),
+            "ans_split_same_neighbours": sum(first[a] == second[a] for a in shared) / max(len(shared), 1)}
+
+
+def split_discovery_worker(rank, world, port, n, dim, temperature, select_rate, ans_size, queue):
+    """One of ``world`` processes (gloo, one thread): a unit-row bank of N rows, its round-1 discovery."""
+    from engine import distributed
+    if world > 1:
+        os.environ.update(distributed.launch_environment(rank, world, port))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    torch.manual_seed(n)
+    memory = MemoryBank(n, dim, temperature).memory
+    memory /= memory.norm(dim=1, keepdim=True)  # unit rows, as the bank's updates leave them
+    ans = AnchorNeighbourhoods(n, ans_size)
+    count = num_anchors(n, select_rate, 1)
+    distributed.barrier()
+    start = time.perf_counter()
+    distributed.discover(ans, memory, temperature, count)
+    seconds = time.perf_counter() - start
+    if distributed.is_main():
+        queue.put({"seconds": seconds, "anchors": ans.anchor_indexes.tolist(), "neighbours": ans.neighbours.tolist()})
+    distributed.cleanup()
 
 
 def free_port():
@@ -548,14 +604,9 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
     count = num_anchors(n, a1.ANs_select_rate, 1)
     distributed.barrier()
     start = time.perf_counter()
-    distributed.from_main(ans, ans.discover, npc.memory, a1.npc_t, count)
+    distributed.discover(ans, npc.memory, a1.npc_t, count)  # split over the two processes, as in super_and.py
     synchronize(device)
-    found_and_sent = time.perf_counter() - start
-    distributed.barrier()
-    start = time.perf_counter()
-    distributed.from_main(ans, lambda: None)  # the broadcast alone: the same buffers once more
-    synchronize(device)
-    broadcast = time.perf_counter() - start
+    discovery = time.perf_counter() - start
     heads = MultiHeadNormFC(a2.low_dim, datasets.DATASETS[a2.dataset].num_classes, a2.num_heads, a2.tau_c,
                             a2.head_norm).to(device)
     images = torch.randn(2 * local, 3, 32, 32, device=device)  # this process's (2b, 3, 32, 32)
@@ -584,7 +635,7 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
                 times[name].append(seconds)
     med = {name: statistics.median(t) for name, t in times.items()}
     out = {"processes": 2, "backend": "nccl" if device.type == "cuda" else "gloo", "threads_per_process": threads,
-           "images_per_process": local, "ans_discovery_and_broadcast_s": found_and_sent, "ans_broadcast_s": broadcast}
+           "images_per_process": local, "ans_discovery_s": discovery}
     for stage in ("stage1", "stage2"):
         sync = med[stage] - med[stage + "_local"]
         out.update({f"{stage}_step_s": med[stage], f"{stage}_local_work_s": med[stage + "_local"],
@@ -661,7 +712,9 @@ def print_table(result):
             name = f"ddp_{stage}_{part}"
             rows.append((name, name, unit, None))
     rows += [(name, name, "s", None) for name in ("ddp_gradient_allreduce_s", "ddp_gather_views_s",
-                                                  "ddp_ans_discovery_and_broadcast_s", "ddp_ans_broadcast_s")]
+                                                  "ddp_ans_discovery_s", "ddp_ans_split_one_process_s",
+                                                  "ddp_ans_split_two_processes_s")]
+    rows.append(("ddp_ans_speedup", "ddp_ans_speedup", "", None))
     print(f"{'metric':<34} {'value':>10} {'unit':<6} {'target':<8} met")
     for label, value, unit, key in rows:
         if isinstance(value, str):  # a top-level key; absent when its part was not run

@@ -16,6 +16,8 @@ plain ``python super_and.py``. With P processes:
   DistributedDataParallel divides the parameter gradients by P: together the single-process gradient.
 - Evaluation splits the loader's batches over the processes and gathers the features in loader order
   (``compute_features``); rank 0 alone writes files and prints (others print to /dev/null).
+- Each round's neighbourhood discovery is split over the processes (``discover``): every process computes
+  a share of the O(N²) entropy and of the anchors' neighbours, and all end with the same anchors.
 """
 import os
 import sys
@@ -24,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lib.neighbourhoods import entropy_from_sums, entropy_sums, nearest_neighbours, part_rows
 
 from .errors import InputError
 from .system import choose_device, seed_everything
@@ -239,6 +243,37 @@ def from_main(module, compute, *args):
     if not is_main():
         module.load_state_dict(state)
     return result
+
+
+@torch.no_grad()
+def discover(ans, memory, temperature, count, labels=None):
+    """This round's ``count`` anchors and their neighbourhoods into ``ans``'s buffers, the work split over the
+    processes; returns the neighbourhoods' label consistency. One process: ``ans.discover(...)``.
+
+    Several: rank 0's bank on every process (the banks are equal; this makes sure), each process's share
+    of the entropy's block pairs (``entropy_sums``), summed by an all-reduce that gives every process the
+    same sums, so the same entropies and the same anchors (topk); then each process the neighbours of its
+    contiguous share of the anchors (``part_rows``), gathered in order. Every process ends with the same
+    buffers; against one process the entropies differ by the order of the additions (float rounding).
+    """
+    if world_size() == 1:
+        return ans.discover(memory, temperature, count, labels)
+    part = (rank(), world_size())
+    memory = broadcast_tensor(memory.detach().clone())
+    sums = torch.stack(entropy_sums(memory, temperature, part=part))  # (2, N): Z_i and Σ_j e_ij z_ij
+    dist.all_reduce(sums)
+    entropy = entropy_from_sums(sums[0], sums[1])
+    anchors = entropy.topk(count, largest=False).indices
+    start, stop = part_rows(count, part)
+    mine = nearest_neighbours(memory, anchors[start:stop], ans.ans_size)
+    longest = -(-count // world_size())  # the largest share: all_gather takes equal shapes
+    padded = mine.new_zeros((longest, ans.ans_size))
+    padded[:len(mine)] = mine
+    every = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(every, padded)
+    neighbours = torch.cat([rows[:stop - start] for rows, (start, stop) in
+                            zip(every, (part_rows(count, (r, world_size())) for r in range(world_size())))])
+    return ans.adopt(anchors, neighbours, entropy, labels)
 
 
 def main_first(build):

@@ -16,6 +16,65 @@ def _row_chunks(num_rows, dim, itemsize=4, budget_bytes=128 * 2**20):
 BLOCK = 2048  # square (BLOCK x BLOCK) similarity blocks: 16 MiB each in float32, whatever N is
 
 
+def block_pairs(num_rows, chunk_size, part=(0, 1)):
+    """The (i, j >= i) square blocks of an (num_rows x num_rows) symmetric matrix, as (row start, column
+    start), in order, that part ``part = (index, parts)`` takes: every ``parts``-th pair from its
+    ``index``-th, so the parts' shares differ by at most one block pair and together are every pair once."""
+    index, parts = part
+    starts = range(0, num_rows, chunk_size)
+    pairs = [(i, j) for i in starts for j in starts if j >= i]
+    return pairs[index::parts]
+
+
+def part_rows(num_rows, part=(0, 1)):
+    """The contiguous rows [start, stop) of part ``part = (index, parts)`` when ``num_rows`` rows are split
+    into ``parts`` shares that differ by at most one row, in order."""
+    index, parts = part
+    return num_rows * index // parts, num_rows * (index + 1) // parts
+
+
+@torch.no_grad()
+def entropy_sums(memory, temperature, chunk_size=None, part=(0, 1)):
+    """This part's share of the per-row sums (Z_i, Σ_j e_ij z_ij) that ``sample_entropy`` forms its entropies
+    from; the sums over all parts ``(0, P) ... (P - 1, P)`` are the sums of one part ``(0, 1)`` up to the
+    order of the additions (``entropy_from_sums`` of them is the entropy).
+
+    Unit-scale rows: the (i, j >= i) block pairs of ``block_pairs`` (round-robin over the pairs in order),
+    each adding to its rows and, off the diagonal, to its columns. Larger rows (each row shifted by its
+    maximum): the part's row chunks, round-robin, each row's sums whole in one part and zero in the others.
+    """
+    n = memory.shape[0]
+    index, parts = part
+    scaled = memory / temperature
+    total = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Z_i
+    weighted = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Σ_j e_ij z_ij
+    if memory.norm(dim=1).max() ** 2 / temperature > 60:  # exp could overflow float32: shift each row
+        chunk_size = chunk_size or _row_chunks(n, memory.shape[1], memory.element_size())
+        for start in list(range(0, n, chunk_size))[index::parts]:
+            z = scaled[start:start + chunk_size] @ memory.T  # (chunk, N)
+            z -= z.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
+            e = torch.exp(z)
+            total[start:start + chunk_size] = e.sum(1)
+            weighted[start:start + chunk_size] = (e * z).sum(1)
+        return total, weighted
+    chunk_size = chunk_size or BLOCK
+    for i, j in block_pairs(n, chunk_size, part):
+        z = scaled[i:i + chunk_size] @ memory[j:j + chunk_size].T  # block (i, j) of z; block (j, i) is its transpose
+        e = torch.exp(z)
+        ez = e * z
+        total[i:i + chunk_size] += e.sum(1)
+        weighted[i:i + chunk_size] += ez.sum(1)
+        if j != i:
+            total[j:j + chunk_size] += e.sum(0)
+            weighted[j:j + chunk_size] += ez.sum(0)
+    return total, weighted
+
+
+def entropy_from_sums(total, weighted):
+    """H_i = log Z_i − Σ_j e_ij z_ij / Z_i from the sums of ``entropy_sums`` (added over the parts)."""
+    return total.log() - weighted / total
+
+
 @torch.no_grad()
 def sample_entropy(memory, temperature, chunk_size=None):
     """Entropy of softmax(memory · memoryᵀ / τ) for every row (own column included), in blocks.
@@ -25,34 +84,10 @@ def sample_entropy(memory, temperature, chunk_size=None):
     the O(N²·d) products and half the exponentials, with two blocks of memory at a time. That needs
     exp(z) to stay finite unshifted, which holds for a trained bank (unit rows: |z| <= 1 / τ); for
     rows with larger norms the row maximum is subtracted, one block row at a time.
+    Several processes each compute a part of the sums (``entropy_sums``) and add them up
+    (engine/distributed.py, ``discover``).
     """
-    n = memory.shape[0]
-    scaled = memory / temperature
-    if memory.norm(dim=1).max() ** 2 / temperature > 60:  # exp could overflow float32: shift each row
-        chunk_size = chunk_size or _row_chunks(n, memory.shape[1], memory.element_size())
-        entropy = torch.empty(n, dtype=memory.dtype, device=memory.device)
-        for start in range(0, n, chunk_size):
-            z = scaled[start:start + chunk_size] @ memory.T  # (chunk, N)
-            z -= z.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
-            e = torch.exp(z)
-            total = e.sum(1)
-            entropy[start:start + chunk_size] = total.log() - (e * z).sum(1) / total
-        return entropy
-    chunk_size = chunk_size or BLOCK
-    total = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Z_i
-    weighted = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Σ_j e_ij z_ij
-    for i in range(0, n, chunk_size):
-        rows = scaled[i:i + chunk_size]
-        for j in range(i, n, chunk_size):
-            z = rows @ memory[j:j + chunk_size].T  # (chunk_i, chunk_j) block of z; block (j, i) is its transpose
-            e = torch.exp(z)
-            ez = e * z
-            total[i:i + chunk_size] += e.sum(1)
-            weighted[i:i + chunk_size] += ez.sum(1)
-            if j != i:
-                total[j:j + chunk_size] += e.sum(0)
-                weighted[j:j + chunk_size] += ez.sum(0)
-    return total.log() - weighted / total
+    return entropy_from_sums(*entropy_sums(memory, temperature, chunk_size))
 
 
 @torch.no_grad()
@@ -127,20 +162,28 @@ class AnchorNeighbourhoods(nn.Module):
 
     @torch.no_grad()
     def discover(self, memory, temperature, num_anchors, labels=None):
-        n = int(self.samples_num)
+        """Find this round's anchors and neighbourhoods in ``memory`` and keep them; returns the consistency."""
         anchors, neighbours, entropy = discover_neighbourhoods(
             memory, temperature, num_anchors, self.ans_size, return_entropy=True)
-        is_anchor = torch.zeros(n, dtype=torch.bool, device=memory.device)
+        return self.adopt(anchors, neighbours, entropy, labels)
+
+    @torch.no_grad()
+    def adopt(self, anchors, neighbours, entropy, labels=None):
+        """Keep found anchors (num_anchors,), their neighbours (num_anchors, k) and the entropies (N,) as the
+        buffers (and ``consistency``, from ``labels``); returns the consistency. ``discover`` of one process,
+        or the parts of several put together (engine/distributed.py, ``discover``)."""
+        n = int(self.samples_num)
+        is_anchor = torch.zeros(n, dtype=torch.bool, device=entropy.device)
         is_anchor[anchors] = True
         instances = (~is_anchor).nonzero().squeeze(1)
-        position = torch.empty(n, dtype=torch.long, device=memory.device)
-        position[anchors] = torch.arange(len(anchors), device=memory.device)
-        position[instances] = -1 - torch.arange(len(instances), device=memory.device)
+        position = torch.empty(n, dtype=torch.long, device=entropy.device)
+        position[anchors] = torch.arange(len(anchors), device=entropy.device)
+        position[instances] = -1 - torch.arange(len(instances), device=entropy.device)
         if self.entropy.dtype != entropy.dtype:  # load_state_dict would cast into the old dtype
             self.entropy = self.entropy.to(entropy.dtype)
         consistency = torch.tensor(0.0)
         if labels is not None and len(anchors):
-            labels = labels.to(memory.device)
+            labels = labels.to(entropy.device)
             pairs = labels[neighbours], labels[anchors].unsqueeze(1).expand_as(neighbours)
             known = (pairs[0] >= 0) & (pairs[1] >= 0)  # unlabelled images (label -1) are left out
             if known.any():

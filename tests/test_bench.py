@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ["backbone_step_s", "stage1_step_s", "stage2_step_s", "stage1_ratio", "stage2_ratio",
             "stage1_method_s", "stage2_method_s", "ans_discovery_s", "eval_s", "knn_s",
             "loader_images_per_s", "host_peak_gib", "ddp_stage1_step_s", "ddp_stage1_local_work_s",
-            "ddp_stage2_step_s", "ddp_stage2_local_work_s", "ddp_ans_broadcast_s"]
+            "ddp_stage2_step_s", "ddp_stage2_local_work_s", "ddp_ans_discovery_s",
+            "ddp_ans_split_one_process_s", "ddp_ans_split_two_processes_s", "ddp_ans_speedup"]
 CONFIG = ["torch", "threads", "device_name", "date", "command", "flags"]
 
 
@@ -34,6 +35,7 @@ def test_quick_benchmark_writes_every_number(tmp_path):
     assert math.isfinite(result["ans_peak_extra_gib"]) and result["ans_peak_extra_gib"] >= 0
     assert result["anchors_in_batch"] > 0  # round-1 anchors: AND's neighbourhood branch ran
     assert result["losses_finite"] is True
+    assert 0 < result["ddp_ans_split_shared_anchors"] <= 1 and 0 < result["ddp_ans_split_same_neighbours"] <= 1
     # CUDA-only numbers are present, and empty on the CPU
     assert result["data_wait_share"] is None and result["device_peak_gib"] is None
     assert all(k in result["config"] for k in CONFIG) and result["config"]["threads"] >= 1

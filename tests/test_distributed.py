@@ -264,6 +264,65 @@ def test_each_scripts_step_and_evaluation_equal_one_process(two_processes, one_p
     check_against_one_process(*two_processes, one_process)
 
 
+# ---- the neighbourhood discovery, split over the processes ----
+
+SPLIT_SAMPLES, SPLIT_BLOCK, SPLIT_ANCHORS, SPLIT_K = 150, 16, 37, 3  # 10 blocks: 55 block pairs; 37 anchors: 18 + 19
+
+
+def split_bank(dtype, unit=True):
+    """A random bank with no ties (unit rows, or norms up to 3 for the shifted entropy) and labels."""
+    g = torch.Generator().manual_seed(5)
+    memory = F.normalize(torch.randn(SPLIT_SAMPLES, DIM, generator=g, dtype=torch.float64), dim=1)
+    if not unit:
+        memory = memory * torch.rand(SPLIT_SAMPLES, 1, generator=g, dtype=torch.float64).mul(2.8).add(0.2)
+    return memory.to(dtype), torch.randint(10, (SPLIT_SAMPLES,), generator=g)
+
+
+def _discovery_worker(rank, out_dir):
+    from lib import neighbourhoods
+    neighbourhoods.BLOCK = SPLIT_BLOCK  # (a forked process: the parent's module is untouched)
+    distributed.init("cpu")
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for unit in (True, False):
+            memory, labels = split_bank(dtype, unit)
+            if rank == 1:
+                memory = memory + 1  # another bank: rank 0's decides
+                memory[0] = float("nan")
+            ans = AnchorNeighbourhoods(SPLIT_SAMPLES, SPLIT_K)
+            consistency = distributed.discover(ans, memory, 0.1, SPLIT_ANCHORS, labels)
+            out[f"{dtype}_{unit}"] = {**ans.state_dict(), "returned": consistency}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_split_discovery_gives_every_process_the_one_process_anchors(tmp_path, monkeypatch, one_thread):
+    """Two processes each compute half the entropy's block pairs and half the anchors' neighbours: both end
+    with the same buffers, which are one process's on the same bank (the entropies to float rounding, as the
+    sums are added in another order), and the bank used is rank 0's."""
+    from lib import neighbourhoods
+    assert spawn(_discovery_worker, str(tmp_path)) == [0] * PROCESSES
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(PROCESSES))
+    monkeypatch.setattr(neighbourhoods, "BLOCK", SPLIT_BLOCK)
+    for dtype in (torch.float32, torch.float64):
+        for unit in (True, False):
+            key = f"{dtype}_{unit}"
+            memory, labels = split_bank(dtype, unit)
+            ans = AnchorNeighbourhoods(SPLIT_SAMPLES, SPLIT_K)
+            consistency = ans.discover(memory, 0.1, SPLIT_ANCHORS, labels)
+            one = {**ans.state_dict(), "returned": consistency}
+            assert set(first[key]) == set(one)
+            for name in one:
+                assert torch.equal(torch.as_tensor(first[key][name]), torch.as_tensor(second[key][name])), (key, name)
+            torch.testing.assert_close(first[key]["entropy"], one["entropy"], rtol=0,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-12)
+            assert first[key]["entropy"].dtype == dtype
+            for name in ("anchor_indexes", "neighbours", "instance_indexes", "position", "consistency"):
+                assert torch.equal(first[key][name], one[name]), (key, name)
+            assert first[key]["returned"] == one["returned"]
+            assert first[key]["neighbours"].shape == (SPLIT_ANCHORS, SPLIT_K)
+
+
 # ---- the shared shuffle ----
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

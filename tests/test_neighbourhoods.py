@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from lib.neighbourhoods import AnchorNeighbourhoods, discover_neighbourhoods, nearest_neighbours, sample_entropy
+from lib.neighbourhoods import (
+    AnchorNeighbourhoods,
+    block_pairs,
+    discover_neighbourhoods,
+    entropy_from_sums,
+    entropy_sums,
+    nearest_neighbours,
+    part_rows,
+    sample_entropy,
+)
 
 TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
 BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
@@ -189,3 +198,39 @@ def test_consistency_leaves_out_unlabelled_images():
     assert partial == pytest.approx(agree[known].double().mean().item())
     assert full == pytest.approx(agree.double().mean().item())
     assert ans.discover(memory, 0.1, 6, torch.full((12,), -1)) == 0.0
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+@pytest.mark.parametrize("num_rows, chunk_size", [(20, 3), (20, 20), (50, 7)])
+def test_parts_take_every_block_pair_and_row_once_in_balanced_shares(parts, num_rows, chunk_size):
+    shares = [block_pairs(num_rows, chunk_size, (p, parts)) for p in range(parts)]
+    every = block_pairs(num_rows, chunk_size)
+    assert sorted(pair for share in shares for pair in share) == sorted(every)
+    assert all(i <= j for i, j in every) and len(every) == len(set(every))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    rows = [part_rows(num_rows, (p, parts)) for p in range(parts)]
+    assert rows[0][0] == 0 and rows[-1][1] == num_rows and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert max(b - a for a, b in rows) - min(b - a for a, b in rows) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_partial_entropy_sums_add_up_to_one_part(dtype, unit, parts):
+    """What several processes add up (engine/distributed.py, ``discover``): the one-part sums and entropy,
+    to the rounding of the additions' order; one part is ``sample_entropy`` bit for bit."""
+    memory = _memory(3, n=40, unit=unit, dtype=dtype)
+    temperature = 0.1 if unit else 0.05  # not unit: large enough to take the shifted rows
+    one = entropy_sums(memory, temperature, chunk_size=6)
+    assert torch.equal(entropy_from_sums(*one), sample_entropy(memory, temperature, chunk_size=6))
+    shares = [entropy_sums(memory, temperature, chunk_size=6, part=(p, parts)) for p in range(parts)]
+    if not unit:  # shifted rows: each row's sums whole in one part
+        assert sum(int(share[0].count_nonzero()) for share in shares) == len(memory)
+    total, weighted = (sum(share[k] for share in shares) for k in range(2))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(total, one[0], **tol)
+    torch.testing.assert_close(weighted, one[1], **tol)
+    torch.testing.assert_close(entropy_from_sums(total, weighted), sample_entropy(memory, temperature, chunk_size=6),
+                               **tol)
+    torch.testing.assert_close(entropy_from_sums(total, weighted).double(), entropy_reference(memory, temperature),
+                               **tol)
