@@ -230,22 +230,6 @@ def broadcast_buffers(module, src=0):
     return module
 
 
-def from_main(module, compute, *args):
-    """``compute(*args)`` on rank 0, which fills ``module``'s buffers (the anchors and neighbourhoods); the
-    other processes receive the buffers and the return value. One process: ``compute(*args)``."""
-    if world_size() == 1:
-        return compute(*args)
-    payload = None
-    if is_main():
-        result = compute(*args)
-        payload = (result, {k: v.cpu() for k, v in module.state_dict().items()})
-    result, state = broadcast_object(payload)
-    if not is_main():
-        module.load_state_dict(state)
-    return result
-
-
-@torch.no_grad()
 def discover(ans, memory, temperature, count, labels=None):
     """This round's ``count`` anchors and their neighbourhoods into ``ans``'s buffers, the work split over the
     processes; returns the neighbourhoods' label consistency. One process: ``ans.discover(...)``.
