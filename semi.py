@@ -24,7 +24,7 @@ import datasets
 from engine import distributed
 from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_int, positive_int, run_cli
 from engine.errors import InputError
-from engine.lifecycle import open_run, read_checkpoint, require_keys, set_lr, training_state
+from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
 from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.optim import sgd_optimizer
@@ -111,7 +111,8 @@ def train_one_epoch(model, loader, optimizer, amp, device):
         optimizer.step()
         total += loss.detach()
         count += 1
-    return distributed.average(total).item() / max(count, 1)  # the global batch's mean cross-entropy
+    mean = distributed.average(total).item() / max(count, 1)  # the global batch's mean cross-entropy
+    return require_finite({"loss": mean})["loss"]
 
 
 def load_start(args, model):

@@ -340,7 +340,12 @@ def run_epoch(loader, step, device, channels_last=False):
         if i % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{totals['loss'].item() / i:.4f}")
     count = max(len(loader), 1)
-    means = {name: (total / count).tolist() for name, total in totals.items()}
+    return require_finite({name: (total / count).tolist() for name, total in totals.items()})
+
+
+def require_finite(means):
+    """``means`` (the epoch's mean losses: numbers or lists of them) unchanged, or ``Diverged`` when one is
+    NaN or infinite: the run stops before saving the epoch, and the last good checkpoint stays."""
     flat = [x for v in means.values() for x in (v if isinstance(v, list) else [v])]
     if not all(map(math.isfinite, flat)):
         raise Diverged(f"the loss became non-finite ({means.get('loss')}); stopped before saving this epoch")

@@ -1,6 +1,7 @@
 """semi.py: few-label fine-tuning from a pretrained encoder (paper §4.4): the labelled draw, the schedule,
 the start from each kind of file, exact resume and bad input."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,3 +107,22 @@ def test_bad_input(stage1_ckpt, capsys, tmp_path):
     expect_error(capsys, semi, NARROW + ["--subset", "64", "--labels_per_class", "1", "--from_scratch",
                                          "--model_dir", out], "fewer than --batch_size")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stage1_ckpt, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = semi.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 3 else loss  # 30 labelled images / batch 10: epoch 0 = 3 steps
+
+    monkeypatch.setattr(semi, "F", SimpleNamespace(cross_entropy=poisoned))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(semi, SMALL + ["--epochs", "3", "--resume", stage1_ckpt, "--model_dir", tmp_path])
+    assert exit_info.value.code == 3
+    assert "non-finite" in capsys.readouterr().err
+    ckpt = load_checkpoint(tmp_path / "ckpt_semi.t7")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["net"].values() if v.is_floating_point())
