@@ -195,7 +195,7 @@ def load_encoder(args, path, ckpt, num_classes, device):
     stage = checkpoint_stage(ckpt)
     check_checkpoint(ckpt, path, args, num_classes)
     if args.test_only and stage != 2:
-        raise InputError(f"{path} is a stage-1 checkpoint with no heads to evaluate: train stage 2 from it "
+        raise InputError(f"{path} is a stage-{stage} checkpoint with no heads to evaluate: train stage 2 from it "
                          f"with 'main.py --resume {args.resume}', or use super_and.py --test_only")
     if not args.test_only and stage == 2 and "next_epoch" not in ckpt:
         raise InputError(f"{path} holds no training state (a released file or a best-epoch file): evaluate it "
