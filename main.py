@@ -29,11 +29,11 @@ from engine.cli import (
     positive_int,
     run_cli,
 )
-from engine.errors import InputError
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.plots import plot_clusters, plot_confusion, plot_curves
 from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.errors import InputError
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
 from lib.protocols import clustering_metrics, hungarian_match

@@ -24,10 +24,10 @@ from engine.cli import (
     run_cli,
     share,
 )
-from engine.errors import InputError
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.system import keep_freed_memory, seed_everything, speed_options
 from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from engine import distributed
-from engine.errors import InputError
+from lib.errors import InputError
 
 from . import folder, sources, stl10
 from .arrays import ConcatImages

@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from tqdm import tqdm
 
-from engine.errors import InputError
+from lib.errors import InputError
 
 from .arrays import MappedImages, channel_stats, write_json_atomic
 

@@ -15,7 +15,7 @@ import urllib.error
 
 import numpy as np
 
-from engine.errors import InputError
+from lib.errors import InputError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

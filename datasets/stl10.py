@@ -17,7 +17,7 @@ import urllib.error
 
 import numpy as np
 
-from engine.errors import InputError
+from lib.errors import InputError
 
 from .arrays import ConcatImages, MappedImages, channel_stats, write_json_atomic
 from .sources import no_new_folders_on_error

@@ -9,8 +9,9 @@ import os
 import sys
 import tempfile
 
+from lib.errors import Diverged, InputError
+
 from . import distributed
-from .errors import Diverged, InputError
 
 
 class ArgumentParser(argparse.ArgumentParser):

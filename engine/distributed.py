@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lib.errors import InputError
 from lib.neighbourhoods import entropy_from_sums, entropy_sums, nearest_neighbours, part_rows
 
-from .errors import InputError
 from .system import choose_device, seed_everything
 
 

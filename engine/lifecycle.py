@@ -27,9 +27,9 @@ import time
 import torch
 
 from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.errors import Diverged, InputError
 
 from . import distributed
-from .errors import Diverged, InputError
 from .system import rng_state, set_rng_state
 
 LOCK = "run.lock"

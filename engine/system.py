@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import InputError
+from lib.errors import InputError
 
 
 def choose_device(name="auto"):

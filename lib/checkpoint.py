@@ -8,7 +8,7 @@ import zipfile
 
 import torch
 
-from engine.errors import InputError
+from .errors import InputError
 
 PREFIX = "module."  # released files were saved from a DataParallel wrapper
 

@@ -26,7 +26,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 import datasets
 from datasets import arrays, sources, stl10
 from datasets.arrays import ConcatImages, MappedImages
-from engine.errors import InputError
+from lib.errors import InputError
 
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 HAVE_DEBIAN_FMNIST = all(

@@ -25,9 +25,9 @@ from datasets.gpu_augment import GpuTwoViewLoader
 from datasets.sharding import ShardSampler, epoch_order, shard_indexes
 from engine import distributed
 from engine.cli import run_cli
-from engine.errors import InputError
 from engine.system import speed_options
 from lib.checkpoint import load_checkpoint
+from lib.errors import InputError
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods, discover_neighbourhoods
 from lib.optim import sgd_optimizer

@@ -11,8 +11,8 @@ import torch
 import main as stage2
 import super_and
 from engine.cli import check_output_dir, check_output_file
-from engine.errors import InputError
 from engine.lifecycle import JsonLog, RunLock, open_run, read_checkpoint, refuse_overwrite, run_epoch
+from lib.errors import InputError
 
 
 def dead_pid():
@@ -141,7 +141,7 @@ def test_run_epoch_averages_named_losses_and_stops_on_nan():
     means = run_epoch(batches, step, torch.device("cpu"))
     assert means == {"loss": 2.5, "parts": [2.5, 5.0]}
     assert seen[0] == [0, 0, 1, 1]  # view 1 rows first
-    from engine.errors import Diverged
+    from lib.errors import Diverged
     with pytest.raises(Diverged, match="non-finite"):
         run_epoch(batches, lambda images, batch: {"loss": torch.tensor(float("nan"))}, torch.device("cpu"))
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.errors import InputError
 from lib.checkpoint import load_checkpoint, load_network, strip_prefix
+from lib.errors import InputError
 from models import MultiHeadNormFC, resnet18
 
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
