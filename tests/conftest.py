@@ -98,3 +98,39 @@ def expect_error(capsys, module, args, *fragments):
     assert len(err) == 1 and err[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in err[0], err[0]
+
+
+# ---- the data-set tests (tests/test_sources.py, test_registry.py, test_images.py, ...) ----
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails loudly (and would surface as an offline error); local
+    (AF_UNIX) sockets stay, since DataLoader workers pass tensors through them."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    def local_only(original):
+        def connect(sock, *args, **kwargs):
+            if sock.family == socket.AF_UNIX:
+                return original(sock, *args, **kwargs)
+            refuse()
+        return connect
+    monkeypatch.setattr(socket.socket, "connect", local_only(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", local_only(socket.socket.connect_ex))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    """scikit-learn's bundled digits as the reader gives them: the 1,497 training images and labels."""
+    from datasets import sources
+    return sources.digits(".", "train")
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    """The 300 test digits, images and labels."""
+    from datasets import sources
+    return sources.digits(".", "test")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_datasets import write_stl10
+from data_files import write_stl10
 
 import main as stage2
 import super_and
