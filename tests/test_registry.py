@@ -2,10 +2,14 @@
 and ``build_dataset`` / ``from_args`` checking what they are given.
 """
 import dataclasses
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from data_files import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from data_files import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, write_stl10
+from PIL import Image
+from torchvision import transforms
 
 import datasets
 from lib.errors import InputError
@@ -80,3 +84,78 @@ def test_bad_subset_raises_input_error(subset):
     with pytest.raises(InputError) as err:
         datasets.build_dataset("digits", ".", "train", subset=subset)
     assert "subset" in str(err.value)
+
+
+def test_same_images():
+    """cifar20 is CIFAR-100's images under their superclass labels: an encoder of one is an encoder of the other."""
+    assert datasets.DATASETS["cifar20"].images_of == "cifar100"
+    assert datasets.same_images("cifar20", "cifar100") and datasets.same_images("cifar100", "cifar20")
+    assert all(datasets.same_images(name, name) for name in datasets.DATASETS)
+    assert not datasets.same_images("cifar10", "cifar100") and not datasets.same_images("cifar10", "cifar20")
+    assert not datasets.same_images("stl10", "cifar10") and not datasets.same_images("folder", "digits")
+    assert datasets.same_images("imagenet", "imagenet") and not datasets.same_images("imagenet", "cifar100")
+    for info in datasets.DATASETS.values():  # one level: the data set named owns its images
+        if info.images_of is not None:
+            assert info.images_of in datasets.DATASETS and datasets.DATASETS[info.images_of].images_of is None
+
+
+def flags(**overrides):
+    base = dict(dataset="digits", data_dir=".", subset=4, image_size=32, num_classes=None, model_dir=None)
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_from_args_normalization_override_is_the_transforms(digits_train):
+    args = flags()
+    before = dict(vars(args))
+    mean, std = [0.25, 0.5, 0.75], [0.5, 0.25, 0.125]
+    ds = datasets.from_args(args, "train", normalization={"mean": mean, "std": std})
+    assert ds.mean == (0.25, 0.5, 0.75) and ds.std == (0.5, 0.25, 0.125)
+    image = ds[2]["image"]  # (3, 32, 32): the evaluation transform of the 32x32 image leaves every pixel in place
+    for y, x in ((0, 0), (16, 12), (20, 9), (31, 31)):
+        pixel = digits_train[0][2, y, x]  # uint8 (3,)
+        by_hand = [(int(pixel[c]) / 255 - mean[c]) / std[c] for c in range(3)]
+        assert image[:, y, x].tolist() == pytest.approx(by_hand, abs=1e-6)
+    assert image[:, 16, 12].tolist() != pytest.approx(datasets.from_args(args, "train")[2]["image"][:, 16, 12].tolist())
+    two = datasets.from_args(args, "train", views=2, normalization={"mean": mean, "std": std})
+    norm = two.transform.transforms[-1]
+    assert type(two.transform.transforms[0]) is transforms.RandomResizedCrop
+    assert tuple(norm.mean) == (0.25, 0.5, 0.75) and tuple(norm.std) == (0.5, 0.25, 0.125)
+    assert vars(args) == before  # nothing written into the caller's flags
+
+
+@pytest.mark.parametrize("given", [{"mean": [0.5] * 3}, {"mean": [0.5] * 3, "std": [0.2, 0.2]},
+                                   {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}, [0.5, 0.2]])
+def test_bad_normalization_raises_input_error(given):
+    with pytest.raises(InputError) as err:
+        datasets.build_dataset("digits", ".", "train", subset=2, normalization=given)
+    assert "normalization" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_args_num_classes_override_for_a_flat_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = flags(dataset="folder", data_dir=str(folder), subset=None, image_size=8, model_dir=str(tmp_path / "run"))
+    before = dict(vars(args))
+    with pytest.raises(InputError, match="pass --num_classes K"):
+        datasets.from_args(args, "train")
+    ds = datasets.from_args(args, "train", num_classes=4)
+    assert ds.num_classes == 4 and len(ds) == 3 and not ds.has_labels
+    assert vars(args) == before
+    (cache,) = os.listdir(tmp_path / "run" / "cache")  # the run folder's cache of this image folder
+    assert cache.startswith("flat-")
+    assert datasets.from_args(flags(dataset="folder", data_dir=str(folder), subset=None, image_size=8,
+                                    model_dir=None, num_classes=9), "train", num_classes=2).num_classes == 2
+
+
+def test_given_normalization_is_not_computed(tmp_path):
+    """STL-10's statistics are computed from its training images; a given normalization replaces them
+    without that pass over the images (nothing is computed or cached)."""
+    write_stl10(str(tmp_path))
+    ds = datasets.build_dataset("stl10", tmp_path, "test", normalization={"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    assert ds.mean == (0.5,) * 3 and ds.std == (0.25,) * 3
+    assert not os.path.exists(tmp_path / "stl10_binary" / "normalization.json")
+    assert datasets.build_dataset("stl10", tmp_path, "test").mean != ds.mean
+    assert os.path.exists(tmp_path / "stl10_binary" / "normalization.json")
