@@ -10,7 +10,7 @@ from lib.errors import InputError
 
 from . import processes
 from .images import ImageDataset
-from .registry import info
+from .registry import lookup
 from .transforms import for_views
 
 
@@ -29,7 +29,7 @@ def build_dataset(name, data_dir, split, views=1, transform=None, subset=None, i
     ``transform`` defaults to the training augmentation when ``views == 2`` and to the evaluation
     transform otherwise.
     """
-    entry = info(name)
+    entry = lookup(name)
     if subset is not None and subset < 1:
         raise InputError(f"--subset must be a positive number of images, not {subset}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:

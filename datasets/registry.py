@@ -46,12 +46,6 @@ class PartReader:
         read = [self.read(data_dir, part) for part in parts]
         return Images(_concatenate([images for images, _ in read]), np.concatenate([labels for _, labels in read]))
 
-    def __eq__(self, other):
-        return type(other) is PartReader and other.read == self.read
-
-    def __hash__(self):
-        return hash(self.read)
-
     def __repr__(self):
         return f"PartReader({self.read!r})"
 
@@ -137,7 +131,7 @@ DATASETS = {
 }
 
 
-def info(name):
+def lookup(name):
     """``DATASETS[name]``, or one clear line naming the data sets there are."""
     if name not in DATASETS:
         raise InputError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
