@@ -29,9 +29,10 @@ from engine.cli import (
     positive_int,
     run_cli,
 )
+from engine.distributed import speed_options
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.plots import plot_clusters, plot_confusion, plot_curves
-from engine.system import keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.losses import aug_loss, iic_loss
@@ -89,7 +90,7 @@ def train_step(net, heads, images, optimizer, args):
 def evaluate(net, heads, loader, num_classes, device):
     """Each head's clusters on ``loader``: (metrics, predictions (H, N), probabilities (H, N)); metrics are
     each head's ACC / NMI / ARI (%) after Hungarian matching, or None when the images have no labels."""
-    features = distributed.compute_features(net, loader, device)
+    features = distributed.compute_features_sharded(net, loader, device)
     with torch.no_grad():
         probs, preds = torch.stack(heads(features)).max(dim=2)  # (H, N) each
     probs, preds = probs.cpu(), preds.cpu()

@@ -23,8 +23,9 @@ from torchvision import transforms
 import datasets
 from engine import distributed
 from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_int, positive_int, run_cli
+from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
-from engine.system import keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.optim import sgd_optimizer

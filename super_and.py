@@ -24,8 +24,9 @@ from engine.cli import (
     run_cli,
     share,
 )
+from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
-from engine.system import keep_freed_memory, seed_everything, speed_options
+from engine.system import keep_freed_memory, seed_everything
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
@@ -96,7 +97,7 @@ def evaluate(net, npc, test_loader, train_labels, num_classes, device):
     or (None, None) when the images have no labels."""
     if test_loader is None or not test_loader.dataset.has_labels:
         return None, None
-    features = distributed.compute_features(net, test_loader, device)
+    features = distributed.compute_features_sharded(net, test_loader, device)
     return knn_accuracy(features, npc.memory, train_labels, test_loader.dataset.targets.to(device), num_classes)
 
 
@@ -207,8 +208,8 @@ def main(args):
             first_epoch = start[1] if round_index == start[0] else 0
             if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
                 count = num_anchors(num_samples, args.ANs_select_rate, round_index)
-                consistency = distributed.discover(  # split over the processes, the same on every one
-                    s.ans, s.npc.memory, args.npc_t, count, s.labels)
+                consistency = s.ans.discover(  # split over the processes, the same on every one
+                    s.npc.memory, args.npc_t, count, s.labels, collectives=distributed.ProcessGroup())
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
                 top1 = train_and_save(run, s, round_index, epoch, args, device)

@@ -39,7 +39,8 @@ import datasets
 import main as stage2
 import super_and as stage1
 from engine.cli import ArgumentParser
-from engine.system import choose_device, keep_freed_memory, speed_options
+from engine.distributed import speed_options
+from engine.system import choose_device, keep_freed_memory
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
@@ -525,7 +526,7 @@ def bench_ddp(args, device, sizes):
 
 
 def bench_split_discovery(n, dim, temperature, select_rate, ans_size):
-    """The round-1 discovery at N (``distributed.discover``) in one process and split over two gloo
+    """The round-1 discovery at N (``AnchorNeighbourhoods.discover``) in one process and split over two gloo
     processes, one thread each (fresh processes): the seconds, the speed-up and how far the two agree with the
     one-process anchors and neighbours."""
     progress(f"ANs discovery at N = {n:,} in one and in two gloo processes")
@@ -571,7 +572,7 @@ def split_discovery_worker(rank, world, port, n, dim, temperature, select_rate, 
     count = num_anchors(n, select_rate, 1)
     distributed.barrier()
     start = time.perf_counter()
-    distributed.discover(ans, memory, temperature, count)
+    ans.discover(memory, temperature, count, collectives=distributed.ProcessGroup())
     seconds = time.perf_counter() - start
     if distributed.is_main():
         queue.put({"seconds": seconds, "anchors": ans.anchor_indexes.tolist(), "neighbours": ans.neighbours.tolist()})
@@ -604,7 +605,7 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
     count = num_anchors(n, a1.ANs_select_rate, 1)
     distributed.barrier()
     start = time.perf_counter()
-    distributed.discover(ans, npc.memory, a1.npc_t, count)  # split over the two processes, as in super_and.py
+    ans.discover(npc.memory, a1.npc_t, count, collectives=distributed.ProcessGroup())  # split over the two processes
     synchronize(device)
     discovery = time.perf_counter() - start
     heads = MultiHeadNormFC(a2.low_dim, datasets.DATASETS[a2.dataset].num_classes, a2.num_heads, a2.tau_c,

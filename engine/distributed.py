@@ -15,9 +15,10 @@ plain ``python super_and.py``. With P processes:
   backward sums each row's gradient over the P identical losses (P times the gradient of one loss) and
   DistributedDataParallel divides the parameter gradients by P: together the single-process gradient.
 - Evaluation splits the loader's batches over the processes and gathers the features in loader order
-  (``compute_features``); rank 0 alone writes files and prints (others print to /dev/null).
-- Each round's neighbourhood discovery is split over the processes (``discover``): every process computes
-  a share of the O(N²) entropy and of the anchors' neighbours, and all end with the same anchors.
+  (``compute_features_sharded``); rank 0 alone writes files and prints (others print to /dev/null).
+- Each round's neighbourhood discovery is split over the processes: ``ProcessGroup`` gives the method's
+  ``AnchorNeighbourhoods.discover`` the process group's collective operations, with which every process
+  computes a share of the O(N²) entropy and of the anchors' neighbours, and all end with the same anchors.
 """
 import os
 import sys
@@ -27,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lib.collectives import Collectives
 from lib.errors import InputError
-from lib.neighbourhoods import entropy_from_sums, entropy_sums, nearest_neighbours, part_rows
 
 from .system import choose_device, seed_everything
 
@@ -122,7 +123,7 @@ def gather(tensor):
     return torch.cat(parts)
 
 
-class _GatherRows(torch.autograd.Function):
+class _GatherWithGradient(torch.autograd.Function):
     """All processes' rows in rank order (all_gather along dim 0). Backward: each process's gradient of the
     gathered rows, summed over the processes, and this process's own rows of that sum (a reduce-scatter,
     written as all_reduce and a slice so that gloo runs it as NCCL does)."""
@@ -135,8 +136,8 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous().clone()  # (P·n, ...): all_reduce writes in place
         dist.all_reduce(grad)
-        n = grad.shape[0] // world_size()
-        return grad[rank() * n:(rank() + 1) * n]
+        rows = grad.shape[0] // world_size()
+        return grad[rank() * rows:(rank() + 1) * rows]
 
 
 def gather_views(features):
@@ -151,7 +152,7 @@ def gather_views(features):
     if world_size() == 1:
         return features
     half = features.shape[0] // 2
-    every = _GatherRows.apply(features).view(world_size(), 2, half, *features.shape[1:])  # (P, 2, b, d)
+    every = _GatherWithGradient.apply(features).view(world_size(), 2, half, *features.shape[1:])  # (P, 2, b, d)
     return every.transpose(0, 1).reshape(features.shape[0] * world_size(), *features.shape[1:])  # (2B, d)
 
 
@@ -171,7 +172,7 @@ def total(*numbers):
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     sums = torch.tensor(numbers, dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    return tuple(type(n)(s) for n, s in zip(numbers, sums.tolist()))
+    return tuple(type(number)(summed) for number, summed in zip(numbers, sums.tolist()))
 
 
 # ---- the model ----
@@ -193,6 +194,16 @@ def wrap(model, sync_bn=False):
                              "the CPU keep per-process statistics)")
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module: parameters are shared
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def speed_options(net, channels_last=False, compile=False, sync_bn=False):
+    """Apply --channels_last and --compile to ``net`` and, with several processes, wrap it in
+    DistributedDataParallel (with --sync_bn: synchronized BatchNorm); returns (net, model): train with
+    ``model``, save ``net`` (a compiled or wrapped module's state dict would carry a prefix)."""
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = wrap(net, sync_bn)  # ``net`` itself for one process
+    return net, (torch.compile(model) if compile else model)
 
 
 def broadcast_object(obj, src=0):
@@ -230,34 +241,35 @@ def broadcast_buffers(module, src=0):
     return module
 
 
-def discover(ans, memory, temperature, count, labels=None):
-    """This round's ``count`` anchors and their neighbourhoods into ``ans``'s buffers, the work split over the
-    processes; returns the neighbourhoods' label consistency. One process: ``ans.discover(...)``.
+class ProcessGroup(Collectives):
+    """The collective operations of the process group, for the method's functions that split their work
+    (``AnchorNeighbourhoods.discover``): ``part`` is (rank, processes); one process does nothing."""
 
-    Several: rank 0's bank on every process (the banks are equal; this makes sure), each process's share
-    of the entropy's block pairs (``entropy_sums``), summed by an all-reduce that gives every process the
-    same sums, so the same entropies and the same anchors (topk); then each process the neighbours of its
-    contiguous share of the anchors (``part_rows``), gathered in order. Every process ends with the same
-    buffers; against one process the entropies differ by the order of the additions (float rounding).
-    """
-    if world_size() == 1:
-        return ans.discover(memory, temperature, count, labels)
-    part = (rank(), world_size())
-    memory = broadcast_tensor(memory.detach().clone())
-    sums = torch.stack(entropy_sums(memory, temperature, part=part))  # (2, N): Z_i and Σ_j e_ij z_ij
-    dist.all_reduce(sums)
-    entropy = entropy_from_sums(sums[0], sums[1])
-    anchors = entropy.topk(count, largest=False).indices
-    start, stop = part_rows(count, part)
-    mine = nearest_neighbours(memory, anchors[start:stop], ans.ans_size)
-    longest = -(-count // world_size())  # the largest share: all_gather takes equal shapes
-    padded = mine.new_zeros((longest, ans.ans_size))
-    padded[:len(mine)] = mine
-    every = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(every, padded)
-    neighbours = torch.cat([rows[:stop - start] for rows, (start, stop) in
-                            zip(every, (part_rows(count, (r, world_size())) for r in range(world_size())))])
-    return ans.adopt(anchors, neighbours, entropy, labels)
+    @property
+    def part(self):
+        return rank(), world_size()
+
+    @torch.no_grad()
+    def broadcast(self, tensor):
+        if world_size() == 1:
+            return tensor
+        return broadcast_tensor(tensor.detach().clone())  # the caller's tensor (the bank) stays its own
+
+    @torch.no_grad()
+    def all_reduce_sum(self, tensor):
+        if world_size() > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    @torch.no_grad()
+    def gather_rows(self, tensor):
+        if world_size() == 1:
+            return tensor
+        counts = gather(torch.tensor([len(tensor)], device=tensor.device)).tolist()
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))  # all_gather takes equal shapes
+        padded[:len(tensor)] = tensor
+        every = gather(padded).view(world_size(), *padded.shape)
+        return torch.cat([rows[:count] for rows, count in zip(every, counts)])
 
 
 def main_first(build):
@@ -296,7 +308,7 @@ def main_decides(check):
 
 def derived_seed(*keys):
     """A 63-bit seed from integers (the run's seed, the epoch, the rank), by NumPy's SeedSequence."""
-    return int(np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(1, np.uint64)[0]) % 2**63
+    return int(np.random.SeedSequence([int(key) % 2**63 for key in keys]).generate_state(1, np.uint64)[0]) % 2**63
 
 
 def start_epoch(loader, seed, epoch):
@@ -340,15 +352,15 @@ def gather_shards(rows, num_rows, batch_size):
     return torch.cat(parts)[source]
 
 
-def compute_features(net, loader, device, amp=False):
+def compute_features_sharded(net, loader, device, amp=False):
     """``lib.protocols.compute_features`` over the processes: rank 0's BatchNorm running statistics on
     every process, each process its share of the batches, all features gathered in loader order."""
-    from lib.protocols import compute_features as features_of  # (scikit-learn comes with it: only when evaluating)
+    from lib.protocols import compute_features  # scikit-learn comes with it: imported only when evaluating
     if world_size() == 1:
-        return features_of(net, loader, device, amp)
+        return compute_features(net, loader, device, amp)
     broadcast_buffers(net)
     mine = shard(loader)
-    rows = features_of(net, mine, device, amp) if len(mine) else None  # a process may have no batch
+    rows = compute_features(net, mine, device, amp) if len(mine) else None  # a process may have no batch
     shape, dtype = broadcast_object(None if rows is None else (tuple(rows.shape[1:]), rows.dtype))  # rank 0 has one
     if rows is None:
         rows = torch.empty((0, *shape), dtype=dtype, device=device)

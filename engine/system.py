@@ -34,10 +34,8 @@ def choose_device(name="auto"):
 def keep_freed_memory():
     """A CPU speed setting that leaves the math alone: stop glibc from handing the network's large
     activation buffers back to the kernel after every step, so the next step does not fault in zeroed
-    pages again (measured on 2 cores: about 2.5 million page faults and 5 s of system time per 12 s step
-    of the full network; 9 s per step with this). The price is a higher resident peak (the benchmark's
-    4.2 -> 5.1 GiB). Same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>; a no-op off glibc.
-    Returns whether the setting took."""
+    pages again. The price is a higher resident peak. Same as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<large>; a no-op off glibc. Returns whether the setting took."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from malloc.h
@@ -70,14 +68,3 @@ def set_rng_state(state):
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def speed_options(net, channels_last=False, compile=False, sync_bn=False):
-    """Apply --channels_last and --compile to ``net`` and, under torchrun with several processes, wrap it in
-    DistributedDataParallel (with --sync_bn: synchronized BatchNorm); returns (net, model): train with
-    ``model``, save ``net`` (a compiled or wrapped module's state dict would carry a prefix)."""
-    from .distributed import wrap  # engine.distributed imports this module
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = wrap(net, sync_bn)  # ``net`` itself for one process
-    return net, (torch.compile(model) if compile else model)

@@ -70,7 +70,7 @@ def normalization(dataset):
 
 
 def strip_prefix(state_dict, prefix=PREFIX):
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return {(key[len(prefix):] if key.startswith(prefix) else key): value for key, value in state_dict.items()}
 
 
 def load_network(net, state_dict, path):

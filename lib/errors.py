@@ -1,4 +1,4 @@
-"""The ways a run stops on purpose, each with its exit status (``engine.cli.run_cli`` maps them to one line)."""
+"""The ways a run stops on purpose, each with its exit status (the scripts report each as one line)."""
 
 
 class InputError(Exception):

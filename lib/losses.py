@@ -48,21 +48,21 @@ def aug_loss(features, temperature, neg_m=1.0):
         temperature: T_b (batch_t, 0.1).
         neg_m: m_b (batch_m, 1), the weight of the negative pairs.
     """
-    x = features.to(torch.promote_types(features.dtype, torch.float32))
-    rows = x.shape[0]
+    vectors = features.to(torch.promote_types(features.dtype, torch.float32))
+    rows = vectors.shape[0]
     half = rows // 2
-    partner = torch.arange(rows, device=x.device).add(half).remainder(rows)
+    partner = torch.arange(rows, device=vectors.device).add(half).remainder(rows)
     # x̂_i · x̂_j = x_i · x_j / (|x_i| |x_j|): normalizing after the product keeps the (2B, D) input
     # untouched (D = N in stage 1); the right factor, its norm included, is detached
-    norm = x.norm(dim=1).clamp(min=1e-12)  # F.normalize's eps
-    sim = (x @ x.detach().T) / (norm.unsqueeze(1) * norm.detach().unsqueeze(0) * temperature)  # (2B, 2B)
-    eye = torch.eye(rows, dtype=torch.bool, device=x.device)
+    norm = vectors.norm(dim=1).clamp(min=1e-12)  # F.normalize's eps
+    sim = (vectors @ vectors.detach().T) / (norm.unsqueeze(1) * norm.detach().unsqueeze(0) * temperature)  # (2B, 2B)
+    eye = torch.eye(rows, dtype=torch.bool, device=vectors.device)
     all_prob = sim.exp().masked_fill(eye, 0.0)
     pos = all_prob.gather(1, partner.unsqueeze(1)).squeeze(1)  # (2B,)
     denom = all_prob.sum(1) if neg_m == 1 else (all_prob.sum(1) - pos) * neg_m + pos
     log_pos = torch.log(pos / denom)
     negatives = eye.clone()
-    negatives[torch.arange(rows, device=x.device), partner] = True  # exclude self and partner
+    negatives[torch.arange(rows, device=vectors.device), partner] = True  # exclude self and partner
     log_neg = torch.log1p(-all_prob / denom.unsqueeze(1)).masked_fill(negatives, 0.0).sum(1)
     return -(log_pos.sum() + neg_m * log_neg.sum()) / rows
 

@@ -1,14 +1,17 @@
 """Anchor-neighbourhood discovery (ANs) of Super-AND (docs/method.md, "Anchor neighbourhoods").
 
 Entropies and similarities are computed in the dtype of the memory bank (float32 in training,
-float64 in the tests that hold them against slow loops).
+float64 in the tests that hold them against slow loops). The discovery can be split into parts
+(``part = (index, parts)``) whose results a ``lib.collectives.Collectives`` joins.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .collectives import ONE_PROCESS
 
-def _row_chunks(num_rows, dim, itemsize=4, budget_bytes=128 * 2**20):
+
+def _row_chunks(num_rows, itemsize=4, budget_bytes=128 * 2**20):
     """Rows per chunk so that two (chunk x N) blocks of ``itemsize``-byte numbers stay under ``budget_bytes``."""
     return max(1, min(num_rows, budget_bytes // (itemsize * max(num_rows, 1) * 2)))
 
@@ -43,30 +46,30 @@ def entropy_sums(memory, temperature, chunk_size=None, part=(0, 1)):
     each adding to its rows and, off the diagonal, to its columns. Larger rows (each row shifted by its
     maximum): the part's row chunks, round-robin, each row's sums whole in one part and zero in the others.
     """
-    n = memory.shape[0]
+    num_rows = memory.shape[0]
     index, parts = part
     scaled = memory / temperature
-    total = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Z_i
-    weighted = torch.zeros(n, dtype=memory.dtype, device=memory.device)  # Σ_j e_ij z_ij
+    total = torch.zeros(num_rows, dtype=memory.dtype, device=memory.device)  # Z_i
+    weighted = torch.zeros(num_rows, dtype=memory.dtype, device=memory.device)  # Σ_j e_ij z_ij
     if memory.norm(dim=1).max() ** 2 / temperature > 60:  # exp could overflow float32: shift each row
-        chunk_size = chunk_size or _row_chunks(n, memory.shape[1], memory.element_size())
-        for start in list(range(0, n, chunk_size))[index::parts]:
-            z = scaled[start:start + chunk_size] @ memory.T  # (chunk, N)
-            z -= z.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
-            e = torch.exp(z)
-            total[start:start + chunk_size] = e.sum(1)
-            weighted[start:start + chunk_size] = (e * z).sum(1)
+        chunk_size = chunk_size or _row_chunks(num_rows, memory.element_size())
+        for start in list(range(0, num_rows, chunk_size))[index::parts]:
+            logits = scaled[start:start + chunk_size] @ memory.T  # (chunk, N) rows of z
+            logits -= logits.amax(dim=1, keepdim=True)  # the entropy of a row is invariant to a shift
+            exps = torch.exp(logits)
+            total[start:start + chunk_size] = exps.sum(1)
+            weighted[start:start + chunk_size] = (exps * logits).sum(1)
         return total, weighted
     chunk_size = chunk_size or BLOCK
-    for i, j in block_pairs(n, chunk_size, part):
-        z = scaled[i:i + chunk_size] @ memory[j:j + chunk_size].T  # block (i, j) of z; block (j, i) is its transpose
-        e = torch.exp(z)
-        ez = e * z
-        total[i:i + chunk_size] += e.sum(1)
-        weighted[i:i + chunk_size] += ez.sum(1)
+    for i, j in block_pairs(num_rows, chunk_size, part):
+        logits = scaled[i:i + chunk_size] @ memory[j:j + chunk_size].T  # block (i, j) of z; (j, i) is its transpose
+        exps = torch.exp(logits)
+        products = exps * logits
+        total[i:i + chunk_size] += exps.sum(1)
+        weighted[i:i + chunk_size] += products.sum(1)
         if j != i:
-            total[j:j + chunk_size] += e.sum(0)
-            weighted[j:j + chunk_size] += ez.sum(0)
+            total[j:j + chunk_size] += exps.sum(0)
+            weighted[j:j + chunk_size] += products.sum(0)
     return total, weighted
 
 
@@ -84,58 +87,70 @@ def sample_entropy(memory, temperature, chunk_size=None):
     the O(N²·d) products and half the exponentials, with two blocks of memory at a time. That needs
     exp(z) to stay finite unshifted, which holds for a trained bank (unit rows: |z| <= 1 / τ); for
     rows with larger norms the row maximum is subtracted, one block row at a time.
-    Several processes each compute a part of the sums (``entropy_sums``) and add them up
-    (engine/distributed.py, ``discover``).
     """
     return entropy_from_sums(*entropy_sums(memory, temperature, chunk_size))
 
 
 @torch.no_grad()
-def nearest_neighbours(memory, queries, k, chunk_size=None):
-    """The k nearest rows of ``memory`` to each row index in ``queries`` by cosine similarity, itself excluded.
+def nearest_neighbours(memory, queries, num_neighbours, chunk_size=None):
+    """The ``num_neighbours`` nearest rows of ``memory`` to each row index in ``queries`` by cosine
+    similarity, itself excluded.
 
     Square (chunk x chunk) blocks of similarities, each one's top k merged into a running top k,
     so only two small blocks are in memory at a time.
     """
-    n = memory.shape[0]
+    num_rows = memory.shape[0]
     chunk_size = chunk_size or BLOCK
     unit = F.normalize(memory, dim=1)
-    out = torch.empty(len(queries), k, dtype=torch.long, device=memory.device)
+    out = torch.empty(len(queries), num_neighbours, dtype=torch.long, device=memory.device)
     for start in range(0, len(queries), chunk_size):
         rows = queries[start:start + chunk_size]
         query = unit[rows]
         best_sim = torch.full((len(rows), 0), float("-inf"), dtype=unit.dtype, device=memory.device)
         best_idx = torch.empty((len(rows), 0), dtype=torch.long, device=memory.device)
-        for j in range(0, n, chunk_size):
+        for j in range(0, num_rows, chunk_size):
             sim = query @ unit[j:j + chunk_size].T  # (chunk, block)
             own = (rows >= j) & (rows < j + sim.shape[1])
             sim[own.nonzero().squeeze(1), rows[own] - j] = float("-inf")  # not itself
-            top = sim.topk(min(k, sim.shape[1]), dim=1)
+            top = sim.topk(min(num_neighbours, sim.shape[1]), dim=1)
             best_sim = torch.cat([best_sim, top.values], dim=1)
             best_idx = torch.cat([best_idx, top.indices + j], dim=1)
-            if best_sim.shape[1] > k:
-                keep = best_sim.topk(k, dim=1).indices
+            if best_sim.shape[1] > num_neighbours:
+                keep = best_sim.topk(num_neighbours, dim=1).indices
                 best_sim, best_idx = best_sim.gather(1, keep), best_idx.gather(1, keep)
         out[start:start + chunk_size] = best_idx
     return out
 
 
 @torch.no_grad()
-def discover_neighbourhoods(memory, temperature, num_anchors, ans_size, chunk_size=None, return_entropy=False):
+def discover_neighbourhoods(memory, temperature, num_anchors, neighbourhood_size, chunk_size=None,
+                            return_entropy=False, collectives=ONE_PROCESS):
     """Pick the ``num_anchors`` lowest-entropy samples as anchors and find their neighbourhoods.
+
+    The work is split over ``collectives.part``: each part adds its share of the entropy's sums
+    (``entropy_sums``), the sums of all parts give every part the same entropies and anchors, and each
+    part finds the neighbours of its contiguous share of the anchors (``part_rows``), joined in order.
+    All parts use the first part's ``memory`` (``collectives.broadcast``). Split, the entropies differ
+    from one part's by the order of the additions only.
 
     Args:
         memory: (N, d) memory bank.
         temperature: τ (npc_t) of the entropy's softmax.
         num_anchors: floor(N · ANs_select_rate · round).
-        ans_size: k, neighbours per anchor (ANs_size).
+        neighbourhood_size: k, neighbours per anchor (ANs_size).
         chunk_size: rows (and columns) per similarity block; BLOCK by default.
-    Returns (anchor_indexes (num_anchors,), neighbours (num_anchors, ans_size)), and the (N,)
+        collectives: a ``lib.collectives.Collectives``; ``ONE_PROCESS`` (the whole work here) by default.
+    Returns (anchor_indexes (num_anchors,), neighbours (num_anchors, neighbourhood_size)), and the (N,)
     entropies as a third element when ``return_entropy``.
     """
-    entropy = sample_entropy(memory, temperature, chunk_size)
+    part = collectives.part
+    memory = collectives.broadcast(memory)
+    sums = collectives.all_reduce_sum(torch.stack(entropy_sums(memory, temperature, chunk_size, part)))
+    entropy = entropy_from_sums(sums[0], sums[1])
     anchors = entropy.topk(num_anchors, largest=False).indices
-    neighbours = nearest_neighbours(memory, anchors, ans_size, chunk_size)
+    start, stop = part_rows(num_anchors, part)
+    neighbours = collectives.gather_rows(
+        nearest_neighbours(memory, anchors[start:stop], neighbourhood_size, chunk_size))
     return (anchors, neighbours, entropy) if return_entropy else (anchors, neighbours)
 
 
@@ -149,34 +164,29 @@ class AnchorNeighbourhoods(nn.Module):
     ``discover`` keeps ``entropy`` in the dtype of the memory it is given.
     """
 
-    def __init__(self, num_samples, ans_size=1):
+    def __init__(self, num_samples, neighbourhood_size=1):
         super().__init__()
-        self.ans_size = ans_size
+        self.neighbourhood_size = neighbourhood_size
         self.register_buffer("samples_num", torch.tensor(num_samples))
         self.register_buffer("anchor_indexes", torch.zeros(0, dtype=torch.long))
         self.register_buffer("instance_indexes", torch.arange(num_samples))
         self.register_buffer("position", -1 - torch.arange(num_samples))
-        self.register_buffer("neighbours", torch.zeros(0, ans_size, dtype=torch.long))
+        self.register_buffer("neighbours", torch.zeros(0, neighbourhood_size, dtype=torch.long))
         self.register_buffer("entropy", torch.zeros(num_samples))
         self.register_buffer("consistency", torch.tensor(0.0))
 
     @torch.no_grad()
-    def discover(self, memory, temperature, num_anchors, labels=None):
-        """Find this round's anchors and neighbourhoods in ``memory`` and keep them; returns the consistency."""
+    def discover(self, memory, temperature, num_anchors, labels=None, collectives=ONE_PROCESS):
+        """Find this round's anchors and neighbourhoods in ``memory`` (``discover_neighbourhoods``, the work
+        split over ``collectives.part``) and keep them; returns the consistency, from ``labels``."""
         anchors, neighbours, entropy = discover_neighbourhoods(
-            memory, temperature, num_anchors, self.ans_size, return_entropy=True)
-        return self.adopt(anchors, neighbours, entropy, labels)
-
-    @torch.no_grad()
-    def adopt(self, anchors, neighbours, entropy, labels=None):
-        """Keep found anchors (num_anchors,), their neighbours (num_anchors, k) and the entropies (N,) as the
-        buffers (and ``consistency``, from ``labels``); returns the consistency. ``discover`` of one process,
-        or the parts of several put together (engine/distributed.py, ``discover``)."""
-        n = int(self.samples_num)
-        is_anchor = torch.zeros(n, dtype=torch.bool, device=entropy.device)
+            memory, temperature, num_anchors, self.neighbourhood_size, return_entropy=True,
+            collectives=collectives)
+        num_samples = int(self.samples_num)
+        is_anchor = torch.zeros(num_samples, dtype=torch.bool, device=entropy.device)
         is_anchor[anchors] = True
         instances = (~is_anchor).nonzero().squeeze(1)
-        position = torch.empty(n, dtype=torch.long, device=entropy.device)
+        position = torch.empty(num_samples, dtype=torch.long, device=entropy.device)
         position[anchors] = torch.arange(len(anchors), device=entropy.device)
         position[instances] = -1 - torch.arange(len(instances), device=entropy.device)
         if self.entropy.dtype != entropy.dtype:  # load_state_dict would cast into the old dtype
@@ -196,10 +206,10 @@ class AnchorNeighbourhoods(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the number of anchors changes every round: take the saved shapes rather than ours
-        for name, buf in self._buffers.items():
+        for name, buffer in self._buffers.items():
             saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != buf.shape:
-                self._buffers[name] = torch.empty_like(saved, device=buf.device)
+            if saved is not None and saved.shape != buffer.shape:
+                self._buffers[name] = torch.empty_like(saved, device=buffer.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def lookup(self, indexes):
@@ -207,5 +217,6 @@ class AnchorNeighbourhoods(nn.Module):
         position = self.position[indexes]
         is_anchor = position >= 0
         if len(self.neighbours) == 0:
-            return torch.zeros(len(indexes), self.ans_size, dtype=torch.long, device=indexes.device), is_anchor
+            return torch.zeros(len(indexes), self.neighbourhood_size, dtype=torch.long,
+                               device=indexes.device), is_anchor
         return self.neighbours[position.clamp(min=0)], is_anchor

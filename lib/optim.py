@@ -16,5 +16,5 @@ def sgd_optimizer(net, lr, momentum, weight_decay):
         momentum: 0.9 in both stages.
         weight_decay: 5e-4 in both stages.
     """
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
     return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)

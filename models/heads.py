@@ -24,9 +24,9 @@ class NormFC(nn.Module):
         # released code normalizes rows, not classes (Eq. 13 normalizes the class columns)
         return F.normalize(self.weight, dim=1 if self.norm == "released" else 0)
 
-    def forward(self, x):
-        w = self.normalized_weight().to(x.dtype)
-        return F.softmax(x @ w / self.temperature, dim=1)  # (B, num_classes)
+    def forward(self, features):
+        weight = self.normalized_weight().to(features.dtype)
+        return F.softmax(features @ weight / self.temperature, dim=1)  # (B, num_classes)
 
 
 class MultiHeadNormFC(nn.Module):
@@ -44,5 +44,5 @@ class MultiHeadNormFC(nn.Module):
         self.heads = nn.ModuleList(
             NormFC(in_dim, num_classes, temperature, norm) for _ in range(num_heads))
 
-    def forward(self, x):
-        return [head(x) for head in self.heads]
+    def forward(self, features):
+        return [head(features) for head in self.heads]

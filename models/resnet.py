@@ -28,10 +28,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+    def forward(self, inputs):
+        out = F.relu(self.bn1(self.conv1(inputs)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.shortcut(inputs))
 
 
 class Bottleneck(nn.Module):
@@ -47,11 +47,11 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.shortcut = shortcut(in_planes, planes * self.expansion, stride)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+    def forward(self, inputs):
+        out = F.relu(self.bn1(self.conv1(inputs)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.shortcut(inputs))
 
 
 def sobel_filter():
@@ -67,8 +67,8 @@ def sobel_filter():
         ]).unsqueeze(1))
         edges.bias.zero_()
     sobel = nn.Sequential(grey, edges)
-    for p in sobel.parameters():
-        p.requires_grad = False
+    for parameter in sobel.parameters():
+        parameter.requires_grad = False
     return sobel
 
 
@@ -99,9 +99,9 @@ class SobelResNet(nn.Module):
         self.linear = nn.Linear(2 * widths[3] * block.expansion, low_dim)
         self.sobel = sobel_filter()
 
-    def _trunk(self, x, suffix):
+    def _trunk(self, inputs, suffix):
         conv, bn = getattr(self, "conv1" + suffix), getattr(self, "bn1" + suffix)
-        out = F.relu(bn(conv(x)))
+        out = F.relu(bn(conv(inputs)))
         for stage in range(1, 5):
             out = getattr(self, f"layer{stage}{suffix}")(out)
         # released: a 4x4 average pool, which is global at 32x32 input; pooling over the whole map is the
@@ -109,9 +109,9 @@ class SobelResNet(nn.Module):
         out = F.avg_pool2d(out, out.shape[-2:])
         return out.flatten(1)
 
-    def forward(self, x):
-        rgb = self._trunk(x, "")
-        edges = self._trunk(self.sobel(x), "_sobel")
+    def forward(self, images):
+        rgb = self._trunk(images, "")
+        edges = self._trunk(self.sobel(images), "_sobel")
         out = self.linear(torch.cat([rgb, edges], dim=1))  # (B, low_dim)
         return F.normalize(out, dim=1)
 

@@ -13,7 +13,7 @@ import semi
 import super_and
 from conftest import NARROW, run_main
 from datasets.gpu_augment import GpuTwoViewLoader, augment, color_jitter, resized_crop, sample_jitter_params
-from engine.system import speed_options
+from engine.distributed import speed_options
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer

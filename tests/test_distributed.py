@@ -25,7 +25,7 @@ from datasets.gpu_augment import GpuTwoViewLoader
 from datasets.sharding import ShardSampler, epoch_order, shard_indexes
 from engine import distributed
 from engine.cli import run_cli
-from engine.system import speed_options
+from engine.distributed import speed_options
 from lib.checkpoint import load_checkpoint
 from lib.errors import InputError
 from lib.memory_bank import MemoryBank
@@ -190,7 +190,7 @@ def _step_worker(rank, out_dir, device_type="cpu", sync_bn=False):
                 module.running_mean.uniform_()
     for count in (30, 5):  # 5 batches (3 on rank 0, 2 on rank 1); one batch (none on rank 1)
         loader = torch.utils.data.DataLoader(eval_items(count), batch_size=7)
-        out[f"features_{count}"] = distributed.compute_features(net, loader, device)
+        out[f"features_{count}"] = distributed.compute_features_sharded(net, loader, device)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))  # (tensors on the device: load with map_location)
     distributed.cleanup()
 
@@ -289,9 +289,9 @@ def _discovery_worker(rank, out_dir):
             if rank == 1:
                 memory = memory + 1  # another bank: rank 0's decides
                 memory[0] = float("nan")
-            ans = AnchorNeighbourhoods(SPLIT_SAMPLES, SPLIT_K)
-            consistency = distributed.discover(ans, memory, 0.1, SPLIT_ANCHORS, labels)
-            out[f"{dtype}_{unit}"] = {**ans.state_dict(), "returned": consistency}
+            split = AnchorNeighbourhoods(SPLIT_SAMPLES, SPLIT_K)
+            consistency = split.discover(memory, 0.1, SPLIT_ANCHORS, labels, collectives=distributed.ProcessGroup())
+            out[f"{dtype}_{unit}"] = {**split.state_dict(), "returned": consistency}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 

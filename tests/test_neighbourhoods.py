@@ -1,10 +1,12 @@
 """Anchor-neighbourhood discovery (docs/method.md, "Anchor neighbourhoods") against a slow loop, and
 its saved state (docs/method.md, "Checkpoint formats")."""
 import math
+import threading
 
 import pytest
 import torch
 
+from lib.collectives import ONE_PROCESS, Collectives
 from lib.neighbourhoods import (
     AnchorNeighbourhoods,
     block_pairs,
@@ -76,6 +78,10 @@ def test_discover_neighbourhoods_matches_loop(seed, unit, chunk_size, dtype):
         assert a not in neighbours[row].tolist()
     assert discover_neighbourhoods(memory, temperature, num_anchors, k, chunk_size=chunk_size)[0].tolist() \
         == anchors.tolist()
+    # one part (the default collectives) is the plain entropy, topk and neighbour search to the last bit
+    assert torch.equal(entropy, sample_entropy(memory, temperature, chunk_size))
+    assert torch.equal(anchors, entropy.topk(num_anchors, largest=False).indices)
+    assert torch.equal(neighbours, nearest_neighbours(memory, anchors, k, chunk_size))
 
 
 def test_non_unit_rows_use_cosine_not_dot_product_for_neighbours():
@@ -105,55 +111,56 @@ def test_entropy_uses_raw_memory_and_temperature(dtype):
 
 def test_float64_discovery_keeps_the_entropy_in_float64():
     memory = _memory(4, dtype=torch.float64)
-    ans = AnchorNeighbourhoods(20, ans_size=2)
-    ans.discover(memory, 0.1, 6)
-    assert ans.entropy.dtype == torch.float64
-    torch.testing.assert_close(ans.entropy, entropy_reference(memory, 0.1), **TOLERANCE[torch.float64])
-    for row, a in enumerate(ans.anchor_indexes.tolist()):
-        assert ans.neighbours[row].tolist() == neighbours_reference(memory, a, 2)
-    assert set(ans.state_dict()) == BUFFERS
+    neighbourhoods = AnchorNeighbourhoods(20, neighbourhood_size=2)
+    neighbourhoods.discover(memory, 0.1, 6)
+    assert neighbourhoods.entropy.dtype == torch.float64
+    torch.testing.assert_close(neighbourhoods.entropy, entropy_reference(memory, 0.1), **TOLERANCE[torch.float64])
+    for row, a in enumerate(neighbourhoods.anchor_indexes.tolist()):
+        assert neighbourhoods.neighbours[row].tolist() == neighbours_reference(memory, a, 2)
+    assert set(neighbourhoods.state_dict()) == BUFFERS
 
 
 def _discovered(seed=4, n=20, num_anchors=6, k=2, labels=True):
     memory = _memory(seed, n=n)
-    ans = AnchorNeighbourhoods(n, ans_size=k)
+    neighbourhoods = AnchorNeighbourhoods(n, neighbourhood_size=k)
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
-    consistency = ans.discover(memory, 0.1, num_anchors, labels=y if labels else None)
-    return ans, memory, y, consistency
+    consistency = neighbourhoods.discover(memory, 0.1, num_anchors, labels=y if labels else None)
+    return neighbourhoods, memory, y, consistency
 
 
 def test_round_zero_has_no_anchors():
-    ans = AnchorNeighbourhoods(10, ans_size=2)
-    assert {name for name, _ in ans.named_buffers()} == BUFFERS
-    neighbours, is_anchor = ans.lookup(torch.tensor([0, 3, 9]))
+    neighbourhoods = AnchorNeighbourhoods(10, neighbourhood_size=2)
+    assert {name for name, _ in neighbourhoods.named_buffers()} == BUFFERS
+    neighbours, is_anchor = neighbourhoods.lookup(torch.tensor([0, 3, 9]))
     assert not is_anchor.any()
     assert neighbours.shape == (3, 2)
-    assert ans.instance_indexes.tolist() == list(range(10))
-    assert len(ans.anchor_indexes) == 0
+    assert neighbourhoods.instance_indexes.tolist() == list(range(10))
+    assert len(neighbourhoods.anchor_indexes) == 0
 
 
 def test_discover_buffers_lookup_and_consistency():
     n, num_anchors, k = 20, 6, 2
-    ans, memory, labels, consistency = _discovered(n=n, num_anchors=num_anchors, k=k)
-    assert {name for name, _ in ans.named_buffers()} == BUFFERS
-    assert set(ans.state_dict()) == BUFFERS
-    assert int(ans.samples_num) == n
+    neighbourhoods, memory, labels, consistency = _discovered(n=n, num_anchors=num_anchors, k=k)
+    assert {name for name, _ in neighbourhoods.named_buffers()} == BUFFERS
+    assert set(neighbourhoods.state_dict()) == BUFFERS
+    assert int(neighbourhoods.samples_num) == n
     ref_entropy = entropy_reference(memory, 0.1)
-    torch.testing.assert_close(ans.entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
-    anchors = ans.anchor_indexes.tolist()
+    torch.testing.assert_close(neighbourhoods.entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    anchors = neighbourhoods.anchor_indexes.tolist()
     assert sorted(anchors) == sorted(ref_entropy.argsort()[:num_anchors].tolist())
-    assert sorted(ans.instance_indexes.tolist()) == sorted(set(range(n)) - set(anchors))
-    assert ans.neighbours.shape == (num_anchors, k)
+    assert sorted(neighbourhoods.instance_indexes.tolist()) == sorted(set(range(n)) - set(anchors))
+    assert neighbourhoods.neighbours.shape == (num_anchors, k)
     # position: an anchor's row in neighbours, or −1 − its row in instance_indexes
     for row, a in enumerate(anchors):
-        assert int(ans.position[a]) == row
-        assert ans.neighbours[row].tolist() == neighbours_reference(memory, a, k)
-    for row, i in enumerate(ans.instance_indexes.tolist()):
-        assert int(ans.position[i]) == -1 - row
+        assert int(neighbourhoods.position[a]) == row
+        assert neighbourhoods.neighbours[row].tolist() == neighbours_reference(memory, a, k)
+    for row, i in enumerate(neighbourhoods.instance_indexes.tolist()):
+        assert int(neighbourhoods.position[i]) == -1 - row
 
-    batch = torch.tensor([anchors[2], ans.instance_indexes[0].item(), anchors[0], ans.instance_indexes[5].item()])
-    neighbours, is_anchor = ans.lookup(batch)
+    instances = neighbourhoods.instance_indexes.tolist()
+    batch = torch.tensor([anchors[2], instances[0], anchors[0], instances[5]])
+    neighbours, is_anchor = neighbourhoods.lookup(batch)
     assert is_anchor.tolist() == [True, False, True, False]
     assert neighbours[0].tolist() == neighbours_reference(memory, anchors[2], k)
     assert neighbours[2].tolist() == neighbours_reference(memory, anchors[0], k)
@@ -163,14 +170,14 @@ def test_discover_buffers_lookup_and_consistency():
     expected = sum(agree) / len(agree)
     assert 0 < expected < 1  # precondition: the check can tell the share from 0 or 1
     assert consistency == pytest.approx(expected)
-    assert float(ans.consistency) == pytest.approx(expected)
+    assert float(neighbourhoods.consistency) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("fresh_anchors", [0, 3, 11])
 def test_state_dict_round_trip_with_another_number_of_anchors(fresh_anchors):
-    ans, memory, _, _ = _discovered(num_anchors=6)
-    state = {key: value.clone() for key, value in ans.state_dict().items()}
-    fresh = AnchorNeighbourhoods(20, ans_size=2)
+    neighbourhoods, memory, _, _ = _discovered(num_anchors=6)
+    state = {key: value.clone() for key, value in neighbourhoods.state_dict().items()}
+    fresh = AnchorNeighbourhoods(20, neighbourhood_size=2)
     if fresh_anchors:
         fresh.discover(_memory(9), 0.1, fresh_anchors)
     assert len(fresh.anchor_indexes) == fresh_anchors
@@ -178,7 +185,7 @@ def test_state_dict_round_trip_with_another_number_of_anchors(fresh_anchors):
     for key, value in state.items():
         assert torch.equal(fresh.state_dict()[key], value), key
     batch = torch.arange(20)
-    n1, a1 = ans.lookup(batch)
+    n1, a1 = neighbourhoods.lookup(batch)
     n2, a2 = fresh.lookup(batch)
     assert torch.equal(a1, a2) and a2.sum() == 6
     assert torch.equal(n1[a1], n2[a2])
@@ -188,16 +195,16 @@ def test_consistency_leaves_out_unlabelled_images():
     """STL-10's unlabelled split carries label -1: those pairs say nothing about label consistency."""
     memory = torch.nn.functional.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1)
     labels = torch.arange(12) % 3
-    ans = AnchorNeighbourhoods(12, 2)
-    full = ans.discover(memory, 0.1, 6, labels)
+    neighbourhoods = AnchorNeighbourhoods(12, 2)
+    full = neighbourhoods.discover(memory, 0.1, 6, labels)
     hidden = labels.clone()
-    hidden[ans.neighbours[0]] = -1  # the first anchor's neighbours lose their labels
-    partial = ans.discover(memory, 0.1, 6, hidden)
-    known = (hidden[ans.neighbours] >= 0) & (hidden[ans.anchor_indexes] >= 0).unsqueeze(1)
-    agree = labels[ans.neighbours] == labels[ans.anchor_indexes].unsqueeze(1)
+    hidden[neighbourhoods.neighbours[0]] = -1  # the first anchor's neighbours lose their labels
+    partial = neighbourhoods.discover(memory, 0.1, 6, hidden)
+    known = (hidden[neighbourhoods.neighbours] >= 0) & (hidden[neighbourhoods.anchor_indexes] >= 0).unsqueeze(1)
+    agree = labels[neighbourhoods.neighbours] == labels[neighbourhoods.anchor_indexes].unsqueeze(1)
     assert partial == pytest.approx(agree[known].double().mean().item())
     assert full == pytest.approx(agree.double().mean().item())
-    assert ans.discover(memory, 0.1, 6, torch.full((12,), -1)) == 0.0
+    assert neighbourhoods.discover(memory, 0.1, 6, torch.full((12,), -1)) == 0.0
 
 
 @pytest.mark.parametrize("parts", [2, 3, 7])
@@ -217,7 +224,7 @@ def test_parts_take_every_block_pair_and_row_once_in_balanced_shares(parts, num_
 @pytest.mark.parametrize("unit", [True, False])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_partial_entropy_sums_add_up_to_one_part(dtype, unit, parts):
-    """What several processes add up (engine/distributed.py, ``discover``): the one-part sums and entropy,
+    """What the parts of a split discovery add up (``discover_neighbourhoods``): the one-part sums and entropy,
     to the rounding of the additions' order; one part is ``sample_entropy`` bit for bit."""
     memory = _memory(3, n=40, unit=unit, dtype=dtype)
     temperature = 0.1 if unit else 0.05  # not unit: large enough to take the shifted rows
@@ -234,3 +241,71 @@ def test_partial_entropy_sums_add_up_to_one_part(dtype, unit, parts):
                                **tol)
     torch.testing.assert_close(entropy_from_sums(total, weighted).double(), entropy_reference(memory, temperature),
                                **tol)
+
+
+class ThreadParts(Collectives):
+    """Collective operations between threads of this process: each thread is one part, the exchanges meet
+    at a barrier. Another implementation than engine/distributed.py's, for the same interface."""
+
+    def __init__(self, index, parts, slots, barrier):
+        self.part = (index, parts)
+        self.slots, self.barrier = slots, barrier
+
+    def _exchange(self, tensor):
+        self.slots[self.part[0]] = tensor
+        self.barrier.wait()
+        every = list(self.slots)
+        self.barrier.wait()  # nobody writes the next exchange before all have read this one
+        return every
+
+    def broadcast(self, tensor):
+        return self._exchange(tensor)[0].clone()
+
+    def all_reduce_sum(self, tensor):
+        every = self._exchange(tensor)
+        return sum(every[1:], every[0].clone())
+
+    def gather_rows(self, tensor):
+        return torch.cat(self._exchange(tensor))
+
+
+def split_discovery(memory, parts, num_anchors, k, labels, chunk_size):
+    """Every part's buffers after ``AnchorNeighbourhoods.discover`` split over ``parts`` threads; part p
+    gets ``memory + p`` (only part 0's bank may count)."""
+    slots, barrier = [None] * parts, threading.Barrier(parts, timeout=60)
+    results = [None] * parts
+
+    def run(index):
+        found = AnchorNeighbourhoods(len(memory), k)
+        consistency = found.discover(memory + index, 0.1, num_anchors, labels,
+                                     collectives=ThreadParts(index, parts, slots, barrier))
+        results[index] = {**found.state_dict(), "returned": consistency}
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(parts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("unit", [True, False])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_discovery_split_by_any_collectives_is_the_one_part_discovery(monkeypatch, unit, parts):
+    """The method's own discover, split over parts through the collectives interface (threads here), gives
+    every part the same buffers, and those of one part on part 0's bank (entropies to the rounding of the
+    additions' order). 7 anchors do not split evenly into 2 or 3 shares."""
+    import lib.neighbourhoods
+    monkeypatch.setattr(lib.neighbourhoods, "BLOCK", 4)  # 5 x 5 blocks: every part has block pairs
+    memory = _memory(6, n=20, unit=unit, dtype=torch.float64)
+    labels = torch.arange(20) % 3
+    results = split_discovery(memory, parts, 7, 3, labels, None)
+    one = AnchorNeighbourhoods(20, 3)
+    returned = one.discover(memory, 0.1, 7, labels, collectives=ONE_PROCESS)
+    for result in results:
+        assert all(torch.equal(result[name], results[0][name]) for name in BUFFERS)
+        torch.testing.assert_close(result["entropy"], one.entropy, **TOLERANCE[torch.float64])
+        for name in BUFFERS - {"entropy"}:
+            assert torch.equal(result[name], getattr(one, name)), name
+        assert result["returned"] == returned
+    assert results[0]["neighbours"].shape == (7, 3)
