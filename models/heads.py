@@ -1,7 +1,10 @@
-"""Stage-2 class-assignment heads (paper Eq. 13; docs/method.md, "Heads (Eq. 13)"): frozen, normalized FC layers."""
+"""Stage-2 class-assignment heads (paper Eq. 13; docs/method.md, "Heads (Eq. 13)"): frozen, normalized FC layers
+(or, for the ablation of Table 3, frozen FC layers without the normalization)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+NORMS = ("released", "paper", "none")  # how W is normalized: per feature row, per class column, not at all
 
 
 class NormFC(nn.Module):
@@ -9,18 +12,21 @@ class NormFC(nn.Module):
 
     Args:
         norm: 'released' normalizes each ROW of W (one feature dimension across classes), which is
-            what produced the published numbers; 'paper' normalizes each class column (Eq. 13).
+            what produced the published numbers; 'paper' normalizes each class column (Eq. 13); 'none'
+            uses the drawn W as it is (Table 3, "without weight normalization": softmax(v · W / τ_c)).
     """
 
     def __init__(self, in_dim, num_classes, temperature=0.1, norm="released"):
         super().__init__()
-        if norm not in ("released", "paper"):
-            raise ValueError(f"norm must be 'released' or 'paper', not {norm!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, not {norm!r}")
         self.temperature = temperature
         self.norm = norm
         self.weight = nn.Parameter(torch.randn(in_dim, num_classes), requires_grad=False)
 
     def normalized_weight(self):
+        if self.norm == "none":
+            return self.weight
         # released code normalizes rows, not classes (Eq. 13 normalizes the class columns)
         return F.normalize(self.weight, dim=1 if self.norm == "released" else 0)
 
@@ -36,7 +42,7 @@ class MultiHeadNormFC(nn.Module):
         in_dim: d, the embedding dimension.
         num_classes: C, the number of clusters (= classes).
         temperature: τ_c in Eq. 13 (0.1).
-        norm: 'released' (rows of W) or 'paper' (columns of W, Eq. 13).
+        norm: 'released' (rows of W), 'paper' (columns of W, Eq. 13) or 'none' (W as drawn).
     """
 
     def __init__(self, in_dim, num_classes, num_heads=5, temperature=0.1, norm="released"):
