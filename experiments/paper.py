@@ -1,0 +1,507 @@
+"""The paper's experiments section (Tables 2 and 3, supplementary C and D) as data, run by the real scripts
+(docs/method.md, "The paper's experiments").
+
+    python experiments/paper.py --tables 2 3 C D --scale cpu --dataset fashion-mnist --out runs/paper
+    python experiments/paper.py --tables 3 --scale paper --dataset cifar10 --out runs/paper --dry_run
+
+Each table is a list of rows; each row's numbers come from runs of ``super_and.py`` and ``main.py``, started
+as a user starts them (one subprocess each, in ``<out>/runs/<run>``), and read from the run folder (its
+``eval.json`` or the last record of its log). A run several rows share (the one stage-1 encoder) runs once.
+Running the same command again skips every finished run, resumes a killed one from its last checkpoint and
+rewrites ``<out>/tables.md`` and ``<out>/tables.json`` (each row: the paper's number, the measured one, the
+run folder). A row whose flags the scripts do not offer yet is listed as "not runnable yet".
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE1, STAGE2 = "super_and.py", "main.py"
+LOGS = {STAGE1: "log_embed.jsonl", STAGE2: "log_ul.jsonl"}
+ENCODER = "ckpt_embed.t7"  # stage 1's checkpoint, written every epoch
+LAST = "ckpt_ul_last.t7"  # stage 2's resumable checkpoint, written every epoch
+COMMAND = "command.json"  # what the harness ran in a folder: a folder of another command is refused
+OUTPUT = "output.log"  # the scripts' console output, appended
+
+# ---- the runs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One script invocation. kind: 'embed' (stage 1 training), 'assign' (stage 2 training) or 'evaluate'
+    (main.py --test_only on an encoder: the sequential clusterings). ``encoder``: the run whose ckpt_embed.t7
+    it starts from (None: none). ``epochs``: which entry of the scale recipe gives its length."""
+    name: str
+    script: str
+    kind: str
+    flags: tuple = ()
+    encoder: str = None
+    epochs: str = None
+
+
+STAGE2_DEFAULTS = {"--lambda_cp": "1", "--tau_c": "0.1", "--head_norm": "released"}
+
+
+def _slug(flag, value):
+    return flag.lstrip("-") + str(value).replace(".", "p")
+
+
+def embed(variant="super_and"):
+    """Stage 1; the default variant is what super_and.py runs without --variant (so today's script runs it)."""
+    if variant == "super_and":
+        return Run("embed", STAGE1, "embed", epochs="stage1")
+    return Run(f"embed-{variant}", STAGE1, "embed", ("--variant", variant), epochs="stage1")
+
+
+def assign(encoder="embed", epochs="stage2", **flags):
+    """Stage 2 from ``encoder`` (None: --init random) with ``flags`` ({'lambda_cp': 0}); a flag at its default
+    is left out, so every row asking for the default run shares the one run folder."""
+    pairs = [(f"--{k}", str(v)) for k, v in flags.items() if STAGE2_DEFAULTS.get(f"--{k}") != str(v)]
+    parts = ["assign"] + ([encoder.removeprefix("embed-")] if encoder not in (None, "embed") else [])
+    parts += ["random"] if encoder is None else []
+    parts += [_slug(f, v) for f, v in pairs] + ([epochs] if epochs != "stage2" else [])
+    init = ("--init", "random") if encoder is None else ()
+    return Run("-".join(parts), STAGE2, "assign", init + tuple(x for p in pairs for x in p), encoder, epochs)
+
+
+def sequential(method):
+    return Run(f"sequential-{method}", STAGE2, "evaluate", ("--test_only", "--cluster", method), "embed")
+
+
+JOINT = Run("joint", STAGE2, "assign", ("--joint",), None, "joint")
+
+# ---- the tables --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One number: the paper's (CIFAR-10, %; None: the paper gives none) and where ours is read from:
+    source 'eval' (the run's eval.json) or 'log' (its log's last record), ``key`` in it; reduce 'mean' for
+    the mean of a list (the five heads')."""
+    paper: float
+    run: Run
+    source: str
+    key: str
+    reduce: str = None
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    name: str
+    cells: tuple
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str
+    title: str
+    columns: tuple
+    rows: tuple = field(default_factory=tuple)
+
+
+def acc(paper, run):
+    return Cell(paper, run, "eval", "acc")
+
+
+LAMBDAS = (0, 0.25, 0.5, 1, 2, 4)  # the paper plots a range without listing it: our grid around λ = 1
+TAUS = (0.05, 0.1, 0.2, 0.5, 1)  # likewise around τ_c = 0.1 (τ_c = 1 is also Table 3's row)
+
+TABLES = {t.id: t for t in (
+    Table("2", "Table 2: the first stage's embedding as initialization (kNN top-1 %, stage-2 ACC %)",
+          ("kNN top-1", "stage-2 ACC"), (
+              Row("random", "random (no first stage)", (None, acc(58.6, assign(None)))),
+              Row("lemniscate", "Lemniscate", (Cell(80.8, embed("lemniscate"), "log", "knn_top1"),
+                                              acc(63.8, assign("embed-lemniscate")))),
+              Row("and", "AND", (Cell(86.3, embed("and"), "log", "knn_top1"), acc(73.9, assign("embed-and")))),
+              Row("super_and", "Super-AND", (Cell(89.2, embed(), "log", "knn_top1"), acc(81.0, assign()))))),
+    Table("3", "Table 3: alternatives to the second stage (ACC %)", ("ACC",), (
+        Row("lambda0", "without the consistency-preserving loss (λ = 0)", (acc(58.2, assign(lambda_cp=0)),)),
+        Row("no_norm", "without weight normalization of the heads", (acc(56.0, assign(head_norm="none")),)),
+        Row("tau1", "without temperature (τ_c = 1)", (acc(19.5, assign(tau_c=1)),)),
+        Row("kmeans", "sequential: first stage + k-means", (acc(38.3, sequential("kmeans")),)),
+        Row("agglomerative", "sequential: first stage + hierarchical clustering",
+            (acc(49.9, sequential("agglomerative")),)),
+        Row("joint", "joint: both stages' losses together", (acc(68.4, JOINT),)),
+        Row("two_stage", "two-stage model", (acc(81.0, assign()),)))),
+    Table("C", "Supplementary C: λ and τ_c (ACC % of the lowest-loss head, mean of the five heads)",
+          ("lowest-loss head", "mean of heads"),
+          tuple(Row(f"lambda{v}", f"λ = {v}", (Cell(81.0 if v == 1 else None, assign(lambda_cp=v), "eval", "acc"),
+                                               Cell(None, assign(lambda_cp=v), "eval", "head_acc", "mean")))
+                for v in LAMBDAS)
+          + tuple(Row(f"tau{v}", f"τ_c = {v}", (Cell({0.1: 81.0, 1: 19.5}.get(v), assign(tau_c=v), "eval", "acc"),
+                                                Cell(None, assign(tau_c=v), "eval", "head_acc", "mean")))
+                  for v in TAUS)),
+    Table("D", "Supplementary D: stage 2 alone (random encoder), longer (ACC %)", ("ACC",), (
+        Row("random", "random encoder, the usual stage-2 epochs", (acc(58.6, assign(None)),)),
+        Row("random_long", "random encoder, 1,300 epochs instead of 300 (scaled alike)",
+            (acc(59.1, assign(None, "stage2_long")),)),
+        Row("two_stage", "two-stage model", (acc(81.0, assign()),)))),
+)}
+
+# ---- the scales --------------------------------------------------------------------------------------
+
+# the paper's: 5 rounds x 200 epochs of stage 1, 300 of stage 2, 1,300 for supplementary D; the joint model's
+# length is not given: stage 2's
+PAPER_EPOCHS = {"stage1": (5, 200), "stage2": 300, "stage2_long": 1300, "joint": 300}
+# meant to fit on 2 CPU cores in about two hours (to be tuned: not yet timed as a whole)
+CPU_EPOCHS = {"stage1": (2, 3), "stage2": 3, "stage2_long": 13, "joint": 3}
+TINY_EPOCHS = {"stage1": (1, 1), "stage2": 1, "stage2_long": 2, "joint": 1}
+SCALES = {
+    # the released network and batch, the released learning rates (the scripts' defaults)
+    "paper": {"epochs": PAPER_EPOCHS, "common": [], STAGE1: [], STAGE2: []},
+    # a narrow network on 2,000 images, batch 32 with the released learning rates scaled by 32/128
+    "cpu": {"epochs": CPU_EPOCHS, "common": ["--width", "8", "--batch_size", "32", "--subset", "2000",
+                                             "--workers", "2"],
+            STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"]},
+    # the test's: the smallest network that runs
+    "tiny": {"epochs": TINY_EPOCHS, "common": ["--width", "4", "--low_dim", "16", "--batch_size", "32",
+                                              "--subset", "320", "--workers", "0"],
+             STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"]},
+}
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "cifar20": 50_000, "stl10": 105_000,
+                "fashion-mnist": 60_000, "digits": 1_497}  # stage 1's training images; stage 2's below
+CLUSTER_IMAGES = {"stl10": 13_000}
+
+
+class HarnessError(Exception):
+    """A problem the user must fix (a folder of another command); one line, exit status 2."""
+
+
+# ---- commands ----------------------------------------------------------------------------------------
+
+def run_flags(run, scale, dataset, extra):
+    """The flags of ``run`` at ``scale`` (no --model_dir or --resume: those come from the folder layout)."""
+    recipe = SCALES[scale]
+    flags = ["--dataset", dataset, *recipe["common"], *recipe[run.script], *extra]
+    if run.epochs == "stage1":
+        rounds, epochs = recipe["epochs"]["stage1"]
+        flags += ["--rounds", str(rounds), "--epochs", str(epochs)]
+    elif run.epochs is not None:
+        flags += ["--epochs", str(recipe["epochs"][run.epochs])]
+    return flags + list(run.flags)
+
+
+def folder(out, run):
+    return os.path.join(out, "runs", run.name)
+
+
+def command(run, flags, out, resume=None):
+    """The argv of ``run``: python script flags --model_dir <folder> [--resume ...]."""
+    argv = [sys.executable, os.path.join(ROOT, run.script), *flags, "--model_dir", folder(out, run)]
+    if resume is None and run.encoder is not None:
+        resume = os.path.join(folder(out, RUNS[run.encoder]), ENCODER)
+    return argv + (["--resume", resume] if resume else [])
+
+
+def parse_help(text):
+    """{flag: set of its choices, or None} from an argparse --help text."""
+    options = {}
+    for flag, choices in re.findall(r"(--[A-Za-z][\w-]*)(?:\s+\{([^}]*)\})?", text):
+        if choices:
+            options[flag] = set(choices.split(","))
+        else:
+            options.setdefault(flag, None)
+    return options
+
+
+def script_options(script, cache={}):  # noqa: B006 (one --help per script and process)
+    """``parse_help`` of ``script --help``, run once per script."""
+    if script not in cache:
+        cache[script] = parse_help(subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                                                  capture_output=True, text=True, check=True).stdout)
+    return cache[script]
+
+
+def missing_flags(script, flags):
+    """The flags (with their value where it is not among the flag's choices) that ``script`` lacks."""
+    options = script_options(script)
+    missing = []
+    for i, token in enumerate(flags):
+        if not token.startswith("--"):
+            continue
+        if token not in options:
+            missing.append(token)
+        elif options[token] is not None and i + 1 < len(flags) and flags[i + 1] not in options[token]:
+            missing.append(f"{token} {flags[i + 1]}")
+    return missing
+
+
+# ---- the state of a run folder -----------------------------------------------------------------------
+
+def read_log(path):
+    """The records of a JSON-lines log; a last line cut by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def _flag_value(flags, name):
+    """The value given to the last ``name`` in ``flags`` (None: not given)."""
+    where = [i for i, token in enumerate(flags[:-1]) if token == name]
+    return flags[where[-1] + 1] if where else None
+
+
+def finished(run, flags, path):
+    """A stage-1 run: its checkpoint exists and its log's last record is the last epoch of the last round;
+    stage 2 (training or evaluating): its eval.json exists (written when the run ends)."""
+    if run.kind == "embed":
+        records = read_log(os.path.join(path, LOGS[STAGE1]))
+        rounds, epochs = int(_flag_value(flags, "--rounds")), int(_flag_value(flags, "--epochs"))
+        return (os.path.exists(os.path.join(path, ENCODER)) and bool(records)
+                and (records[-1].get("round"), records[-1].get("epoch")) == (rounds - 1, epochs - 1))
+    return os.path.exists(os.path.join(path, "eval.json"))
+
+
+def check_folder(run, flags, path):
+    """The folder holds this command's run (or nothing): its command.json matches, or is written now."""
+    record = {"script": run.script, "flags": flags, "encoder": run.encoder}
+    own = os.path.join(path, COMMAND)
+    if os.path.exists(own):
+        with open(own) as f:
+            saved = json.load(f)
+        if saved != record:
+            raise HarnessError(f"{path} holds a run of another command ({' '.join(saved.get('flags', []))}); "
+                               "choose another --out or move that folder away")
+        return
+    os.makedirs(path, exist_ok=True)
+    with open(own, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def read_number(cell, out):
+    """The measured number of ``cell`` (None where its file or key is absent)."""
+    path = folder(out, cell.run)
+    if cell.source == "eval":
+        try:
+            with open(os.path.join(path, "eval.json")) as f:
+                value = json.load(f).get(cell.key)
+        except FileNotFoundError:
+            return None
+    else:
+        records = read_log(os.path.join(path, LOGS[cell.run.script]))
+        value = records[-1].get(cell.key) if records else None
+    if value is not None and cell.reduce == "mean":
+        value = sum(value) / len(value)
+    return value
+
+
+# ---- running -----------------------------------------------------------------------------------------
+
+def execute(argv, path):
+    """Run ``argv``, its output shown indented and appended to <folder>/output.log; returns its exit status."""
+    shown = [os.path.relpath(a) if os.path.isabs(a) and not os.path.relpath(a).startswith("..") else a
+             for a in argv[1:]]
+    print("    $ python " + " ".join(shown), flush=True)
+    with open(os.path.join(path, OUTPUT), "a") as log, \
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            print("    | " + line, end="", flush=True)
+    return proc.returncode
+
+
+def run_one(run, flags, out):
+    """Bring ``run`` to its end: skip it when finished, resume it from its last checkpoint, or start it.
+    Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'."""
+    path = folder(out, run)
+    check_folder(run, flags, path)
+    if finished(run, flags, path):
+        return "skipped"
+    own = {"embed": ENCODER, "assign": LAST}.get(run.kind)
+    resumable = own is not None and os.path.exists(os.path.join(path, own))
+    status = execute(command(run, flags, out, resume=own if resumable else None), path)
+    if status == 0 and run.kind == "assign" and not finished(run, flags, path) and os.path.exists(
+            os.path.join(path, LAST)):
+        # killed after its last epoch's checkpoint but before eval.json: evaluate that checkpoint
+        status = execute(command(run, flags + ["--test_only"], out, resume=LAST), path)
+    if status != 0:
+        return f"failed (exit {status})"
+    return "resumed" if resumable else "ran"
+
+
+def plan(tables, scale, dataset, extra, only):
+    """The selected rows, and the runs they need in order (encoders first), each once."""
+    rows = [(t, r) for t in tables for r in TABLES[t].rows if not only or f"{t}:{r.id}" in only]
+    runs = {}
+    for _, row in rows:
+        for cell in row.cells:
+            if cell is not None:
+                needed = [RUNS[cell.run.encoder]] if cell.run.encoder else []
+                for run in needed + [cell.run]:
+                    runs.setdefault(run.name, run)
+    ordered = sorted(runs.values(), key=lambda r: r.kind != "embed")
+    return rows, {r.name: (r, run_flags(r, scale, dataset, extra)) for r in ordered}
+
+
+def not_runnable(run, flags):
+    """Why ``run`` cannot run with today's scripts (None: it can): the flags its script lacks, or its
+    encoder's."""
+    missing = missing_flags(run.script, flags + (["--resume"] if run.encoder else []))
+    if run.encoder:
+        encoder = RUNS[run.encoder]
+        missing += [f"encoder: {m}" for m in missing_flags(encoder.script, list(encoder.flags))]
+    return "not runnable yet: " + ", ".join(missing) if missing else None
+
+
+def estimate(runs, dataset, scale, step_seconds):
+    """Training steps of every run at ``scale`` and, at ``step_seconds`` a step, the hours they take."""
+    recipe = SCALES[scale]
+    batch = int(_flag_value(recipe["common"], "--batch_size") or 128)
+    subset = _flag_value(recipe["common"], "--subset")
+    n1 = min(TRAIN_IMAGES.get(dataset, 50_000), int(subset or 10**9))
+    n2 = min(CLUSTER_IMAGES.get(dataset, TRAIN_IMAGES.get(dataset, 50_000)), int(subset or 10**9))
+    total = 0
+    for run, flags in runs.values():
+        if run.kind == "evaluate":
+            continue
+        epochs = int(_flag_value(flags, "--epochs")) * int(_flag_value(flags, "--rounds") or 1)
+        total += epochs * ((n1 if run.kind == "embed" else n2) // batch)
+    hours = total * step_seconds / 3600
+    return total, hours
+
+
+def measured_step_seconds():
+    """Seconds of one full step at batch 128, width 64, measured on this project's CPU reference
+    (bench/results-cpu.json), or None."""
+    try:
+        with open(os.path.join(ROOT, "bench", "results-cpu.json")) as f:
+            return json.load(f)["stage1_step_s"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
+
+
+def write_tables(out, rows, runs, status, args):
+    """tables.json (every row's cells: paper, measured, run folder, source, status) and tables.md."""
+    result = {"scale": args.scale, "dataset": args.dataset, "paper_dataset": "cifar10", "tables": {}, "runs": {}}
+    for name, (run, flags) in runs.items():
+        result["runs"][name] = {"folder": folder(args.out, run), "script": run.script, "flags": flags,
+                                "encoder": run.encoder, "status": status[name]}
+    lines = [f"# The paper's experiments at scale '{args.scale}' on {args.dataset}", "",
+             "Paper: CIFAR-10, the paper's scale. Measured: this run.", ""]
+    for table_id in dict.fromkeys(t for t, _ in rows):
+        table = TABLES[table_id]
+        entries = []
+        lines += [f"## {table.title}", "",
+                  "| row | " + " | ".join(f"{c} (paper) | {c} (measured)" for c in table.columns) + " | runs |",
+                  "|---|" + "---|---|" * len(table.columns) + "---|"]
+        for t, row in rows:
+            if t != table_id:
+                continue
+            cells = []
+            for column, cell in zip(table.columns, row.cells):
+                if cell is None:
+                    cells.append({"column": column, "paper": None, "measured": None, "run": None})
+                    continue
+                state = status[cell.run.name]
+                measured = read_number(cell, args.out) if state in ("skipped", "ran", "resumed") else None
+                cells.append({"column": column, "paper": cell.paper, "measured": measured,
+                              "run": folder(args.out, cell.run), "source": f"{cell.source}:{cell.key}"
+                              + (f" ({cell.reduce})" if cell.reduce else ""), "status": state})
+            entries.append({"id": row.id, "name": row.name, "cells": cells})
+            shown = [f"{fmt(c['paper'])} | " + (fmt(c["measured"]) if c.get("measured") is not None
+                                                else (c.get("status") or "-")) for c in cells]
+            folders = ", ".join(dict.fromkeys(os.path.basename(c["run"]) for c in cells if c["run"]))
+            lines.append(f"| {row.name} | " + " | ".join(shown) + f" | {folders} |")
+        result["tables"][table_id] = {"title": table.title, "columns": list(table.columns), "rows": entries}
+        lines.append("")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tables.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write("\n".join(lines))
+    return result
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Run the paper's experiments section with the real scripts",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES), help="tables to run")
+    p.add_argument("--rows", nargs="+", default=None, metavar="TABLE:ROW",
+                   help="only these rows, e.g. 3:lambda0 3:two_stage (default: every row of --tables)")
+    p.add_argument("--scale", default="cpu", choices=list(SCALES),
+                   help="paper: the paper's epochs and network; cpu: about two hours on 2 CPU cores; tiny: tests")
+    p.add_argument("--dataset", default="cifar10", help="the scripts' --dataset (the paper's tables: cifar10)")
+    p.add_argument("--out", default="runs/paper", help="folder of the runs and of tables.md / tables.json")
+    p.add_argument("--data_dir", default=None, help="passed to the scripts")
+    p.add_argument("--device", default=None, help="passed to the scripts")
+    p.add_argument("--step_seconds", default=None, type=float,
+                   help="seconds per training step for the cost estimate (default with --scale paper: "
+                        "bench/results-cpu.json's step at batch 128, width 64 on the project's 2-core CPU)")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and the estimate; run nothing")
+    return p
+
+
+def main(args):
+    extra = (["--data_dir", args.data_dir] if args.data_dir else []) + (["--device", args.device] if args.device
+                                                                       else [])
+    rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()))
+    blocked = {name: not_runnable(run, flags) for name, (run, flags) in runs.items()}
+    step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
+    steps, hours = estimate(runs, args.dataset, args.scale, step or 0)
+    today, _ = estimate({n: r for n, r in runs.items() if not blocked[n]}, args.dataset, args.scale, 0)
+    print(f"{len(rows)} rows, {len(runs)} runs ({sum(1 for b in blocked.values() if not b)} runnable today) at "
+          f"scale '{args.scale}' on {args.dataset}: {steps:,} training steps ({today:,} runnable today)"
+          + (f", about {hours:,.0f} hours at {step:.2f} s per step" if step else ""), flush=True)
+    status = {}
+    for i, (name, (run, flags)) in enumerate(runs.items(), start=1):
+        encoder_state = status.get(run.encoder, "skipped") if run.encoder else "skipped"
+        if args.dry_run and encoder_state == "planned":
+            encoder_state = "skipped"
+        if blocked[name]:
+            status[name] = blocked[name]
+        elif encoder_state not in ("skipped", "ran", "resumed"):
+            status[name] = f"encoder {run.encoder}: {encoder_state}"
+        elif args.dry_run:
+            status[name] = "planned"
+            print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out)[1:]))
+            continue
+        else:
+            start = time.time()
+            print(f"[{i}/{len(runs)}] {name}", flush=True)
+            status[name] = run_one(run, flags, args.out)
+        print(f"[{i}/{len(runs)}] {name}: {status[name]}"
+              + (f" ({time.time() - start:.0f} s)" if status[name] in ("ran", "resumed") else ""), flush=True)
+    if args.dry_run:
+        return None, []
+    result = write_tables(args.out, rows, runs, status, args)
+    print(f"wrote {os.path.join(args.out, 'tables.md')} and tables.json")
+    failed = [n for n, s in status.items() if s.startswith("failed") or s.startswith("encoder")]
+    return result, failed
+
+
+RUNS = {}
+for _table in TABLES.values():
+    for _row in _table.rows:
+        for _cell in _row.cells:
+            if _cell is not None:  # one name, one run: rows that share a run share its folder
+                assert RUNS.setdefault(_cell.run.name, _cell.run) == _cell.run, _cell.run.name
+for _variant in ("super_and", "lemniscate", "and"):
+    RUNS.setdefault(embed(_variant).name, embed(_variant))
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    try:
+        _, failures = main(parsed)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(1 if failures else 0)

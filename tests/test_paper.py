@@ -1,0 +1,162 @@
+"""The paper's experiments (docs/method.md, "The paper's experiments"): heads without weight normalization
+(Table 3) against a hand computation, the harness's tables as data, and (slow) the harness end to end on
+digits: its numbers are the runs' own, a second call runs nothing, a run cut short is resumed."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from experiments import paper
+from models import MultiHeadNormFC, NormFC
+
+# ---- heads without weight normalization ----
+
+
+def test_head_without_normalization_is_the_plain_softmax():
+    """head_norm 'none': softmax(v · W / τ_c) with the drawn W, computed by hand for d = 2, C = 3."""
+    head = NormFC(2, 3, temperature=0.5, norm="none")
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]]))
+    v = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    logits = [(0.6 * 1.0 + 0.8 * 3.0) / 0.5, (0.6 * -2.0 + 0.8 * 0.0) / 0.5, (0.6 * 0.5 + 0.8 * -1.0) / 0.5]
+    z = sum(math.exp(x) for x in logits)
+    expected = [math.exp(x) / z for x in logits]  # logits 5.6, -2.4, -1.0
+    got = head(v).squeeze(0).tolist()
+    assert got == pytest.approx(expected, rel=1e-12)
+    normalized = NormFC(2, 3, temperature=0.5, norm="released")
+    with torch.no_grad():
+        normalized.weight.copy_(head.weight)
+    assert normalized(v).squeeze(0).tolist() != pytest.approx(expected, rel=1e-3)  # a different mode
+    heads = MultiHeadNormFC(4, 3, num_heads=2, norm="none")
+    assert all(h.norm == "none" and not h.weight.requires_grad for h in heads.heads)  # still frozen
+    with pytest.raises(ValueError, match="none"):
+        NormFC(2, 3, norm="columns")
+
+
+# ---- the tables as data ----
+
+MAIN_HELP = """usage: main.py [-h] [--dataset {cifar10,digits}] [--lambda_cp LAMBDA_CP] [--head_norm {released,paper}]
+  --weight_decay WEIGHT_DECAY, --wd WEIGHT_DECAY
+  --tau_c TAU_C         τ_c (> 0) (default: 0.1)
+"""
+
+
+def test_help_parsing_finds_flags_and_choices(monkeypatch):
+    options = paper.parse_help(MAIN_HELP)
+    assert options["--head_norm"] == {"released", "paper"}
+    assert options["--dataset"] == {"cifar10", "digits"}
+    assert options["--tau_c"] is None and "--wd" in options and "--weight_decay" in options
+    monkeypatch.setitem(paper.script_options.__defaults__[0], "main.py", options)
+    assert paper.missing_flags("main.py", ["--tau_c", "1", "--head_norm", "released"]) == []
+    assert paper.missing_flags("main.py", ["--head_norm", "none", "--joint", "--tau_c", "1"]) == [
+        "--head_norm none", "--joint"]
+
+
+def test_tables_share_runs_and_declare_the_papers_numbers():
+    runs = {cell.run.name: cell.run for t in paper.TABLES.values() for r in t.rows for cell in r.cells if cell}
+    assert set(paper.RUNS) >= set(runs)
+    two_stage = [c.run for t in paper.TABLES.values() for r in t.rows for c in r.cells
+                 if c and c.paper == 81.0 and c.key == "acc"]
+    assert {r.name for r in two_stage} == {"assign"}  # Table 2's Super-AND, Table 3, C at λ = 1 and τ_c = 0.1, D
+    assert paper.TABLES["3"].rows[0].cells[0].run is not None
+    by_id = {r.id: r for r in paper.TABLES["3"].rows}
+    assert [by_id[k].cells[0].paper for k in ("lambda0", "no_norm", "tau1", "kmeans", "agglomerative", "joint",
+                                              "two_stage")] == [58.2, 56.0, 19.5, 38.3, 49.9, 68.4, 81.0]
+    flags = paper.run_flags(by_id["no_norm"].cells[0].run, "paper", "cifar10", [])
+    assert flags[-2:] == ["--head_norm", "none"] and flags[flags.index("--epochs") + 1] == "300"
+    lam1 = {r.id: r for r in paper.TABLES["C"].rows}["lambda1"]
+    assert lam1.cells[0].run.name == "assign"  # λ at its default: the two-stage run itself
+    assert paper.run_flags(paper.RUNS["embed"], "paper", "cifar10", [])[-4:] == ["--rounds", "5", "--epochs", "200"]
+    long = {r.id: r for r in paper.TABLES["D"].rows}["random_long"].cells[0].run
+    assert "--init" in long.flags and paper.run_flags(long, "paper", "cifar10", [])[-3] == "1300"
+
+
+# ---- the harness end to end ----
+
+ROWS = ["3:lambda0", "3:no_norm", "3:two_stage", "C:lambda0", "2:super_and"]
+
+
+def harness(out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"), "--tables", "2", "3", "C",
+                           "--rows", *ROWS, "--scale", "tiny", "--dataset", "digits", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "tables.json") as f:
+        return json.load(f)
+
+
+def mtimes(folder):
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def own_number(cell):
+    """The number of a cell read straight from its run folder's eval.json or log."""
+    source, key = cell["source"].split(" ")[0].split(":")
+    if source == "eval":
+        with open(os.path.join(cell["run"], "eval.json")) as f:
+            value = json.load(f)[key]
+    else:
+        name = "log_embed.jsonl" if os.path.basename(cell["run"]).startswith("embed") else "log_ul.jsonl"
+        with open(os.path.join(cell["run"], name)) as f:
+            value = json.loads(f.read().splitlines()[-1])[key]
+    return sum(value) / len(value) if "(mean)" in cell["source"] else value
+
+
+def numbers(result):
+    """Every cell's paper number, measured number and run folder (not its status: ran, skipped...)."""
+    return [(t, r["id"], c["paper"], c["measured"], c["run"]) for t, table in result["tables"].items()
+            for r in table["rows"] for c in r["cells"]]
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_skips_and_resumes(tmp_path):
+    result = harness(tmp_path)
+    assert set(result["runs"]) == {"embed", "assign", "assign-lambda_cp0", "assign-head_normnone"}
+    assert {n: r["status"] for n, r in result["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
+        ("embed", "assign", "assign-lambda_cp0"), "ran")
+    rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
+    assert rows[("3", "no_norm")]["cells"][0]["status"] == "not runnable yet: --head_norm none"
+    assert rows[("3", "no_norm")]["cells"][0]["measured"] is None
+    measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
+    assert len(measured) == 6  # λ = 0 (twice: Table 3 and C's two columns), two-stage (Tables 2, 3), kNN
+    for cell in measured:
+        assert cell["measured"] == own_number(cell)
+    assert rows[("3", "lambda0")]["cells"][0]["run"] == rows[("C", "lambda0")]["cells"][0]["run"]
+    assert rows[("C", "lambda0")]["cells"][1]["source"] == "eval:head_acc (mean)"
+    assert rows[("2", "super_and")]["cells"][0]["paper"] == 89.2
+    assert os.path.exists(tmp_path / "tables.md")
+
+    # the same command again: every run is skipped, no file in a run folder changes
+    before = mtimes(tmp_path / "runs")
+    again = harness(tmp_path)
+    assert mtimes(tmp_path / "runs") == before
+    assert {n: r["status"] for n, r in again["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
+        ("embed", "assign", "assign-lambda_cp0"), "skipped")
+    assert numbers(again) == numbers(result)
+
+    # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
+    cut = tmp_path / "runs" / "assign-lambda_cp0"
+    with open(cut / "eval.json") as f:
+        acc = json.load(f)["acc"]
+    os.remove(cut / "eval.json")
+    lines = (cut / "log_ul.jsonl").read_text().splitlines(keepends=True)
+    (cut / "log_ul.jsonl").write_text("".join(lines[:-1]))
+    others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
+    last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
+    resumed = harness(tmp_path)
+    assert resumed["runs"]["assign-lambda_cp0"]["status"] == "resumed"
+    assert resumed["runs"]["assign"]["status"] == "skipped" and resumed["runs"]["embed"]["status"] == "skipped"
+    assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
+    assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
+    assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
+    with open(cut / "eval.json") as f:
+        assert json.load(f)["acc"] == acc
+    new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
+    assert new_rows[("3", "lambda0")]["cells"][0]["measured"] == acc
