@@ -266,9 +266,18 @@ def finished(run, flags, path):
     return os.path.exists(os.path.join(path, "eval.json"))
 
 
+UNMATCHED = ("--data_dir", "--device")  # where the data are and what runs it: the same run either way
+
+
+def matched(flags):
+    """``flags`` without those that do not change a run (``UNMATCHED`` and their values)."""
+    drop = {i for i, token in enumerate(flags) if token in UNMATCHED}
+    return [t for i, t in enumerate(flags) if i not in drop and i - 1 not in drop]
+
+
 def check_folder(run, flags, path):
     """The folder holds this command's run (or nothing): its command.json matches, or is written now."""
-    record = {"script": run.script, "flags": flags, "encoder": run.encoder}
+    record = {"script": run.script, "flags": matched(flags), "encoder": run.encoder}
     own = os.path.join(path, COMMAND)
     if os.path.exists(own):
         with open(own) as f:
@@ -452,6 +461,11 @@ def get_args_parser():
 def main(args):
     extra = (["--data_dir", args.data_dir] if args.data_dir else []) + (["--device", args.device] if args.device
                                                                        else [])
+    known = {f"{t}:{r.id}" for t in args.tables for r in TABLES[t].rows}
+    unknown = sorted(set(args.rows or ()) - known)
+    if unknown:
+        raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
+                           f"(rows: {' '.join(sorted(known))})")
     rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()))
     blocked = {name: not_runnable(run, flags) for name, (run, flags) in runs.items()}
     step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
@@ -504,4 +518,8 @@ if __name__ == "__main__":
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue (finished runs are skipped, the "
+              "interrupted one resumed)", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(1 if failures else 0)

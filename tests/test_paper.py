@@ -160,3 +160,14 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
     assert new_rows[("3", "lambda0")]["cells"][0]["measured"] == acc
+
+
+def test_a_folder_of_another_command_is_refused(tmp_path):
+    run = paper.RUNS["assign-lambda_cp0"]
+    flags = paper.run_flags(run, "tiny", "digits", ["--data_dir", "here"])
+    paper.check_folder(run, flags, str(tmp_path / "f"))
+    with open(tmp_path / "f" / "command.json") as f:
+        assert json.load(f)["flags"] == paper.run_flags(run, "tiny", "digits", [])  # where the data are: not matched
+    paper.check_folder(run, paper.run_flags(run, "tiny", "digits", ["--device", "cpu"]), str(tmp_path / "f"))
+    with pytest.raises(paper.HarnessError, match="another command"):
+        paper.check_folder(run, paper.run_flags(run, "cpu", "digits", []), str(tmp_path / "f"))
