@@ -13,6 +13,7 @@ and offsets, not pixels, so a DataLoader worker started by spawn or forkserver m
 instead of receiving a copy.
 """
 import bisect
+import hashlib
 import json
 import os
 import tempfile
@@ -178,3 +179,29 @@ def write_json_atomic(path, record):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def content_hash(images, chunk=4096):
+    """SHA-256 (hex) of the bytes of uint8 (N, H, W, 3) images in C order, read ``chunk`` images at a
+    time: the same for an array in memory and for a mapped file holding the same pixels."""
+    digest = hashlib.sha256(f"uint8 {tuple(int(s) for s in images.shape)}\n".encode())
+    for start in range(0, len(images), chunk):
+        digest.update(np.ascontiguousarray(np.asarray(images[start:start + chunk])).data)
+    return digest.hexdigest()
+
+
+def record_checksum(record):
+    """SHA-256 (hex) of a cache record's content: every entry but "checksum", as canonical JSON."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def usable_stats(mean, std):
+    """True when ``mean`` and ``std`` are three finite numbers each and every std is positive: a
+    normalization that can divide by it."""
+    try:
+        mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return (mean.shape == std.shape == (3,) and bool(np.isfinite(mean).all()) and bool(np.isfinite(std).all())
+            and bool((std > 0).all()))

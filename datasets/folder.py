@@ -2,7 +2,8 @@
 
 Layout, as torchvision's ImageFolder: each sub-folder of DIR is a class (sorted names give the
 labels 0, 1, ...; sub-folders of a class belong to it), or a folder with no sub-folders is an
-unlabelled set (every target -1; the number of classes to find, K >= 2, comes from the caller).
+unlabelled set (every target -1; the number of classes to find, 2 <= K <= the number of images,
+comes from the caller where clusters are made: ``check_cluster_count``).
 Files and folders whose names start with "." are left out (the default cache lives in DIR/.cache).
 In a labelled folder, files directly in DIR belong to no class and are left out with one warning.
 Images are in the order ImageFolder gives: by class, then by path, sorted.
@@ -18,9 +19,14 @@ Cache: one ``.npy`` of (N, image_size, image_size, 3) uint8, written through
 ``np.lib.format.open_memmap`` to a temporary file and renamed into place, and a JSON describing
 it: a signature of the folder (SHA-256 of every file's relative path, size and modification
 time), image_size, class names, the skipped files, and the per-channel mean and std of the cached
-images (computed in chunks). The next run scans the folder again (names and ``stat`` only) and
-maps the cache when the signature matches; any added, removed or changed file rebuilds it. One
-cache per image_size can live side by side in the same cache folder.
+images (computed in chunks), the size and SHA-256 of the cached images and a checksum (SHA-256)
+of the JSON's own content. The next run scans the folder again (names and ``stat`` only) and
+maps the cache when the signature matches; any added, removed or changed file rebuilds it. A
+cache is trusted only when the checksum matches, its std is finite and positive and its images
+hash as recorded (hashed once per process: one read of the cache); otherwise it is rebuilt, with
+one warning line saying why. One cache per image_size can live side by side in the same folder.
+
+Links are followed but never in a loop: see ``scan``.
 """
 import functools
 import glob
@@ -39,9 +45,9 @@ from tqdm import tqdm
 
 from lib.errors import InputError
 
-from .arrays import MappedImages, channel_stats, write_json_atomic
+from .arrays import MappedImages, channel_stats, content_hash, record_checksum, usable_stats, write_json_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the record holds the hash of its images and a checksum of itself
 DEFAULT_CACHE = ".cache"  # inside the folder when no cache_dir is given
 
 
@@ -68,19 +74,76 @@ def is_flat(folder):
     return os.path.isdir(folder) and not any(e.is_dir() and not _hidden(e.name) for e in os.scandir(folder))
 
 
+def _reachable(path):
+    """False for a link that leads nowhere or in a loop (to itself, or through links back to itself)."""
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def _warn_broken(folder, broken):
+    if broken:
+        print(f"warning: left out {len(broken)} link(s) in {folder} that lead nowhere or back to themselves "
+              f"(e.g. {broken[0]})", file=sys.stderr)
+
+
+def _warn_loop(path, real):
+    print(f"warning: left out the folder {path}: it leads to {real}, a folder already scanned (a link loop or a "
+          f"second way in)", file=sys.stderr)
+
+
+def _first_visit(path, seen):
+    """True, once, for the first path leading to a folder; a later one (a loop, or a folder reached a
+    second way) is left out with one warning line."""
+    real = os.path.realpath(path)
+    if real in seen:
+        _warn_loop(path, real)
+        return False
+    seen.add(real)
+    return True
+
+
+def _walk(folder, name, seen, broken):
+    """The (folder, sorted file names) pairs of class folder ``name``, following links to folders not
+    in ``seen``; adds the links that lead nowhere to ``broken``."""
+    walk = []
+    for root, dirs, names in os.walk(os.path.join(folder, name), followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if not _hidden(d) and _first_visit(os.path.join(root, d), seen)]
+        reachable = []
+        for n in sorted(n for n in names if not _hidden(n)):
+            if _reachable(os.path.join(root, n)):
+                reachable.append(n)
+            else:
+                broken.append(os.path.relpath(os.path.join(root, n), folder))
+        walk.append((root, reachable))
+    return walk
+
+
 def scan(folder, skip=None):
     """Image candidates of ``folder`` in data set order: (relative paths, targets, class names or None).
 
     ``skip`` is a directory to leave out (a cache folder inside ``folder``). Raises InputError for a
     missing or empty folder and for a single class sub-folder.
+
+    Links are followed but never in a loop: every folder is resolved once (``realpath``) and a
+    folder that leads to one already scanned (DIR itself, a class folder, a folder seen before) is
+    left out with one warning line; a link that leads nowhere or to itself is left out, with one
+    warning line counting them.
     """
     if not os.path.isdir(folder):
         raise InputError(f"image folder {folder} does not exist or is not a folder")
     skip = None if skip is None else os.path.realpath(skip)
     entries = sorted((e for e in os.scandir(folder) if not _hidden(e.name)), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and os.path.realpath(e.path) != skip]
+    broken = [e.name for e in entries if not _reachable(e.path)]
+    entries = [e for e in entries if e.name not in broken]
+    seen = {os.path.realpath(folder)} | ({skip} if skip else set())  # the folders scanned or claimed
+    classes = [e.name for e in entries if e.is_dir() and os.path.realpath(e.path) != skip
+               and _first_visit(e.path, seen)]
     loose = [e.name for e in entries if not e.is_dir()]
     if not classes:
+        _warn_broken(folder, broken)
         if not loose:
             raise InputError(f"image folder {folder} is empty: put the images in it, or one sub-folder per class")
         return loose, np.full(len(loose), -1, dtype=np.int64), None
@@ -92,16 +155,14 @@ def scan(folder, skip=None):
               f"sub-folders takes its images from them", file=sys.stderr)
     files, targets = [], []
     for label, name in enumerate(classes):
-        walk = []
-        for root, dirs, names in os.walk(os.path.join(folder, name), followlinks=True):
-            dirs[:] = [d for d in dirs if not _hidden(d)]
-            walk.append((root, sorted(n for n in names if not _hidden(n))))
+        walk = _walk(folder, name, seen, broken)
         before = len(files)
         for root, names in sorted(walk):  # ImageFolder's order: sorted (root, files) pairs
             files += [os.path.relpath(os.path.join(root, n), folder) for n in names]
         if len(files) == before:
             raise InputError(f"class sub-folder {os.path.join(folder, name)} has no files")
         targets += [label] * (len(files) - before)
+    _warn_broken(folder, broken)
     return files, np.asarray(targets, dtype=np.int64), tuple(classes)
 
 
@@ -177,10 +238,12 @@ def _build(folder, files, image_size, cache_dir, digest):
 def load(folder, image_size, cache_dir=None, num_classes=None):
     """The images of ``folder`` at image_size x image_size, from the cache or decoded into it first.
 
-    ``num_classes``: required (K >= 2) for an unlabelled folder, the number of classes to find; a
-    labelled folder's class count is its number of sub-folders, and a num_classes that differs
-    from it is an error rather than an override (the labels could not score such a clustering
-    class by class). Returns ``FolderImages``.
+    ``num_classes``: for an unlabelled folder the number of classes (K >= 2), or None where no
+    clusters are made (stage 1). Where clusters are made (stage-2 training) ``check_cluster_count``
+    also asks K <= the number of images; predicting with K trained clusters takes any number of
+    images. A labelled folder's class count is its number of sub-folders, and a num_classes
+    that differs from it is an error rather than an override (the labels could not score such a
+    clustering class by class). Returns ``FolderImages``.
     """
     folder = os.fspath(folder)
     cache_dir = os.path.join(folder, DEFAULT_CACHE) if cache_dir is None else os.fspath(cache_dir)
@@ -189,21 +252,11 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
 
     digest = signature(folder, files, image_size)
     record_path = os.path.join(cache_dir, f"folder-{image_size}px.json")
-    record = _read_record(record_path, digest, cache_dir)
+    record, problem = _read_record(record_path, digest, cache_dir)
+    if problem:
+        print(f"warning: the image cache {record_path} {problem}; decoding the folder again", file=sys.stderr)
     if record is None:
-        npy, count, skipped = _build(folder, files, image_size, cache_dir, digest)
-        if count == 0:
-            os.remove(npy)
-            raise InputError(f"image folder {folder} has no readable images ({len(files)} files skipped)")
-        mean, std = channel_stats(MappedImages.from_npy(npy, count))
-        record = {"format": CACHE_FORMAT, "folder": os.path.abspath(folder), "signature": digest,
-                  "image_size": image_size, "files": len(files), "images": count, "npy": os.path.basename(npy),
-                  "class_names": None if class_names is None else list(class_names), "skipped": skipped,
-                  "mean": mean, "std": std}
-        write_json_atomic(record_path, record)
-        for stale in glob.glob(os.path.join(cache_dir, f"folder-{image_size}px-*.npy")):
-            if stale != npy:  # an earlier build of this folder (or of another one) at this size
-                os.remove(stale)
+        record = _build_record(folder, files, class_names, image_size, cache_dir, digest, record_path)
     elif record["skipped"]:
         print(f"warning: {len(record['skipped'])} of {record['files']} files in {folder} are not readable images "
               f"and stay left out (listed in {record_path})", file=sys.stderr)
@@ -221,29 +274,94 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
                         tuple(record["mean"]), tuple(record["std"]))
 
 
+def _build_record(folder, files, class_names, image_size, cache_dir, digest, record_path):
+    """Decode the folder into a new cache and write its JSON (with the hash of its images); the record."""
+    npy, count, skipped = _build(folder, files, image_size, cache_dir, digest)
+    if count == 0:
+        os.remove(npy)
+        raise InputError(f"image folder {folder} has no readable images ({len(files)} files skipped)")
+    images = MappedImages.from_npy(npy, count)
+    mean, std = channel_stats(images)
+    if not usable_stats(mean, std):
+        os.remove(npy)
+        raise InputError(f"the images of {folder} cannot be normalized: a colour channel has std "
+                         f"{min(std):.3g} (every image the same colour there?); add varied images")
+    record = {"format": CACHE_FORMAT, "folder": os.path.abspath(folder), "signature": digest,
+              "image_size": image_size, "files": len(files), "images": count, "npy": os.path.basename(npy),
+              "class_names": None if class_names is None else list(class_names), "skipped": skipped,
+              "mean": mean, "std": std, "content": {"bytes": images.array.nbytes, "sha256": content_hash(images)}}
+    record["checksum"] = record_checksum(record)
+    write_json_atomic(record_path, record)
+    _VERIFIED.add(_identity(npy, record))
+    for stale in glob.glob(os.path.join(cache_dir, f"folder-{image_size}px-*.npy")):
+        if stale != npy:  # an earlier build of this folder (or of another one) at this size
+            os.remove(stale)
+    return record
+
+
+def check_cluster_count(num_classes, images, folder):
+    """Where clusters are made from an unlabelled folder (stage-2 training; ``images`` after --subset):
+    K given, and 2 <= K <= its number of images. One-line InputErrors."""
+    if num_classes is None:
+        raise InputError(f"image folder {folder} has no class sub-folders (unlabelled images): pass "
+                         f"--num_classes K, the number of classes to find (K >= 2)")
+    if num_classes < 2:
+        raise InputError(f"--num_classes must be at least 2 for an unlabelled folder, not {num_classes}")
+    if num_classes > images:
+        raise InputError(f"--num_classes {num_classes} is more than the {images} images of {folder}: "
+                         f"--num_classes is at most the number of images")
+
+
 def _check_class_count(folder, class_names, num_classes):
-    """An unlabelled folder needs K >= 2 clusters; a labelled one takes its count from its sub-folders."""
+    """An unlabelled folder takes K >= 2 clusters (or none yet); a labelled one takes its count from its
+    sub-folders."""
     if class_names is None:
-        if num_classes is None:
-            raise InputError(f"image folder {folder} has no class sub-folders (unlabelled images): pass "
-                             f"--num_classes K, the number of classes to find (K >= 2)")
-        if num_classes < 2:
+        if num_classes is not None and num_classes < 2:
             raise InputError(f"--num_classes must be at least 2 for an unlabelled folder, not {num_classes}")
     elif num_classes is not None and num_classes != len(class_names):
         raise InputError(f"--num_classes {num_classes} contradicts the {len(class_names)} class sub-folders of "
                          f"{folder}; leave it out for a labelled folder")
 
 
+# the caches whose images were hashed in this process: (path, size, mtime, inode, hash) -> checked once
+_VERIFIED = set()
+
+
+def _identity(npy, record):
+    st = os.stat(npy)
+    return os.path.realpath(npy), st.st_size, st.st_mtime_ns, st.st_ino, record["content"]["sha256"]
+
+
 def _read_record(path, digest, cache_dir):
-    """The cache's JSON when it describes this folder as it is now and its ``.npy`` is whole, else None."""
+    """(the cache's JSON, None) when it describes this folder as it is now and its images are those it
+    was built with; else (None, why not) for a cache that cannot be trusted (a line for a warning),
+    or (None, None) for none, an older format or a folder that changed since (rebuilt silently).
+
+    The images are hashed (SHA-256 of the used rows) once per process and cache file."""
     try:
         with open(path) as f:
             record = json.load(f)
-        if record.get("format") != CACHE_FORMAT or record.get("signature") != digest:
-            return None
-        stored = np.load(os.path.join(cache_dir, record["npy"]), mmap_mode="r")
-        if stored.shape[0] < record["images"] or stored.dtype != np.uint8:
-            return None
-        return record
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError):
+        return None, "is not a readable JSON record"
+    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("signature") != digest:
+        return None, None
+    if record.get("checksum") != record_checksum(record):
+        return None, "does not match its checksum (edited or corrupted)"
+    try:
+        if not usable_stats(record["mean"], record["std"]):
+            return None, "records a std that is not finite and positive"
+        npy = os.path.join(cache_dir, record["npy"])
+        images = MappedImages.from_npy(npy, record["images"])
+        stored = np.load(npy, mmap_mode="r")
+        if stored.shape[0] < record["images"] or images.array.nbytes != record["content"]["bytes"]:
+            return None, f"does not match its images {record['npy']} (another shape)"
+        identity = _identity(npy, record)
+        if identity not in _VERIFIED:
+            if content_hash(images) != record["content"]["sha256"]:
+                return None, f"does not match its images {record['npy']} (their hash differs: corrupted)"
+            _VERIFIED.add(identity)
+        return record, None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"does not match its images ({type(err).__name__})"
