@@ -115,7 +115,6 @@ def test_folder_errors(folders, tmp_path, capsys):
     base = [*NET, "--dataset", "folder", "--model_dir", out, "--batch_size", "6"]
     expect_error(capsys, super_and, base + ["--data_dir", tmp_path / "missing"], "does not exist")
     expect_error(capsys, super_and, base + ["--data_dir", tmp_path / "empty"], "is empty")
-    expect_error(capsys, super_and, base + ["--data_dir", folders / "new"], "--num_classes")
     expect_error(capsys, super_and, base + ["--data_dir", folders / "labelled", "--num_classes", "5"], "contradicts")
     expect_error(capsys, semi, base + ["--data_dir", folders / "new", "--num_classes", "3", "--from_scratch"],
                  "labelled")
