@@ -57,7 +57,7 @@ def build_dataset(name, data_dir, split, views=1, transform=None, subset=None, i
     if type(data) is np.ndarray:
         data = np.ascontiguousarray(data)
     if transform is None:
-        transform = for_views(views, mean, std, image_size)
+        transform = for_views(views, mean, std, image_size, entry.augmentation)
     return ImageDataset(data, targets, transform, views, num_classes=num_classes, class_names=class_names, mean=mean,
                         std=std, paths=paths, image_size=int(image_size))
 

@@ -30,10 +30,25 @@ follow torchvision's *tensor* semantics (what ColorJitter runs on tensors):
 import numpy as np
 import torch
 
+from lib.errors import InputError
+
+from .registry import DATASETS
+
 # ITU-R 601-2 luma as torchvision's tensor rgb_to_grayscale writes it (PIL: 0.299)
 LUMA = (0.2989, 0.587, 0.114)
 # ColorJitter's ops by id, in torchvision's numbering (fn_idx)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def check_supported(dataset):
+    """One clear line when data set ``dataset``'s training augmentation is not the one drawn here: only the
+    released flip variant is implemented on the device, not SVHN's affine (datasets/transforms.py). A name
+    not in the registry (None: a caller that names none) is left to the caller."""
+    entry = DATASETS.get(dataset)
+    augmentation = "flip" if entry is None else entry.augmentation
+    if augmentation != "flip":
+        raise InputError(f"--gpu_augment does not implement {dataset}'s {augmentation!r} augmentation (only the "
+                         f"horizontal-flip one); leave --gpu_augment out")
 
 
 def _uniform(n, low, high, device, generator, dtype=torch.float32):

@@ -32,6 +32,7 @@ def make_train_loader(dataset, args, device):
     if not getattr(args, "gpu_augment", False):
         return make_loader(dataset, args.batch_size, True, args.workers, device, seed=seed)
     from . import gpu_augment
+    gpu_augment.check_supported(getattr(args, "dataset", None))  # SVHN's affine is not implemented there
     return gpu_augment.GpuTwoViewLoader(dataset.data, dataset.targets, processes.split_batch(args.batch_size),
                                         dataset.mean, dataset.std, device, size=dataset.image_size,
                                         sampler=_shard_sampler(len(dataset), args.batch_size, seed))

@@ -4,7 +4,8 @@ Adding a data set:
 1. Write its reader, ``read(data_dir, part) -> (uint8 images (N, H, W, 3), int64 labels (N,), -1 = none)``,
    in datasets/sources.py (or a module of its own, as datasets/stl10.py).
 2. Add one ``DatasetInfo`` to ``DATASETS`` below: name, class count, mean and std (or a ``normalization``
-   function computing them), class names, the raw ``splits`` its reader takes, and which of them each stage uses.
+   function computing them), class names, the raw ``splits`` its reader takes, which of them each stage uses,
+   and ``augmentation="affine"`` where a horizontal flip would change an image's class.
 3. If it shows another data set's images under other labels (cifar20: CIFAR-100's), set ``images_of``.
 4. Add tests beside tests/test_sources.py's: the reader on tiny synthetic files, never a download.
 5. Describe it, with its source, in docs/method.md ("Data sets"); the scripts' --dataset lists it by itself.
@@ -77,7 +78,9 @@ class DatasetInfo:
     the kNN monitor, None when there are none. Splits are raw split names joined by "+".
     read: ``read(data_dir, parts, *, image_size, cache_dir, num_classes) -> Images``; splits: the raw
     split names it takes. images_of: the data set whose images these are, under other labels (an encoder
-    trained on one is an encoder of the other); None when the images are its own.
+    trained on one is an encoder of the other); None when the images are its own. augmentation: the
+    training augmentation's variant (datasets/transforms.py): "flip", or "affine" where a mirror image
+    changes the class (SVHN's digits); every script's two-view transform follows it.
     """
     name: str
     num_classes: Optional[int]
@@ -91,6 +94,7 @@ class DatasetInfo:
     splits: tuple = ("train", "test")
     images_of: Optional[str] = None
     normalization: Optional[Callable] = None
+    augmentation: str = "flip"
 
     def parts(self, split):
         """The raw split names of ``split`` ("train+unlabeled" -> ["train", "unlabeled"]), checked."""
@@ -120,6 +124,10 @@ DATASETS = {
     "stl10": DatasetInfo("stl10", 10, None, None, sources.STL10_CLASSES, embed_split="train+unlabeled",
                          cluster_split="train+test", read=PartReader(stl10.read),
                          splits=("train", "test", "unlabeled"), normalization=stl10.normalization),
+    # the official train_32x32.mat / test_32x32.mat ("extra" unused); normalization computed over the training
+    # images on first use; an affine transform in the flip's place (a mirrored digit is not that digit)
+    "svhn": DatasetInfo("svhn", 10, None, None, sources.SVHN_CLASSES, read=PartReader(sources.svhn),
+                        normalization=sources.svhn_normalization, augmentation="affine"),
     # computed over the padded 32x32 training images (tests/test_sources.py recomputes them)
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (0.2190,) * 3, (0.3318,) * 3, sources.FASHION_MNIST_CLASSES,
                                  read=PartReader(sources.fashion_mnist)),

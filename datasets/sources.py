@@ -2,20 +2,25 @@
 and the class names its labels stand for (docs/method.md, "Data sets").
 
 Every reader is ``reader(data_dir, part)`` with ``part`` "train" or "test". CIFAR goes through
-torchvision (downloading when missing, as the released code did); Fashion-MNIST reads IDX files
+torchvision (downloading when missing, as the released code did); SVHN reads its official ``.mat``
+files (downloaded through torchvision when missing); Fashion-MNIST reads IDX files
 (Debian's ``dataset-fashion-mnist`` package, else torchvision's download); digits is scikit-learn's
 bundled 8x8 set, so the demo and the tests need no network at all. STL-10 (datasets/stl10.py) and
 image folders (datasets/folder.py) have their own modules.
 """
 import contextlib
 import gzip
+import json
 import os
 import pickle
+import sys
 import urllib.error
 
 import numpy as np
 
 from lib.errors import InputError
+
+from .arrays import channel_stats, write_json_atomic
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -43,6 +48,7 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
+SVHN_CLASSES = tuple(str(d) for d in range(10))  # label d is the digit d (the files store 0 as 10)
 
 
 @contextlib.contextmanager
@@ -155,3 +161,89 @@ def digits(data_dir, part):
     labels = bunch.target.astype(np.int64)
     rows = slice(None, DIGITS_TRAIN) if part == "train" else slice(DIGITS_TRAIN, None)
     return images[rows], labels[rows]
+
+
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}  # the "extra" split is not used
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_NORMALIZATION_FILE = "svhn-normalization.json"
+
+
+def _svhn_path(data_dir, part):
+    """``<data_dir>/<part>_32x32.mat`` (torchvision's layout), downloaded through torchvision when missing."""
+    path = os.path.join(data_dir, SVHN_FILES[part])
+    if os.path.isfile(path):
+        return path
+    from torchvision.datasets import SVHN
+    try:
+        with no_new_folders_on_error(data_dir):
+            SVHN(data_dir, split=part, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise InputError(
+            f"SVHN is not in {os.path.abspath(data_dir)} and could not be downloaded ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:80]}); connect to the internet once, or put "
+            f"{', '.join(SVHN_FILES.values())} from {SVHN_URL} there, and pass --data_dir") from None
+    return path
+
+
+def svhn(data_dir, part):
+    """SVHN's cropped digits (Netzer et al., 2011), 73,257 train and 26,032 test 32x32 RGB images.
+
+    The official ``<part>_32x32.mat`` holds X: (32, 32, 3, N) uint8 (row, column, channel, image) and
+    y: (N, 1) with the digits 1..9 as themselves and the digit 0 stored as 10; here (N, 32, 32, 3) and
+    labels 0..9 (10 -> 0).
+    """
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+    path = _svhn_path(data_dir, part)
+    try:
+        raw = loadmat(path, variable_names=("X", "y"))
+    except (MatReadError, OSError, ValueError, TypeError, KeyError) as err:  # truncated download, not a .mat file
+        raise InputError(f"{path} cannot be read as SVHN's .mat file ({type(err).__name__}); "
+                         f"delete it to download it again") from None
+    images, labels = raw.get("X"), raw.get("y")
+    if (images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4
+            or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]):
+        raise InputError(f"{path} does not hold SVHN's X (32x32x3xN uint8) and y (N labels); "
+                         f"delete it to download it again")
+    labels = labels.reshape(-1).astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise InputError(f"{path} has labels outside 1..10; delete it to download it again")
+    images = np.ascontiguousarray(images.transpose(3, 0, 1, 2))  # (N, 32, 32, 3)
+    return images, labels % 10
+
+
+def svhn_normalization(data_dir, cache_dir=None):
+    """Per-channel mean and std (3-tuples, [0, 1] scale) of SVHN's 73,257 training images.
+
+    Computed on first use (``arrays.channel_stats``, exact) and cached as a small JSON, as STL-10's
+    (datasets/stl10.py): ``<data_dir>/svhn-normalization.json`` when that folder is writable, else
+    ``<cache_dir>/svhn-normalization.json``, else nowhere; a cached value is used only while
+    train_32x32.mat keeps the size it records.
+    """
+    path = _svhn_path(data_dir, "train")
+    signature = {SVHN_FILES["train"]: os.path.getsize(path)}
+    places = [os.path.join(data_dir, SVHN_NORMALIZATION_FILE)]
+    if cache_dir is not None:
+        places.append(os.path.join(cache_dir, SVHN_NORMALIZATION_FILE))
+    for place in places:
+        try:
+            with open(place) as f:
+                record = json.load(f)
+            if record.get("files") == signature:
+                return tuple(record["mean"]), tuple(record["std"])
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue
+    images, _ = svhn(data_dir, "train")
+    print(f"SVHN: computing the mean and std of the {len(images):,} training images (once)", flush=True)
+    mean, std = channel_stats(images)
+    record = {"images": len(images), "parts": ["train"], "files": signature, "mean": mean, "std": std}
+    for place in places:
+        try:
+            write_json_atomic(place, record)
+            break
+        except OSError:
+            continue
+    else:
+        print(f"warning: SVHN: could not cache the normalization in {' or '.join(places)}; it is computed again "
+              f"on every run", file=sys.stderr)
+    return mean, std
