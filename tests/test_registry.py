@@ -28,7 +28,8 @@ def test_cifar_constants_and_class_counts_match_reference():
 
 
 def test_dataset_descriptions():
-    assert set(datasets.DATASETS) == {"cifar10", "cifar100", "cifar20", "stl10", "fashion-mnist", "digits", "folder"}
+    assert set(datasets.DATASETS) == {"cifar10", "cifar100", "cifar20", "stl10", "svhn", "fashion-mnist", "digits",
+                                      "folder"}
     for name, info in datasets.DATASETS.items():
         assert info.name == name
         if name != "folder":
@@ -43,7 +44,8 @@ def test_dataset_descriptions():
     splits = {name: (i.embed_split, i.cluster_split, i.test_split) for name, i in datasets.DATASETS.items()}
     assert splits["stl10"] == ("train+unlabeled", "train+test", "test")
     assert splits["folder"] == ("train", "train", None)
-    assert all(splits[n] == ("train", "train", "test") for n in ("cifar10", "cifar100", "cifar20", "digits"))
+    assert all(splits[n] == ("train", "train", "test") for n in ("cifar10", "cifar100", "cifar20", "svhn", "digits"))
+    assert {n for n, i in datasets.DATASETS.items() if i.augmentation != "flip"} == {"svhn"}  # an affine, no flip
     folder_info = datasets.DATASETS["folder"]
     assert folder_info.num_classes is None and folder_info.mean is None and folder_info.class_names is None
     assert datasets.DATASETS["stl10"].mean is None  # computed from its training images
