@@ -140,7 +140,8 @@ def gpu_loaders(monkeypatch):
         return real_make_loader(dataset, batch_size, train, *args, **kwargs)
 
     monkeypatch.setattr(gpu_augment, "GpuTwoViewLoader", Spy)
-    monkeypatch.setattr(datasets, "make_loader", make_loader)
+    monkeypatch.setattr(datasets, "make_loader", make_loader)  # the scripts' evaluation loaders
+    monkeypatch.setattr(datasets.loaders, "make_loader", make_loader)  # and the training loaders built inside
     return built, loader_kinds
 
 
