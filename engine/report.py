@@ -1,10 +1,22 @@
-"""The run's pictures (PNG, matplotlib Agg): training curves, the confusion matrix and the clusters of the
-selected head."""
+"""What stage 2 tells a person at the end of a run: console lines, eval.json, the pictures (PNG, matplotlib
+Agg: training curves, the confusion matrix, the clusters of the selected head), optionally a CSV of the
+predictions and k-means on the raw pixels.
+
+``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in % (None without
+labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
+"""
+import csv
+import json
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib.protocols import clustering_metrics, hungarian_match  # noqa: E402
 
 
 def plot_curves(records, path):
@@ -98,3 +110,84 @@ def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def print_epoch(record):
+    """The console line(s) of a stage-2 epoch, from its log record."""
+    scores = f"ACC {record['acc']:.2f}% NMI {record['nmi']:.2f}% ARI {record['ari']:.2f}%" if "acc" in record \
+        else "no labels"
+    print(f"epoch {record['epoch']} lr {record['lr']:.4g} loss {record['loss']:.4f} (assign "
+          f"{record['loss_assign']:.4f} cp {record['loss_cp']:.4f}) head {record['selected_head']}: {scores} "
+          f"{record['seconds']:.1f}s")
+    if "head_acc" in record:
+        print(f"accuracy: {[round(a, 2) for a in record['head_acc']]}")
+
+
+def head_metrics(preds, dataset):
+    """Each head's ACC / NMI / ARI (%) after Hungarian matching of its (N,) clusters ``preds[h]`` to the
+    labels of ``dataset``; None when the images have no labels."""
+    if not dataset.has_labels:
+        return None
+    targets = dataset.targets.numpy()
+    scores = [clustering_metrics(p.numpy(), targets, dataset.num_classes) for p in preds]
+    return {f"head_{m}": [100 * x[m] for x in scores] for m in ("acc", "nmi", "ari")}
+
+
+def selected_metrics(metrics, selected):
+    """The run's numbers: ACC, NMI and ARI of the selected head (head 0 when none is selected); {} without labels."""
+    head = selected or 0
+    return {m: metrics[f"head_{m}"][head] for m in ("acc", "nmi", "ari")} if metrics else {}
+
+
+def kmeans_baseline(dataset, num_classes, seed):
+    """k-means on the raw (normalized, flattened) pixels of the evaluated images."""
+    from sklearn.cluster import KMeans
+    pixels = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).flatten(1).numpy()
+    preds = KMeans(num_classes, n_init=10, random_state=seed % 2**32).fit_predict(pixels)
+    return {k: 100 * v for k, v in clustering_metrics(preds, dataset.targets.numpy(), num_classes).items()}
+
+
+def write_predictions(path, dataset, preds, probs, selected):
+    """One row per image: index, path (own folders), label (-1: none), the selected head's cluster and
+    probability, then every head's cluster."""
+    heads = range(len(preds))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "label", "cluster", "probability"] + [f"head{h}" for h in heads])
+        for i in range(len(dataset)):
+            writer.writerow([i, dataset.paths[i] if dataset.paths else "", int(dataset.targets[i]),
+                             int(preds[selected][i]), f"{float(probs[selected][i]):.6f}"]
+                            + [int(preds[h][i]) for h in heads])
+
+
+def write_report(clusters, selected, dataset, args):
+    """Console lines, <model_dir>/eval.json, confusion_matrix.png (with labels) and clusters.png, and with
+    the flags the predictions CSV and k-means; returns the summary written to eval.json."""
+    metrics, preds, probs = clusters["metrics"], clusters["preds"], clusters["probs"]
+    head, num_classes, out_dir = selected or 0, dataset.num_classes, args.model_dir
+    which = "lowest training loss" if selected is not None else "no head losses in the file: head 0"
+    summary = {**(metrics or {}), "selected_head": selected, **selected_metrics(metrics, selected),
+               "images": len(dataset), "dataset": args.dataset,
+               "cluster_sizes": torch.bincount(preds[head], minlength=num_classes).tolist()}
+    if metrics:
+        print(f"accuracy: {[round(a, 2) for a in metrics['head_acc']]}")
+        print(f"head {head} ({which}): ACC {summary['acc']:.2f}%  NMI {summary['nmi']:.2f}%  "
+              f"ARI {summary['ari']:.2f}%")
+    else:
+        print(f"head {head} ({which}): no labels, cluster sizes {summary['cluster_sizes']}")
+    if args.kmeans_baseline and metrics:
+        km = summary["kmeans"] = kmeans_baseline(dataset, num_classes, args.seed)
+        print(f"k-means on raw pixels:    ACC {km['acc']:.2f}%  NMI {km['nmi']:.2f}%  ARI {km['ari']:.2f}%")
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    mapping = None
+    if metrics:
+        mapping, confusion = hungarian_match(preds[head], dataset.targets, num_classes)
+        plot_confusion(confusion, mapping, os.path.join(out_dir, "confusion_matrix.png"),
+                       f"{args.dataset}, head {head}: ACC {summary['acc']:.1f}%", dataset.class_names)
+    plot_clusters(dataset, preds[head], probs[head], os.path.join(out_dir, "clusters.png"), mapping)
+    if args.export_predictions:
+        write_predictions(args.export_predictions, dataset, preds, probs, head)
+        print(f"predictions: {args.export_predictions}")
+    print(f"wrote eval.json and pictures to {out_dir}")
+    return summary
