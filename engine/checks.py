@@ -1,5 +1,7 @@
 """The checks of a ``--resume`` file against a script's flags: one clear error line for a file of another
 stage, data set, size or shape, rather than a mismatch deep inside ``load_state_dict``."""
+import torch
+
 import datasets
 from lib.checkpoint import checkpoint_stage
 from lib.errors import InputError
@@ -34,6 +36,8 @@ def stage1_checkpoint(ckpt, path, args, num_samples):
                          "--test_only, or start stage 2 from it with main.py --resume")
     if not args.test_only:
         require_keys(ckpt, path, STAGE1_TRAINING_KEYS)
+    if not torch.isfinite(memory).all():
+        raise InputError(f"{path} holds a non-finite memory bank; it cannot be evaluated or continued")
 
 
 def stage2_checkpoint(ckpt, path, args, num_classes):
