@@ -74,7 +74,8 @@ def spy_steps(monkeypatch, module):
 
     def step(*args, **kwargs):
         given = signature.bind(*args, **kwargs).arguments
-        groups = [(g["lr"], g["nesterov"], g["momentum"], g["weight_decay"]) for g in given["optimizer"].param_groups]
+        optimizer = given["state"].optimizer
+        groups = [(g["lr"], g["nesterov"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups]
         seen.append((groups, given.get("weight")))
         return real(*args, **kwargs)
 
