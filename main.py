@@ -66,7 +66,7 @@ class Stage2:
     heads: MultiHeadNormFC  # frozen
     optimizer: torch.optim.Optimizer  # the network's parameters, not the heads
     train_loader: object
-    eval_loader: object  # the training images, one view: the clusters the metrics score
+    eval_loader: object  # the same images, one view, in order: the clusters the metrics score
     device: torch.device
     best_loss: float = float("inf")  # released: the best epoch is the one of lowest mean training loss
     best_epoch: int | None = None

@@ -1,6 +1,6 @@
-"""What stage 2 tells a person at the end of a run: console lines, eval.json, the pictures (PNG, matplotlib
-Agg: training curves, the confusion matrix, the clusters of the selected head), optionally a CSV of the
-predictions and k-means on the raw pixels.
+"""What stage 2 tells a person: each epoch's console line, and at the end of a run the scores, eval.json,
+the pictures (PNG, matplotlib Agg: training curves, the confusion matrix, the clusters of the selected head),
+optionally a CSV of the predictions and k-means on the raw pixels.
 
 ``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in % (None without
 labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
