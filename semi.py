@@ -9,10 +9,16 @@ A linear classifier on the encoder's embedding, the whole network fine-tuned wit
 images per class (balanced, drawn by --seed, saved as labelled_indexes.json), SGD with Nesterov momentum,
 lr x0.1 at epochs 80, 120 and 160 of 180. Writes ckpt_semi.t7 every epoch, log_semi.jsonl (test accuracy per
 epoch) and eval_semi.json.
+
+Under torchrun each process trains on its share of every batch (the mean loss is the whole batch's) and
+tests its share of the test images, the counts summed (engine/distributed.py); the code below reads as one
+process.
 """
+import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,10 +28,10 @@ from torchvision import transforms
 
 import datasets
 from engine import distributed
-from engine.cli import ArgumentParser, check_output_dir, common_parser, non_negative_int, positive_int, run_cli
+from engine.cli import ArgumentParser, common_parser, non_negative_int, positive_int, run_cli
 from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
-from engine.system import keep_freed_memory, seed_everything
+from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.optim import sgd_optimizer
@@ -74,25 +80,41 @@ def weak_augmentation(size, mean, std):
 
 
 class Classifier(nn.Module):
-    """The encoder (``net``: the unit-norm embedding) and a linear layer to the classes."""
+    """The encoder (the unit-norm embedding; checkpoint key ``net``) and a linear layer to the classes
+    (``classifier``)."""
 
-    def __init__(self, net, low_dim, num_classes):
+    def __init__(self, encoder, low_dim, num_classes):
         super().__init__()
-        self.net = net
+        self.encoder = encoder
         self.classifier = nn.Linear(low_dim, num_classes)
 
     def forward(self, x):
-        return self.classifier(self.net(x))
+        return self.classifier(self.encoder(x))
+
+
+@dataclass
+class FewLabel:
+    """What the epochs of few-label training work on."""
+    net: Classifier  # saved
+    model: nn.Module  # trained: ``net``, compiled with --compile
+    optimizer: torch.optim.Optimizer
+    train_loader: object  # the labelled images, weakly augmented
+    test_loader: object
+    device: torch.device
+    labelled: list  # indexes into the training split; with the two below, in every checkpoint
+    normalization: dict
+    start: str  # what the encoder started from: the --resume file or "scratch"
+    accuracy: float | None = None  # the last epoch's test accuracy (%)
 
 
 @torch.no_grad()
-def test_accuracy(model, loader, device):
-    """Top-1 accuracy (%) on ``loader`` (several processes: each its share of the batches, counts summed)."""
-    distributed.broadcast_buffers(model)  # rank 0's BatchNorm running statistics everywhere
-    model.eval()
+def test_accuracy(net, loader, device):
+    """Top-1 accuracy (%) on ``loader``."""
+    distributed.broadcast_buffers(net)  # rank 0's BatchNorm running statistics everywhere
+    net.eval()
     correct = total = 0
     for batch in distributed.shard(loader):
-        logits = model(batch["image"].to(device, non_blocking=True))
+        logits = net(batch["image"].to(device, non_blocking=True))
         correct += (logits.argmax(1).cpu() == batch["target"]).sum().item()
         total += len(batch["target"])
     correct, total = distributed.total(correct, total)
@@ -112,11 +134,11 @@ def train_one_epoch(model, loader, optimizer, amp, device):
         optimizer.step()
         total += loss.detach()
         count += 1
-    mean = distributed.average(total).item() / max(count, 1)  # the global batch's mean cross-entropy
+    mean = distributed.average(total).item() / max(count, 1)
     return require_finite({"loss": mean})["loss"]
 
 
-def load_start(args, model):
+def load_start(args, net):
     """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues.
     Returns (path, checkpoint of a run to continue or None)."""
     if args.from_scratch == bool(args.resume):
@@ -124,84 +146,82 @@ def load_start(args, model):
     if args.from_scratch:
         return None, None
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
-    load_network(model.net, ckpt["net"], path)
+    load_network(net.encoder, ckpt["net"], path)
     if checkpoint_stage(ckpt) != 3:
         return None, None  # an encoder to start from: a new run
     if args.test_only:
-        model.classifier.load_state_dict(ckpt["classifier"])
+        net.classifier.load_state_dict(ckpt["classifier"])
         return path, ckpt
     require_keys(ckpt, path, TRAINING_KEYS)
-    if ckpt["classifier"]["weight"].shape != model.classifier.weight.shape:
+    if ckpt["classifier"]["weight"].shape != net.classifier.weight.shape:
         raise InputError(f"{path} has a classifier of shape {tuple(ckpt['classifier']['weight'].shape)}; "
                          "check --dataset and --low_dim")
-    model.classifier.load_state_dict(ckpt["classifier"])
+    net.classifier.load_state_dict(ckpt["classifier"])
     return path, ckpt
 
 
-def labelled_loader(args, train_set, ckpt, device):
-    """The labelled images (drawn anew, or those of the run being continued) and their loader."""
-    labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
-                                                                   train_set.num_classes, args.seed)
+def labelled_loader(args, train_set, labelled, device):
+    """The loader of the ``labelled`` images of ``train_set``, weakly augmented."""
     if len(labelled) < args.batch_size:
         raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
-    train_set.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
-    subset = torch.utils.data.Subset(train_set, labelled)
-    return labelled, datasets.make_loader(subset, args.batch_size, True, args.workers, device, seed=args.seed)
+    weak = copy.copy(train_set)  # the same images, another transform
+    weak.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
+    subset = torch.utils.data.Subset(weak, labelled)
+    return datasets.make_loader(subset, args.batch_size, True, args.workers, device, seed=args.seed)
 
 
 def main(args):
-    device = distributed.init(args.device)  # joins the process group under torchrun
-    if device.type == "cpu":
-        keep_freed_memory()
-    check_output_dir(args.model_dir)
-    seed_everything(args.seed)
+    device = open_script(args)
     info = datasets.DATASETS[args.dataset]
     train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
     if not train_set.has_labels:
         raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")
-    net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
-    model = Classifier(net, args.low_dim, train_set.num_classes).to(device)
-    path, ckpt = load_start(args, model)
+    encoder = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
+    net = Classifier(encoder, args.low_dim, train_set.num_classes).to(device)
+    path, ckpt = load_start(args, net)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
     if args.test_only:
-        print(f"test accuracy {test_accuracy(model, test_loader, device):.2f}%")
+        print(f"test accuracy {test_accuracy(net, test_loader, device):.2f}%")
         return None
-    labelled, loader = labelled_loader(args, train_set, ckpt, device)
-    _, fast = speed_options(model, args.channels_last, args.compile, args.sync_bn)
-    optimizer = sgd_optimizer(model, args.lr, args.momentum, args.weight_decay)
-    keep = {"labelled_indexes": labelled, "normalization": normalization(train_set),
-            "start": ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)}
+    labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
+                                                                   train_set.num_classes, args.seed)
+    loader = labelled_loader(args, train_set, labelled, device)
+    _, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)
+    optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
+    start = ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)
+    state = FewLabel(net, model, optimizer, loader, test_loader, device, labelled, normalization(train_set), start,
+                     accuracy=ckpt["acc"] if ckpt else None)
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
         if ckpt is None and distributed.is_main():
             with open(os.path.join(args.model_dir, INDEXES), "w") as f:
                 json.dump(labelled, f)
-        accuracy = ckpt["acc"] if ckpt else None
         for epoch in range(ckpt["next_epoch"] if ckpt else 0, args.epochs):
-            accuracy = train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep, args, device)
-        summary = {"test_acc": accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
-                   train_set.num_classes, "start": keep["start"], "epochs": args.epochs, "dataset": args.dataset}
+            train_and_save(run, state, epoch, args)
+        summary = {"test_acc": state.accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
+                   train_set.num_classes, "start": start, "epochs": args.epochs, "dataset": args.dataset}
         if distributed.is_main():
             with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
                 json.dump(summary, f, indent=1)
     return summary
 
 
-def train_and_save(run, epoch, model, fast, loader, test_loader, optimizer, keep, args, device):
-    """One epoch: train ``fast`` (the model, compiled with --compile), test ``model``, checkpoint with
-    ``keep`` (the labelled indexes, the normalization, the start), log. Returns the test accuracy (%)."""
+def train_and_save(run, state, epoch, args):
+    """One epoch: train, test, checkpoint, log; returns the log record."""
     start = time.time()
     lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
-    set_lr(optimizer, lr)
-    distributed.start_epoch(loader, args.seed, epoch)
-    loss = train_one_epoch(fast, loader, optimizer, args.amp, device)
-    accuracy = test_accuracy(model, test_loader, device)
-    record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": accuracy, "seconds": time.time() - start}
-    run.save({"net": model.net.state_dict(), "classifier": model.classifier.state_dict(), "stage": 3,
-              "epoch": epoch, "acc": accuracy, **keep, **training_state(optimizer, args, record, next_epoch=epoch + 1)})
+    set_lr(state.optimizer, lr)
+    distributed.start_epoch(state.train_loader, args.seed, epoch)
+    loss = train_one_epoch(state.model, state.train_loader, state.optimizer, args.amp, state.device)
+    state.accuracy = test_accuracy(state.net, state.test_loader, state.device)
+    record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": state.accuracy, "seconds": time.time() - start}
+    run.save({"net": state.net.encoder.state_dict(), "classifier": state.net.classifier.state_dict(), "stage": 3,
+              "epoch": epoch, "acc": state.accuracy, "labelled_indexes": state.labelled,
+              "normalization": state.normalization, "start": state.start,
+              **training_state(state.optimizer, args, record, next_epoch=epoch + 1)})
     run.log.append(record)
-    print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {accuracy:.2f}% {record['seconds']:.1f}s")
-    return accuracy
+    print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {state.accuracy:.2f}% {record['seconds']:.1f}s")
+    return record
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
     python super_and.py --test_only --resume ckpt_embed.t7            # kNN accuracy of a file, ours or released
 
 Writes <model_dir>/ckpt_embed.t7 after every epoch and one JSON line per epoch to <model_dir>/log_embed.jsonl.
+
+Under torchrun each process runs the network on its share of every batch; the losses, the memory bank's update
+and the round's anchor discovery see the whole batch and bank on every process, so all processes keep the same
+bank and anchors (engine/distributed.py). The code below reads as one process.
 """
 import time
 from dataclasses import dataclass
@@ -12,10 +16,9 @@ from dataclasses import dataclass
 import torch
 
 import datasets
-from engine import distributed
+from engine import checks, distributed
 from engine.cli import (
     ArgumentParser,
-    check_output_dir,
     common_parser,
     fraction,
     non_negative_float,
@@ -25,9 +28,9 @@ from engine.cli import (
     share,
 )
 from engine.distributed import speed_options
-from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
-from engine.system import keep_freed_memory, seed_everything
-from lib.checkpoint import checkpoint_stage, load_network, normalization
+from engine.lifecycle import open_run, read_checkpoint, run_epoch, set_lr, training_state
+from engine.script import open_script
+from lib.checkpoint import load_network, normalization
 from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
@@ -38,7 +41,6 @@ from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
 CKPT, LOG = "ckpt_embed.t7", "log_embed.jsonl"
-TRAINING_KEYS = ("optimizer", "rng", "args", "round", "epoch", "next.round", "next.epoch")
 
 
 def position(record):
@@ -62,43 +64,53 @@ def get_args_parser():
     return p
 
 
-def train_step(net, npc, ans, images, indexes, optimizer, weight, args):
-    """One SGD step of AND + AUG + w·UE on a (2b, 3, H, W) batch, view 1 rows first: this process's b
-    images of the global batch of B (all of it for one process). Returns the named loss parts, detached
-    and left on the device."""
+@dataclass
+class Stage1:
+    """What the epochs of stage 1 work on."""
+    net: torch.nn.Module  # saved
+    model: torch.nn.Module  # trained: ``net``, compiled with --compile
+    bank: MemoryBank  # one embedding per training image (Eq. 2), checkpoint key ``npc``
+    neighbourhoods: AnchorNeighbourhoods  # the anchors and their neighbours, checkpoint key ``ANs_discovery``
+    optimizer: torch.optim.Optimizer  # one for all rounds
+    train_loader: object
+    test_loader: object  # None: no held-out images
+    labels: torch.Tensor  # of the training images, for the kNN monitor and the anchors' label consistency
+    num_classes: int
+    normalization: dict
+    device: torch.device
+    round: int = 0  # the round the epochs belong to; the loop in ``main`` sets it
+
+
+def train_step(state, images, indexes, weight, args):
+    """One SGD step of AND + AUG + w·UE on a (2B, 3, H, W) batch of the images ``indexes`` (B,), view 1 rows
+    first. Returns the named loss parts, detached and left on the device."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
-        features = net(images)  # (2b, d), one forward so BatchNorm sees all 2b views (b = B for one process)
-    # the global batch: every process's view-1 rows, then their view-2 rows (one process: these rows), float32
-    # whatever the network ran in
-    features, indexes = distributed.gather_views(features.float()), distributed.gather(indexes)  # (2B, d), (B,)
-    logits = npc(features)  # (2B, N)
-    neighbours, is_anchor = ans.lookup(indexes)
+        features = state.model(images)  # (2B, d), one forward so BatchNorm sees both views
+    # float32 whatever the network ran in
+    features, indexes = distributed.gather_views(features.float()), distributed.gather(indexes)
+    logits = state.bank(features)  # (2B, N)
+    neighbours, is_anchor = state.neighbourhoods.lookup(indexes)
     l_and = and_loss(logits, indexes, neighbours, is_anchor)
     l_aug = aug_loss(logits, args.batch_t, args.batch_m)  # released: on the logits rows
     with torch.set_grad_enabled(weight > 0):  # UE is logged even while its weight is 0
         l_ue = ue_loss(logits, indexes)
     loss = l_and + l_aug + weight * l_ue if weight > 0 else l_and + l_aug
-    optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    npc.update(indexes, features.detach())  # after the backward pass, as released; the same on every process
+    state.optimizer.step()
+    state.bank.update(indexes, features.detach())  # after the backward pass, as released
     return {"loss": loss.detach(), "loss_and": l_and.detach(), "loss_aug": l_aug.detach(), "loss_ue": l_ue.detach()}
 
 
-def train_one_epoch(model, npc, ans, loader, optimizer, weight, args, device):
-    model.train()
-    return run_epoch(loader, lambda images, batch: train_step(
-        model, npc, ans, images, batch["index"].to(device, non_blocking=True), optimizer, weight, args),
-        device, args.channels_last)
-
-
-def evaluate(net, npc, test_loader, train_labels, num_classes, device):
+def evaluate(state):
     """Weighted kNN (K = 200, σ = 0.1) of the test features against the memory bank: (top-1, top-5) in %,
     or (None, None) when the images have no labels."""
-    if test_loader is None or not test_loader.dataset.has_labels:
+    loader = state.test_loader
+    if loader is None or not loader.dataset.has_labels:
         return None, None
-    features = distributed.compute_features_sharded(net, test_loader, device)
-    return knn_accuracy(features, npc.memory, train_labels, test_loader.dataset.targets.to(device), num_classes)
+    features = distributed.compute_features_sharded(state.net, loader, state.device)
+    targets = loader.dataset.targets.to(state.device)
+    return knn_accuracy(features, state.bank.memory, state.labels, targets, state.num_classes)
 
 
 def check_flags(args, num_samples):
@@ -113,60 +125,8 @@ def check_flags(args, num_samples):
                          f"{args.rounds - 1}, more than the {num_samples} images; keep rate x (rounds - 1) <= 1")
 
 
-def check_stage1_checkpoint(ckpt, path, args, num_samples):
-    """A clear error for a file of another stage, data set, size or dimension."""
-    stage = checkpoint_stage(ckpt)
-    if stage != 1:
-        other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
-        raise InputError(f"{path} is a stage-{stage} checkpoint; evaluate it with {other}, or pass a "
-                         "ckpt_embed.t7 here")
-    require_keys(ckpt, path, ["npc.memory"])
-    saved = ckpt.get("args", {}).get("dataset")
-    if saved is not None and saved != args.dataset:
-        raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
-    memory = ckpt["npc"]["memory"]
-    if memory.shape[1] != args.low_dim:
-        raise InputError(f"{path} has a {memory.shape[1]}-dimensional memory bank; pass --low_dim {memory.shape[1]}")
-    if memory.shape[0] != num_samples:
-        raise InputError(f"{path} has a memory bank of {memory.shape[0]} images but the {args.dataset} "
-                         f"training split here has {num_samples}; check --dataset and --subset")
-    if not args.test_only and "next" not in ckpt:  # released files: their broken resume is not reproduced
-        raise InputError(f"{path} holds no training state (a released or converted file): evaluate it with "
-                         "--test_only, or start stage 2 from it with main.py --resume")
-    if not args.test_only:
-        require_keys(ckpt, path, TRAINING_KEYS)
-
-
-def load_stage1(args, num_samples, net, npc, ans):
-    """Read ``--resume`` into the network, the bank and the anchors; returns (path, checkpoint)."""
-    path, ckpt = read_checkpoint(args.resume, args.model_dir)
-    check_stage1_checkpoint(ckpt, path, args, num_samples)
-    if not torch.isfinite(ckpt["npc"]["memory"]).all():
-        raise InputError(f"{path} holds a non-finite memory bank; it cannot be evaluated or continued")
-    load_network(net, ckpt["net"], path)
-    npc.memory.copy_(ckpt["npc"]["memory"])
-    if "ANs_discovery" in ckpt:
-        ans.load_state_dict(ckpt["ANs_discovery"])
-    return path, ckpt
-
-
-@dataclass
-class Stage1:
-    """What the epochs of stage 1 work on."""
-    net: torch.nn.Module  # saved
-    model: torch.nn.Module  # trained: ``net``, compiled with --compile
-    npc: MemoryBank
-    ans: AnchorNeighbourhoods
-    optimizer: torch.optim.Optimizer  # one for all rounds
-    train_loader: object
-    test_loader: object  # None: no held-out images
-    labels: torch.Tensor  # of the training images, for the kNN monitor and the anchors' label consistency
-    num_classes: int
-    normalization: dict
-
-
 def build(args, device):
-    """The data, network, memory bank, anchors and optimizer of a run: (training set, Stage1)."""
+    """The data, network, memory bank, anchors and optimizer of a run."""
     info = datasets.DATASETS[args.dataset]
     train_set = datasets.from_args(args, info.embed_split, views=2)
     test_set = datasets.from_args(args, info.test_split) if info.test_split else None
@@ -176,71 +136,81 @@ def build(args, device):
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device) if test_set else None
     net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
     net, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)
-    npc = distributed.broadcast_state(MemoryBank(len(train_set), args.low_dim, args.npc_t, args.npc_m).to(device))
-    ans = AnchorNeighbourhoods(len(train_set), args.ANs_size).to(device)
+    bank = distributed.broadcast_state(MemoryBank(len(train_set), args.low_dim, args.npc_t, args.npc_m).to(device))
+    neighbourhoods = AnchorNeighbourhoods(len(train_set), args.ANs_size).to(device)
     optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
-    return train_set, Stage1(net, model, npc, ans, optimizer, train_loader, test_loader, train_set.targets.to(device),
-                             train_set.num_classes, normalization(train_set))
+    return Stage1(net, model, bank, neighbourhoods, optimizer, train_loader, test_loader,
+                  train_set.targets.to(device), train_set.num_classes, normalization(train_set), device)
+
+
+def load_stage1(args, state):
+    """Read ``--resume`` into the network, the bank and the anchors; returns (path, checkpoint)."""
+    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    checks.stage1_checkpoint(ckpt, path, args, len(state.labels))
+    load_network(state.net, ckpt["net"], path)
+    state.bank.memory.copy_(ckpt["npc"]["memory"])
+    if "ANs_discovery" in ckpt:
+        state.neighbourhoods.load_state_dict(ckpt["ANs_discovery"])
+    return path, ckpt
 
 
 def main(args):
-    device = distributed.init(args.device)  # joins the process group under torchrun
-    if device.type == "cpu":
-        keep_freed_memory()
     if args.test_only and not args.resume:
         raise InputError("--test_only needs the checkpoint to evaluate: pass --resume PATH")
-    if not args.test_only:
-        check_output_dir(args.model_dir)
-    seed_everything(args.seed)
-    train_set, s = build(args, device)
-    num_samples = len(train_set)
-    path, ckpt = load_stage1(args, num_samples, s.net, s.npc, s.ans) if args.resume else (None, None)
+    device = open_script(args, writes=not args.test_only)
+    state = build(args, device)
+    path, ckpt = load_stage1(args, state) if args.resume else (None, None)
     if args.test_only:
-        top1, top5 = evaluate(s.net, s.npc, s.test_loader, s.labels, s.num_classes, device)
+        top1, top5 = evaluate(state)
         print(f"kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN accuracy")
         print(f"accuracy: {top1:.2f}" if top1 is not None else "accuracy: n/a")
         return top1
     start = (ckpt["next"]["round"], ckpt["next"]["epoch"]) if ckpt else (0, 0)
     top1 = ckpt["acc"] * 100 if ckpt else None
-    with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=position, optimizer=s.optimizer,
+    with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=position, optimizer=state.optimizer,
                   args=args) as run:
         for round_index in range(start[0], args.rounds):
+            state.round = round_index
             first_epoch = start[1] if round_index == start[0] else 0
             if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
-                count = num_anchors(num_samples, args.ANs_select_rate, round_index)
-                consistency = s.ans.discover(  # split over the processes, the same on every one
-                    s.npc.memory, args.npc_t, count, s.labels, collectives=distributed.ProcessGroup())
+                count = num_anchors(len(state.labels), args.ANs_select_rate, round_index)
+                consistency = state.neighbourhoods.discover(  # split over the processes, the same on every one
+                    state.bank.memory, args.npc_t, count, state.labels, collectives=distributed.ProcessGroup())
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
-                top1 = train_and_save(run, s, round_index, epoch, args, device)
+                top1 = train_and_save(run, state, epoch, args)["knn_top1"]
     return top1
 
 
-def train_and_save(run, s, round_index, epoch, args, device):
-    """One epoch of stage 1: train, evaluate, checkpoint, log. Returns the kNN top-1 (%)."""
+def train_and_save(run, state, epoch, args):
+    """One epoch of stage 1 in round ``state.round``: train, evaluate, checkpoint, log; returns the log record."""
     start = time.time()
     lr = step_lr(epoch, args.lr)
-    set_lr(s.optimizer, lr)
+    set_lr(state.optimizer, lr)
     weight = ue_weight(epoch)
-    distributed.start_epoch(s.train_loader, args.seed, round_index * args.epochs + epoch)
-    losses = train_one_epoch(s.model, s.npc, s.ans, s.train_loader, s.optimizer, weight, args, device)
-    top1, top5 = evaluate(s.net, s.npc, s.test_loader, s.labels, s.num_classes, device)
-    record = {"round": round_index, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
-              "anchors": len(s.ans.anchor_indexes), "consistency": float(s.ans.consistency),
+    distributed.start_epoch(state.train_loader, args.seed, state.round * args.epochs + epoch)
+    state.model.train()
+    losses = run_epoch(state.train_loader, lambda images, batch: train_step(
+        state, images, batch["index"].to(state.device, non_blocking=True), weight, args),
+        state.device, args.channels_last)
+    top1, top5 = evaluate(state)
+    anchors = state.neighbourhoods
+    record = {"round": state.round, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
+              "anchors": len(anchors.anchor_indexes), "consistency": float(anchors.consistency),
               "knn_top1": top1, "knn_top5": top5, "seconds": time.time() - start}
     last = epoch == args.epochs - 1
-    run.save({"net": s.net.state_dict(), "npc": s.npc.state_dict(), "ANs_discovery": s.ans.state_dict(),
-              "acc": (top1 or 0.0) / 100, "round": round_index, "epoch": epoch, "stage": 1,
-              "num_samples": len(s.npc.memory), "normalization": s.normalization,
-              **training_state(s.optimizer, args, record,
-                               next={"round": round_index + last, "epoch": 0 if last else epoch + 1})})
+    run.save({"net": state.net.state_dict(), "npc": state.bank.state_dict(),
+              "ANs_discovery": state.neighbourhoods.state_dict(), "acc": (top1 or 0.0) / 100, "round": state.round,
+              "epoch": epoch, "stage": 1, "num_samples": len(state.bank.memory), "normalization": state.normalization,
+              **training_state(state.optimizer, args, record,
+                               next={"round": state.round + last, "epoch": 0 if last else epoch + 1})})
     run.log.append(record)
     knn = f"kNN top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN"
-    print(f"round {round_index} epoch {epoch} lr {lr:.4g} loss {losses['loss']:.4f} (and {losses['loss_and']:.4f} "
+    print(f"round {state.round} epoch {epoch} lr {lr:.4g} loss {losses['loss']:.4f} (and {losses['loss_and']:.4f} "
           f"aug {losses['loss_aug']:.4f} ue {losses['loss_ue']:.4f} x{weight:.1f}) {knn} {record['seconds']:.1f}s")
     if top1 is not None:
         print(f"accuracy: {top1:.2f}")
-    return top1
+    return record
 
 
 if __name__ == "__main__":

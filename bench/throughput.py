@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -279,11 +280,12 @@ def bench_steps(s, device, sizes):
 
     def step1(net=model, optimizer=s["optimizer"]):
         # as train_one_epoch: the step plus the on-device running sum that the epoch logs
-        losses = stage1.train_step(net, s["npc"], s["ans"], images, indexes, optimizer, s["weight"], a1)
+        state = step_state(net, s["npc"], s["ans"], None, optimizer)
+        losses = stage1.train_step(state, images, indexes, s["weight"], a1)
         totals["stage1"] += losses["loss"]
 
     def step2(net=model, optimizer=s["optimizer"]):
-        totals["stage2"] += stage2.train_step(net, s["heads"], images, optimizer, a2)["loss"]
+        totals["stage2"] += stage2.train_step(step_state(net, None, None, s["heads"], optimizer), images, a2)["loss"]
 
     fns = {"backbone": backbone, "stage1": step1, "stage2": step2,
            "stage1_method": lambda: step1(s["fixed"], s["fixed_optimizer"]),
@@ -331,13 +333,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def step_state(model, bank, neighbourhoods, heads, optimizer):
+    """What the scripts' ``train_step(state, ...)`` reads of their state record."""
+    return SimpleNamespace(model=model, bank=bank, neighbourhoods=neighbourhoods, heads=heads, optimizer=optimizer)
+
+
 def profile_stage1(s, device):
     """torch.profiler's table of one stage-1 step, by self time: which operators the step spends on."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        stage1.train_step(s["model"], s["npc"], s["ans"], s["images"], s["indexes"], s["optimizer"],
-                          s["weight"], s["a1"])
+        state = step_state(s["model"], s["npc"], s["ans"], None, s["optimizer"])
+        stage1.train_step(state, s["images"], s["indexes"], s["weight"], s["a1"])
         synchronize(device)
     events = prof.key_averages()
     key = "self_cpu_time_total"
@@ -488,7 +495,8 @@ def data_wait_share(batches, s, device, steps):
         indexes = batch["index"].to(device, non_blocking=True)
         synchronize(device)
         ready = time.perf_counter()
-        stage1.train_step(s["model"], s["npc"], s["ans"], images, indexes, s["optimizer"], s["weight"], a1)
+        state = step_state(s["model"], s["npc"], s["ans"], None, s["optimizer"])
+        stage1.train_step(state, images, indexes, s["weight"], a1)
         synchronize(device)
         waiting += ready - start
         total += time.perf_counter() - start
@@ -614,11 +622,15 @@ def ddp_worker(rank, port, flags, sizes, device_type, threads, queue):
     if a1.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     indexes = torch.randperm(n, device=device)[rank * local:(rank + 1) * local]
-    real = {"stage1": lambda: stage1.train_step(model, npc, ans, images, indexes, optimizer, ue_weight(80), a1),
-            "stage2": lambda: stage2.train_step(model, heads, images, optimizer, a2)}
+    def stage1_step(m):
+        return stage1.train_step(step_state(m, npc, ans, heads, optimizer), images, indexes, ue_weight(80), a1)
+
+    def stage2_step(m):
+        return stage2.train_step(step_state(m, npc, ans, heads, optimizer), images, a2)
+
+    real = {"stage1": lambda: stage1_step(model), "stage2": lambda: stage2_step(model)}
     alone = {name + "_local": without_communication(fn, net, distributed) for name, fn in
-             (("stage1", lambda m: stage1.train_step(m, npc, ans, images, indexes, optimizer, ue_weight(80), a1)),
-              ("stage2", lambda m: stage2.train_step(m, heads, images, optimizer, a2)))}
+             (("stage1", stage1_step), ("stage2", stage2_step))}
     # the communication alone, far less noisy than a difference of two whole steps on a busy machine: one
     # all-reduce of as many float32 as the network has trainable parameters (DDP's gradient average, in
     # one piece rather than its buckets), and the features' gather forward and backward

@@ -3,6 +3,7 @@ the CPU's, the speed options, the device augmentation, the scripts, and two GPUs
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,11 +49,12 @@ def one_step(module, device, flags=(), seed=0):
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    state = SimpleNamespace(model=model, bank=npc, neighbourhoods=ans, heads=heads, optimizer=opt)
     if module is super_and:
-        losses = super_and.train_step(model, npc, ans, images, (torch.arange(8) * 5).to(device), opt, 0.2, args)
+        losses = super_and.train_step(state, images, (torch.arange(8) * 5).to(device), 0.2, args)
         bank = npc.memory.cpu()
     else:
-        losses = stage2.train_step(model, heads, images, opt, args)
+        losses = stage2.train_step(state, images, args)
         losses.pop("head_losses")
         bank = None
     return (torch.stack(list(losses.values())).cpu(), bank,

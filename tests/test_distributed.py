@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,14 +148,15 @@ def run_steps(model, net, npc, ans, heads, images, targets, indexes, rank, world
     out = {}
     opt = sgd_optimizer(net, 0.03, 0.9, 5e-4)
     local, local_indexes = share(images, rank, world, 2), indexes[rank * BATCH // world:(rank + 1) * BATCH // world]
-    out["stage1_losses"] = [super_and.train_step(model, npc, ans, local, local_indexes, opt, 0.2, STAGE1)
-                            for _ in range(2)]
+    state = SimpleNamespace(model=model, bank=npc, neighbourhoods=ans, heads=heads, optimizer=opt)
+    out["stage1_losses"] = [super_and.train_step(state, local, local_indexes, 0.2, STAGE1) for _ in range(2)]
     out["stage1_grads"] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     out["stage1_params"] = {n: p.detach().clone() for n, p in net.named_parameters()}
     out["memory"] = npc.memory.clone()
     net.load_state_dict(initial)
     opt = sgd_optimizer(net, 0.01, 0.9, 5e-4)
-    out["stage2_losses"] = [stage2.train_step(model, heads, local, opt, STAGE2) for _ in range(2)]
+    state.optimizer = opt
+    out["stage2_losses"] = [stage2.train_step(state, local, STAGE2) for _ in range(2)]
     out["stage2_grads"] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     return out
 
@@ -393,18 +395,19 @@ def _script_worker(rank, script, argv, dump_dir, stop_after):
         seen = []
         step, save = super_and.train_step, super_and.train_and_save
 
-        def recording_step(net, npc, ans, images, indexes, *rest):
+        def recording_step(state, images, indexes, *rest):
             seen.append(indexes.clone())
-            return step(net, npc, ans, images, indexes, *rest)
+            return step(state, images, indexes, *rest)
 
-        def dumping_save(run, s, round_index, epoch, *rest):
-            top1 = save(run, s, round_index, epoch, *rest)
-            torch.save({"memory": s.npc.memory, "ans": s.ans.state_dict(), "net": s.net.state_dict(),
-                        "indexes": torch.cat(seen)}, os.path.join(dump_dir, f"rank{rank}-{round_index}-{epoch}.pt"))
+        def dumping_save(run, state, epoch, args):
+            record = save(run, state, epoch, args)
+            torch.save({"memory": state.bank.memory, "ans": state.neighbourhoods.state_dict(),
+                        "net": state.net.state_dict(), "indexes": torch.cat(seen)},
+                       os.path.join(dump_dir, f"rank{rank}-{state.round}-{epoch}.pt"))
             seen.clear()
-            if (round_index, epoch) == stop_after:
+            if (state.round, epoch) == stop_after:
                 os._exit(137)  # no cleanup, the lock left behind: as SIGKILL leaves the folder
-            return top1
+            return record
 
         super_and.train_step, super_and.train_and_save = recording_step, dumping_save
     run_cli(module.main, module.get_args_parser(), argv)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import datasets
 import main as stage2
 import super_and
 from conftest import NARROW, run_main, write_released_embed, write_released_ul
@@ -99,6 +101,35 @@ def test_test_only_writes_eval_confusion_and_predictions(stage2_run, tmp_path, c
         acc = cluster_accuracy([int(r[f"head{h}"]) for r in rows], labels, 10)
         assert 100 * acc == pytest.approx(saved["head_acc"][h])
     assert summary["acc"] == saved["head_acc"][saved["selected_head"]]
+
+
+def test_new_folder_takes_the_files_clusters_and_normalization_and_leaves_args_alone(stage2_run, tmp_path,
+                                                                                     monkeypatch):
+    """--test_only on a flat folder of new images: as many clusters as the file's heads, normalized as the
+    network's training images were (the file's normalization, also in the transform); the parsed
+    arguments come back unchanged."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = stage2.get_args_parser().parse_args([str(a) for a in NARROW + [
+        "--test_only", "--dataset", "folder", "--data_dir", folder, "--resume", stage2_run / "ckpt_ul.t7",
+        "--model_dir", tmp_path / "eval"]])
+    before = dict(vars(args))
+    evaluated, make_loader = [], datasets.make_loader
+    monkeypatch.setattr(datasets, "make_loader", lambda dataset, *rest, **kw: (
+        evaluated.append(dataset), make_loader(dataset, *rest, **kw))[1])
+    summary = stage2.main(args)
+    assert vars(args) == before and args.num_classes is None
+    (dataset,) = evaluated
+    saved = load_checkpoint(stage2_run / "ckpt_ul.t7")["normalization"]
+    assert dataset.num_classes == 10 and len(summary["cluster_sizes"]) == 10
+    assert (list(dataset.mean), list(dataset.std)) == (saved["mean"], saved["std"])
+    normalize = dataset.transform.transforms[-1]
+    assert (list(normalize.mean), list(normalize.std)) == (saved["mean"], saved["std"])
+    assert saved["mean"] != list(datasets.build_dataset("folder", folder, "train", num_classes=10,
+                                                        cache_dir=tmp_path / "c").mean)  # not the folder's own
 
 
 def test_released_ckpt_ul_evaluates_with_its_own_weights(tmp_path, capsys):

@@ -27,7 +27,7 @@ import datasets
 import main as stage2
 import super_and
 from conftest import NARROW, run_main
-from engine.plots import confusion_as_drawn, plot_confusion
+from engine.report import confusion_as_drawn, kmeans_baseline, plot_confusion
 from lib.checkpoint import load_checkpoint, load_network
 from lib.protocols import cluster_accuracy, hungarian_match
 from models import resnet18, resnet101
@@ -74,7 +74,8 @@ def spy_steps(monkeypatch, module):
 
     def step(*args, **kwargs):
         given = signature.bind(*args, **kwargs).arguments
-        groups = [(g["lr"], g["nesterov"], g["momentum"], g["weight_decay"]) for g in given["optimizer"].param_groups]
+        optimizer = given["state"].optimizer
+        groups = [(g["lr"], g["nesterov"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups]
         seen.append((groups, given.get("weight")))
         return real(*args, **kwargs)
 
@@ -315,8 +316,8 @@ def test_kmeans_baseline_is_reproducible_by_seed(stage2_run, tmp_path):
     assert set(saved) == {"acc", "nmi", "ari"}
     train = datasets.build_dataset("digits", "data", "train", subset=64)
     seed = stage2.get_args_parser().get_default("seed")
-    assert stage2.kmeans_baseline(train, 10, seed) == saved  # same seed, same numbers
-    assert stage2.kmeans_baseline(train, 10, seed) == saved
+    assert kmeans_baseline(train, 10, seed) == saved  # same seed, same numbers
+    assert kmeans_baseline(train, 10, seed) == saved
     assert 0 < saved["acc"] <= 100 and saved["nmi"] <= 100  # percent
 
 

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ def test_stage1_step_with_option_matches_plain(option):
         if args.channels_last:
             net = net.to(memory_format=torch.channels_last)
             x = images.contiguous(memory_format=torch.channels_last)
-        losses = super_and.train_step(net, npc, ans, x, indexes, opt, 0.2, args)
+        state = SimpleNamespace(model=net, bank=npc, neighbourhoods=ans, optimizer=opt)
+        losses = super_and.train_step(state, x, indexes, 0.2, args)
         results.append((torch.stack(list(losses.values())), npc.memory.clone(), copy.deepcopy(net.state_dict())))
     (plain, mem_plain, net_plain), (fast, mem_fast, net_fast) = results
     if option == "--channels_last":  # the same arithmetic in another layout
@@ -77,7 +79,7 @@ def test_stage2_step_with_amp_matches_plain():
         net = resnet18(low_dim=32, width=8)
         heads = MultiHeadNormFC(32, 10)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        losses = stage2.train_step(net, heads, images, opt, args)
+        losses = stage2.train_step(SimpleNamespace(model=net, heads=heads, optimizer=opt), images, args)
         results.append(torch.cat([losses["head_losses"], torch.stack([losses["loss_assign"], losses["loss_cp"]])]))
     assert torch.allclose(results[0], results[1], rtol=0.05, atol=0.02)
     assert not torch.equal(results[0], results[1])  # autocast really ran
@@ -101,10 +103,10 @@ def run_both(folder, extra):
 def spy_steps(monkeypatch, look):
     """``look(network, images)`` at every training step of both scripts; returns what it gave, in order."""
     seen = []
-    for module, where in ((super_and, 2), (stage2, 1)):  # (net, npc, ans, images, ...), (net, heads, images, ...)
-        def step(net, *args, real=module.train_step, where=where):
-            seen.append(look(net, args[where]))
-            return real(net, *args)
+    for module in (super_and, stage2):  # train_step(state, images, ...)
+        def step(state, images, *args, real=module.train_step):
+            seen.append(look(state.model, images))
+            return real(state, images, *args)
         monkeypatch.setattr(module, "train_step", step)
     return seen
 

@@ -1,0 +1,193 @@
+"""What stage 2 tells a person: each epoch's console line, and at the end of a run the scores, eval.json,
+the pictures (PNG, matplotlib Agg: training curves, the confusion matrix, the clusters of the selected head),
+optionally a CSV of the predictions and k-means on the raw pixels.
+
+``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in % (None without
+labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
+"""
+import csv
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib.protocols import clustering_metrics, hungarian_match  # noqa: E402
+
+
+def plot_curves(records, path):
+    """Loss parts and per-head Hungarian accuracy per epoch, from the stage-2 log records."""
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "total"), ("loss_assign", "class assignment (Eq. 9)"),
+                       ("loss_cp", "consistency preserving (Eq. 11)")):
+        ax_loss.plot(epochs, [r[key] for r in records], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="mean training loss", title="losses")
+    ax_loss.legend()
+    if "head_acc" in records[0]:
+        for h in range(len(records[0]["head_acc"])):
+            ax_acc.plot(epochs, [r["head_acc"][h] for r in records], marker=".", label=f"head {h}")
+        ax_acc.plot(epochs, [r["acc"] for r in records], "k--", label="selected (lowest loss)")
+        ax_acc.set(xlabel="epoch", ylabel="ACC (%)", title="Hungarian accuracy, training split")
+    else:  # no labels: each head's loss instead
+        for h in range(len(records[0]["head_losses"])):
+            ax_acc.plot(epochs, [r["head_losses"][h] for r in records], marker=".", label=f"head {h}")
+        ax_acc.set(xlabel="epoch", ylabel="class-assignment loss", title="per head (no labels)")
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_as_drawn(confusion, mapping):
+    """The matrix as ``plot_confusion`` draws it: row i = true class i, column j = the cluster matched to
+    class j (so a perfect clustering is diagonal). Returns (matrix, cluster order of the columns)."""
+    order = np.argsort(mapping)  # the cluster matched to class 0 first, ...
+    return confusion[order].T, order  # confusion is (cluster, class)
+
+
+def plot_confusion(confusion, mapping, path, title, class_names=None):
+    """Rows: true class (named); columns: clusters, ordered by the class the Hungarian matching gave them."""
+    num_classes = confusion.shape[0]
+    matrix, order = confusion_as_drawn(confusion, mapping)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
+    ax.imshow(matrix, cmap="Blues")
+    if num_classes <= 20:
+        for i in range(num_classes):
+            for j in range(num_classes):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    names = list(class_names or [str(c) for c in range(num_classes)])
+    ax.set_yticks(range(num_classes), names, fontsize=8)
+    ax.set_xticks(range(num_classes), [str(c) for c in order], fontsize=8)
+    ax.set(xlabel="cluster (matched order)", ylabel="true class", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cluster_summary(preds, probs, targets, mapping, num_clusters, per_row=8):
+    """For each cluster: its size, its ``per_row`` most confident images (indexes, highest probability
+    first), and where labels exist its matched class and purity (share of its images of that class)."""
+    rows = []
+    for c in range(num_clusters):
+        members = np.flatnonzero(preds == c)
+        best = members[np.argsort(-probs[members], kind="stable")][:per_row]
+        row = {"cluster": c, "size": len(members), "images": best.tolist()}
+        if mapping is not None:
+            row["class"] = int(mapping[c])
+            row["purity"] = float((targets[members] == mapping[c]).mean()) if len(members) else 0.0
+        rows.append(row)
+    return rows
+
+
+def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows=20):
+    """``clusters.png``: one row per cluster (the largest ``max_rows``), its most confident images,
+    its size and, with labels, its matched class and purity."""
+    preds, probs = np.asarray(preds), np.asarray(probs, dtype=np.float64)
+    rows = cluster_summary(preds, probs, dataset.targets.numpy(), mapping, dataset.num_classes, per_row)
+    rows = sorted(rows, key=lambda r: -r["size"])[:max_rows]
+    names = list(dataset.class_names or [str(c) for c in range(dataset.num_classes)])
+    fig, axes = plt.subplots(len(rows), per_row + 1, figsize=(1.1 * (per_row + 2.5), 1.1 * len(rows) + 0.3),
+                             squeeze=False, gridspec_kw={"width_ratios": [2.5] + [1] * per_row})
+    for ax_row, row in zip(axes, rows):
+        text = f"cluster {row['cluster']}\n{row['size']} images"
+        if "class" in row:
+            text += f"\n{names[row['class']]}\npurity {100 * row['purity']:.0f}%"
+        ax_row[0].text(0, 0.5, text, va="center", fontsize=8)
+        for ax, index in zip(ax_row[1:], row["images"] + [None] * per_row):
+            if index is not None:
+                ax.imshow(np.asarray(dataset.data[index]), interpolation="nearest")
+        for ax in ax_row:
+            ax.axis("off")
+    fig.suptitle("most confident images per cluster (selected head)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def print_epoch(record):
+    """The console line(s) of a stage-2 epoch, from its log record."""
+    scores = f"ACC {record['acc']:.2f}% NMI {record['nmi']:.2f}% ARI {record['ari']:.2f}%" if "acc" in record \
+        else "no labels"
+    print(f"epoch {record['epoch']} lr {record['lr']:.4g} loss {record['loss']:.4f} (assign "
+          f"{record['loss_assign']:.4f} cp {record['loss_cp']:.4f}) head {record['selected_head']}: {scores} "
+          f"{record['seconds']:.1f}s")
+    if "head_acc" in record:
+        print(f"accuracy: {[round(a, 2) for a in record['head_acc']]}")
+
+
+def head_metrics(preds, dataset):
+    """Each head's ACC / NMI / ARI (%) after Hungarian matching of its (N,) clusters ``preds[h]`` to the
+    labels of ``dataset``; None when the images have no labels."""
+    if not dataset.has_labels:
+        return None
+    targets = dataset.targets.numpy()
+    scores = [clustering_metrics(p.numpy(), targets, dataset.num_classes) for p in preds]
+    return {f"head_{m}": [100 * x[m] for x in scores] for m in ("acc", "nmi", "ari")}
+
+
+def selected_metrics(metrics, selected):
+    """The run's numbers: ACC, NMI and ARI of the selected head (head 0 when none is selected); {} without labels."""
+    head = selected or 0
+    return {m: metrics[f"head_{m}"][head] for m in ("acc", "nmi", "ari")} if metrics else {}
+
+
+def kmeans_baseline(dataset, num_classes, seed):
+    """k-means on the raw (normalized, flattened) pixels of the evaluated images."""
+    from sklearn.cluster import KMeans
+    pixels = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).flatten(1).numpy()
+    preds = KMeans(num_classes, n_init=10, random_state=seed % 2**32).fit_predict(pixels)
+    return {k: 100 * v for k, v in clustering_metrics(preds, dataset.targets.numpy(), num_classes).items()}
+
+
+def write_predictions(path, dataset, preds, probs, selected):
+    """One row per image: index, path (own folders), label (-1: none), the selected head's cluster and
+    probability, then every head's cluster."""
+    heads = range(len(preds))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "path", "label", "cluster", "probability"] + [f"head{h}" for h in heads])
+        for i in range(len(dataset)):
+            writer.writerow([i, dataset.paths[i] if dataset.paths else "", int(dataset.targets[i]),
+                             int(preds[selected][i]), f"{float(probs[selected][i]):.6f}"]
+                            + [int(preds[h][i]) for h in heads])
+
+
+def write_report(clusters, selected, dataset, args):
+    """Console lines, <model_dir>/eval.json, confusion_matrix.png (with labels) and clusters.png, and with
+    the flags the predictions CSV and k-means; returns the summary written to eval.json."""
+    metrics, preds, probs = clusters["metrics"], clusters["preds"], clusters["probs"]
+    head, num_classes, out_dir = selected or 0, dataset.num_classes, args.model_dir
+    which = "lowest training loss" if selected is not None else "no head losses in the file: head 0"
+    summary = {**(metrics or {}), "selected_head": selected, **selected_metrics(metrics, selected),
+               "images": len(dataset), "dataset": args.dataset,
+               "cluster_sizes": torch.bincount(preds[head], minlength=num_classes).tolist()}
+    if metrics:
+        print(f"accuracy: {[round(a, 2) for a in metrics['head_acc']]}")
+        print(f"head {head} ({which}): ACC {summary['acc']:.2f}%  NMI {summary['nmi']:.2f}%  "
+              f"ARI {summary['ari']:.2f}%")
+    else:
+        print(f"head {head} ({which}): no labels, cluster sizes {summary['cluster_sizes']}")
+    if args.kmeans_baseline and metrics:
+        km = summary["kmeans"] = kmeans_baseline(dataset, num_classes, args.seed)
+        print(f"k-means on raw pixels:    ACC {km['acc']:.2f}%  NMI {km['nmi']:.2f}%  ARI {km['ari']:.2f}%")
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    mapping = None
+    if metrics:
+        mapping, confusion = hungarian_match(preds[head], dataset.targets, num_classes)
+        plot_confusion(confusion, mapping, os.path.join(out_dir, "confusion_matrix.png"),
+                       f"{args.dataset}, head {head}: ACC {summary['acc']:.1f}%", dataset.class_names)
+    plot_clusters(dataset, preds[head], probs[head], os.path.join(out_dir, "clusters.png"), mapping)
+    if args.export_predictions:
+        write_predictions(args.export_predictions, dataset, preds, probs, head)
+        print(f"predictions: {args.export_predictions}")
+    print(f"wrote eval.json and pictures to {out_dir}")
+    return summary
