@@ -134,3 +134,23 @@ def digits_test():
     """The 300 test digits, images and labels."""
     from datasets import sources
     return sources.digits(".", "test")
+
+
+def skip_pictures(monkeypatch):
+    """Replace engine/plots.py's ``plot_*`` functions, wherever a loaded module holds them, by ones that draw
+    nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
+    pictures)."""
+    import engine.plots as plots
+    drawers = {name: getattr(plots, name) for name in dir(plots) if name.startswith("plot_")}
+    for module in list(sys.modules.values()):
+        for name, drawer in drawers.items():
+            if getattr(module, name, None) is drawer:
+                monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def no_pictures():
+    """``skip_pictures`` for a whole test module (module-scoped run fixtures included)."""
+    with pytest.MonkeyPatch.context() as mp:
+        skip_pictures(mp)
+        yield

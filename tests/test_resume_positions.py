@@ -1,0 +1,193 @@
+"""Resume at every kind of position, each against the uninterrupted run, bit for bit: the final checkpoint
+(weights, memory bank, anchors, heads, classifier, optimizer state, every random stream) and the log's
+values (all but wall-clock seconds).
+
+Where a kill comes matters only through the files it leaves, so a run is cut in one of two ways:
+- ``killed_run``: the script in a child process that SIGKILLs itself right after its N-th checkpoint of
+  a given name has been renamed into place (every checkpoint write ends in an atomic rename), i.e. before
+  that epoch's log line, the hardest instant (the log is one record short);
+- fewer epochs, where the flags make that the same files: stage 2's and semi.py's learning rate depends on
+  the epoch index alone (not on --epochs) and their checkpoint's next epoch is epoch + 1 whatever --epochs
+  is, so ``--epochs 1`` then ``--epochs 2`` is a cut after epoch 0; stage 1's ``--rounds 1`` leaves the
+  file a 2-round run writes at its round boundary (--rounds enters only a range check and the loop bound).
+"""
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_wiring import TINY, equal, losses_of, read_log, write_stage1
+
+import main as stage2
+import semi
+import super_and
+from conftest import ROOT, run_main
+from lib.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "no_pictures")]
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+name, count = sys.argv[1], int(sys.argv[2])
+real, seen = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    if os.path.basename(str(dst)) == name:
+        seen[0] += 1
+        if seen[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+import importlib
+from engine.cli import run_cli
+module = importlib.import_module(sys.argv[3])
+run_cli(module.main, module.get_args_parser(), sys.argv[4:])
+"""
+
+
+def killed_run(script, args, name, count):
+    """Run ``script`` (a module name) with ``args`` in a child process SIGKILLed right after its ``count``-th
+    write of the checkpoint ``name``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), name, str(count), script,
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-2000:])
+    return done
+
+
+def same_run(a, b, log, keys):
+    """The two run folders' final checkpoints agree on ``keys`` bit for bit, and their logs on every value."""
+    for key in keys:
+        if key == "log_record":
+            assert losses_of([a[key]]) == losses_of([b[key]])
+        else:
+            equal(a[key], b[key], key)
+    assert losses_of(read_log(log[0])) == losses_of(read_log(log[1]))
+
+
+# -------------------------------------------------------------------------------- stage 1
+
+STAGE1 = TINY + ["--subset", "32", "--batch_size", "16", "--epochs", "2"]
+STAGE1_KEYS = ("net", "npc", "ANs_discovery", "optimizer", "rng", "round", "epoch", "next", "acc", "log_record")
+
+
+@pytest.fixture(scope="module")
+def stage1_whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1whole")
+    run_main(super_and, STAGE1 + ["--rounds", "2", "--model_dir", out])
+    return out
+
+
+def test_stage1_killed_in_the_middle_of_a_round(stage1_whole, tmp_path):
+    """Killed after round 1's first epoch (anchors discovered, one epoch of the round left), before its log
+    line: the resumed run keeps the file's anchors and ends where the whole run ends."""
+    killed_run("super_and", STAGE1 + ["--rounds", "2", "--model_dir", tmp_path], "ckpt_embed.t7", 3)
+    cut = load_checkpoint(tmp_path / "ckpt_embed.t7")
+    assert (cut["round"], cut["epoch"]) == (1, 0) and cut["next"] == {"round": 1, "epoch": 1}
+    assert len(read_log(tmp_path / "log_embed.jsonl")) == 2  # the killed epoch's line is missing
+    assert (tmp_path / "run.lock").exists()  # left by the killed process
+    run_main(super_and, STAGE1 + ["--rounds", "2", "--model_dir", tmp_path, "--resume", "ckpt_embed.t7"])
+    same_run(load_checkpoint(stage1_whole / "ckpt_embed.t7"), load_checkpoint(tmp_path / "ckpt_embed.t7"),
+             (stage1_whole / "log_embed.jsonl", tmp_path / "log_embed.jsonl"), STAGE1_KEYS)
+
+
+def test_stage1_resumed_at_a_round_boundary(stage1_whole, tmp_path):
+    run_main(super_and, STAGE1 + ["--rounds", "1", "--model_dir", tmp_path])
+    cut = load_checkpoint(tmp_path / "ckpt_embed.t7")
+    assert cut["next"] == {"round": 1, "epoch": 0}
+    run_main(super_and, STAGE1 + ["--rounds", "2", "--model_dir", tmp_path, "--resume", "ckpt_embed.t7"])
+    same_run(load_checkpoint(stage1_whole / "ckpt_embed.t7"), load_checkpoint(tmp_path / "ckpt_embed.t7"),
+             (stage1_whole / "log_embed.jsonl", tmp_path / "log_embed.jsonl"), STAGE1_KEYS)
+
+
+# -------------------------------------------------------------------------------- stage 2
+
+STAGE2 = TINY + ["--subset", "32", "--batch_size", "16"]
+STAGE2_KEYS = ("net", "fc", "optimizer", "rng", "epoch", "next_epoch", "best_loss", "best_epoch", "head_losses",
+               "selected_head", "acc_list", "log_record")
+BEST_KEYS = ("net", "fc", "epoch", "head_losses", "selected_head", "acc_list")
+
+
+@pytest.fixture(scope="module")
+def stage2_start(tmp_path_factory):
+    out = tmp_path_factory.mktemp("s2start")
+    write_stage1(out / "start.t7", 32)
+    return out / "start.t7"
+
+
+@pytest.fixture(scope="module")
+def stage2_whole(stage2_start, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s2whole")
+    run_main(stage2, STAGE2 + ["--epochs", "2", "--resume", stage2_start, "--model_dir", out])
+    return out
+
+
+def stage2_same(whole, cut):
+    same_run(load_checkpoint(whole / "ckpt_ul_last.t7"), load_checkpoint(cut / "ckpt_ul_last.t7"),
+             (whole / "log_ul.jsonl", cut / "log_ul.jsonl"), STAGE2_KEYS)
+    best_whole, best_cut = load_checkpoint(whole / "ckpt_ul.t7"), load_checkpoint(cut / "ckpt_ul.t7")
+    for key in BEST_KEYS:
+        equal(best_whole[key], best_cut[key], key)
+    assert json.loads((whole / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
+
+
+def test_stage2_resumed_mid_run(stage2_start, stage2_whole, tmp_path):
+    run_main(stage2, STAGE2 + ["--epochs", "1", "--resume", stage2_start, "--model_dir", tmp_path])
+    run_main(stage2, STAGE2 + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", tmp_path])
+    stage2_same(stage2_whole, tmp_path)
+
+
+def test_stage2_resumed_after_its_last_epoch_trains_nothing_and_keeps_its_files(stage2_whole, tmp_path, capsys):
+    folder = tmp_path / "run"
+    files = ("ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json")
+    os.makedirs(folder)
+    for name in files:
+        (folder / name).write_bytes((stage2_whole / name).read_bytes())
+    capsys.readouterr()
+    run_main(stage2, STAGE2 + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", folder])
+    assert "epoch " not in capsys.readouterr().out.replace("--epochs", "")  # no epoch line: nothing trained
+    for name in files[:2]:  # the same contents (the best file may be written again, from the last one)
+        equal(load_checkpoint(folder / name), load_checkpoint(stage2_whole / name), name)
+    for name in files[2:]:
+        assert filecmp.cmp(folder / name, stage2_whole / name, shallow=False), name
+
+
+# -------------------------------------------------------------------------------- semi.py
+
+SEMI = TINY + ["--subset", "40", "--batch_size", "10", "--labels_per_class", "3", "--from_scratch"]
+SEMI_KEYS = ("net", "classifier", "optimizer", "rng", "epoch", "next_epoch", "acc", "labelled_indexes",
+             "log_record")
+
+
+@pytest.fixture(scope="module")
+def semi_whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("semiwhole")
+    run_main(semi, SEMI + ["--epochs", "2", "--model_dir", out])
+    return out
+
+
+def test_semi_resumed_mid_run(semi_whole, tmp_path):
+    run_main(semi, SEMI + ["--epochs", "1", "--model_dir", tmp_path])
+    run_main(semi, [a for a in SEMI if a != "--from_scratch"]
+             + ["--epochs", "2", "--model_dir", tmp_path, "--resume", "ckpt_semi.t7"])
+    same_run(load_checkpoint(semi_whole / "ckpt_semi.t7"), load_checkpoint(tmp_path / "ckpt_semi.t7"),
+             (semi_whole / "log_semi.jsonl", tmp_path / "log_semi.jsonl"), SEMI_KEYS)
+    assert json.loads((semi_whole / "eval_semi.json").read_text()) == \
+        json.loads((tmp_path / "eval_semi.json").read_text())
+
+
+def test_semi_resumed_after_its_last_epoch_trains_nothing_and_keeps_its_files(semi_whole, tmp_path, capsys):
+    files = ("ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json", "eval_semi.json")
+    for name in files:
+        (tmp_path / name).write_bytes((semi_whole / name).read_bytes())
+    capsys.readouterr()
+    run_main(semi, [a for a in SEMI if a != "--from_scratch"]
+             + ["--epochs", "2", "--model_dir", tmp_path, "--resume", "ckpt_semi.t7"])
+    assert "epoch " not in capsys.readouterr().out
+    for name in files[:3]:
+        assert filecmp.cmp(tmp_path / name, semi_whole / name, shallow=False), name
+    assert json.loads((tmp_path / "eval_semi.json").read_text()) == \
+        json.loads((semi_whole / "eval_semi.json").read_text())
