@@ -137,11 +137,11 @@ def digits_test():
 
 
 def skip_pictures(monkeypatch):
-    """Replace engine/plots.py's ``plot_*`` functions, wherever a loaded module holds them, by ones that draw
+    """Replace engine/report.py's ``plot_*`` functions, wherever a loaded module holds them, by ones that draw
     nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
     pictures)."""
-    import engine.plots as plots
-    drawers = {name: getattr(plots, name) for name in dir(plots) if name.startswith("plot_")}
+    import engine.report as report
+    drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
     for module in list(sys.modules.values()):
         for name, drawer in drawers.items():
             if getattr(module, name, None) is drawer:
