@@ -13,7 +13,17 @@ import tempfile
 from lib.errors import Diverged, InputError
 
 from . import distributed
-from .lifecycle import CACHE, RUN_FILES, Fault, Interrupted, describe_fault, handle_signals, stream_broken
+from .lifecycle import (
+    CACHE,
+    RUN_FILES,
+    Fault,
+    Interrupted,
+    Terminated,
+    describe_fault,
+    handle_signals,
+    is_device,
+    stream_broken,
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -150,7 +160,7 @@ def check_output_file(path, flag, model_dir):
                          "choose another file")
     if path.endswith((".t7", ".pt", ".pth")) or (os.path.isfile(path) and is_checkpoint(path)):
         raise InputError(f"{flag} {path} names a checkpoint; writing there would destroy it: choose another file")
-    if os.path.exists(path) and not os.path.isfile(path):
+    if is_device(path):
         if not os.access(path, os.W_OK):
             raise InputError(f"{flag} {path} cannot be written; choose another file")
         return
@@ -203,7 +213,7 @@ def run_cli(main, parser, argv=None):
         _stop(1, f"error: {describe_fault(err)}; the run's checkpoints and logs are intact: run the same "
                  "command again")
     except KeyboardInterrupt as err:
-        terminated = getattr(err, "terminated", False) or type(err).__name__ == "Terminated"
+        terminated = getattr(err, "terminated", False) or isinstance(err, Terminated)
         message = str(err) if isinstance(err, Interrupted) else "nothing was saved"
         _stop(143 if terminated else 130, f"{'terminated' if terminated else 'interrupted'}: {message}")
     finally:

@@ -79,16 +79,17 @@ def _on_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def uninterrupted():
+def uninterrupted(deliver=True):
     """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (with ``handle_signals`` in
-    force): a checkpoint, a log line or the lock is written whole or not at all."""
+    force): a checkpoint, a log line or the lock is written whole or not at all. With ``deliver`` False (the
+    lock's release, on the way out of a run) a signal stays pending instead, for the next such block."""
     _signals["depth"] += 1
     try:
         yield
     finally:
         _signals["depth"] -= 1
     pending = _signals["pending"]
-    if pending is not None and not _signals["depth"]:
+    if deliver and pending is not None and not _signals["depth"]:
         _signals["pending"] = None
         _interrupt(pending)
 
@@ -131,7 +132,8 @@ def describe_fault(err):
     elif err.errno in (errno.EFBIG, errno.EDQUOT):
         reason = f"{reason.lower()}; make room"
     if err.filename is not None:
-        return f"cannot write {err.filename}: {reason}"
+        written = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # only writes fail so
+        return f"cannot write {err.filename}: {reason}" if written else f"{err.filename}: {reason}"
     if stream_broken(sys.stdout):
         return f"cannot write to the standard output: {reason}"
     return f"input/output error: {reason}"
@@ -139,14 +141,25 @@ def describe_fault(err):
 
 # ---- files written whole ----
 
+def is_device(path):
+    """Whether ``path`` is a device, pipe or socket, or reached through /dev or /proc (``/dev/stdout``): a
+    stream written where it is, never replaced by a renamed file."""
+    if not os.path.exists(path):
+        return False
+    real = os.path.realpath(path)
+    return (not os.path.isfile(real) and not os.path.isdir(real)) or \
+        any(p == "/dev" or p.startswith(("/dev/", "/proc/")) for p in (os.path.abspath(path), real))
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="w", **kwargs):
     """``open(path, mode)`` for writing, made atomic: the text goes to a temporary file beside ``path``, is
     flushed to disk and renamed over ``path`` only once whole, so an error (a full disk) or a kill leaves the
     previous file as it was and no temporary. A device or pipe (``/dev/stdout``) is written directly. An
     OSError names ``path``."""
-    special = os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
-    tmp = path if special else f"{path}.tmp{os.getpid()}"
+    special = is_device(path)
+    target = path if special else os.path.realpath(path)  # through a link: the file it names is replaced
+    tmp = path if special else f"{target}.tmp{os.getpid()}"
     try:
         with uninterrupted():
             with open(tmp, mode, **kwargs) as f:
@@ -155,7 +168,7 @@ def atomic_file(path, mode="w", **kwargs):
                 if not special:
                     os.fsync(f.fileno())
             if not special:
-                os.replace(tmp, path)
+                os.replace(tmp, target)
     except OSError as err:
         if err.filename in (None, tmp):
             err.filename = path
@@ -351,6 +364,14 @@ class RunLock:
         return owner.get("process_start") is None or start is None or start == owner["process_start"]
 
     def acquire(self):
+        """Take the lock, or one InputError naming its holder; a signal that stops it leaves no lock."""
+        try:
+            return self._acquire()
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(3):
             with uninterrupted():  # the lock is written whole, and held once it is
@@ -391,7 +412,7 @@ class RunLock:
         return False
 
     def release(self):
-        with uninterrupted():
+        with uninterrupted(deliver=False):
             if self.held:
                 with contextlib.suppress(InputError):
                     if self._holder() == json.dumps(self.owner):

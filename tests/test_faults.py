@@ -93,6 +93,9 @@ def test_atomic_writes_leave_the_old_file_when_they_fail(tmp_path):
     assert path.read_text() == "old,rows\n" and os.listdir(tmp_path) == ["preds.csv"]
     write_text_atomic(str(path), "new,rows\n")
     assert path.read_text() == "new,rows\n" and os.listdir(tmp_path) == ["preds.csv"]
+    os.symlink(path, tmp_path / "link.csv")
+    write_text_atomic(str(tmp_path / "link.csv"), "through the link\n")  # the named file changes, the link stays
+    assert os.path.islink(tmp_path / "link.csv") and path.read_text() == "through the link\n"
     with pytest.raises(OSError) as info, atomic_file("/dev/full") as f:  # a device is written as it is
         f.write("x" * 10)
     assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
