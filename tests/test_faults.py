@@ -364,9 +364,11 @@ def test_checkpoint_with_other_parameter_groups_is_one_line(stage1_ckpt, capsys,
 
 # ---- 3. SIGTERM as Ctrl-C ----
 
-def terminate_at_a_random_moment(script, args, folder, log_name, epochs, seed):
+def terminate_at_a_random_moment(script, args, folder, log_name, epochs):
     """Start ``script``, wait until it holds ``folder`` and has logged a random number of its ``epochs`` (at
-    most ``epochs - 2``), a random fraction of a second more, then SIGTERM it. Returns (status, stderr)."""
+    most ``epochs - 2``), a random fraction of a second more, then SIGTERM it. Returns (status, stderr,
+    the moment drawn: its seed, the lines and the seconds, for the assertion messages)."""
+    seed = int.from_bytes(os.urandom(4), "little")  # every run of the test draws another moment
     rng = random.Random(seed)
     lines, extra = rng.randrange(epochs - 1), rng.uniform(0, 0.5)
     proc = start_script(script, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -381,7 +383,7 @@ def terminate_at_a_random_moment(script, args, folder, log_name, epochs, seed):
     time.sleep(extra)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    return proc.returncode, err, (lines, extra)
+    return proc.returncode, err, {"seed": seed, "lines": lines, "seconds": extra}
 
 
 def check_terminated(status, err, moment, folder):
@@ -397,12 +399,13 @@ def test_sigterm_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path):
     run_main(super_and, command + ["--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
     status, err, moment = terminate_at_a_random_moment("super_and.py", command + ["--model_dir", folder], folder,
-                                                       "log_embed.jsonl", 4, seed=11)
+                                                       "log_embed.jsonl", 4)
     check_terminated(status, err, moment, folder)
     assert "--resume ckpt_embed.t7" in err if (folder / "ckpt_embed.t7").exists() else "same command again" in err
     resume = ["--resume", "ckpt_embed.t7"] if (folder / "ckpt_embed.t7").exists() else []
     run_main(super_and, command + ["--model_dir", folder] + resume)
-    same_state(load_checkpoint(tmp_path / "whole" / "ckpt_embed.t7"), load_checkpoint(folder / "ckpt_embed.t7"))
+    same_state(load_checkpoint(tmp_path / "whole" / "ckpt_embed.t7"), load_checkpoint(folder / "ckpt_embed.t7"),
+               where=f"ckpt_embed.t7 (SIGTERM at {moment})")
     assert sorted(os.listdir(folder)) == ["ckpt_embed.t7", "log_embed.jsonl"]
 
 
@@ -412,12 +415,13 @@ def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt
     run_main(stage2, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
     status, err, moment = terminate_at_a_random_moment(
-        "main.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_ul.jsonl", 3, seed=12)
+        "main.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_ul.jsonl", 3)
     check_terminated(status, err, moment, folder)
     resume = "ckpt_ul_last.t7" if (folder / "ckpt_ul_last.t7").exists() else stage1_ckpt
     run_main(stage2, command + ["--resume", resume, "--model_dir", folder])
     for name in ("ckpt_ul_last.t7", "ckpt_ul.t7"):
-        same_state(load_checkpoint(tmp_path / "whole" / name), load_checkpoint(folder / name), where=name)
+        same_state(load_checkpoint(tmp_path / "whole" / name), load_checkpoint(folder / name),
+                   where=f"{name} (SIGTERM at {moment})")
     assert "run.lock" not in os.listdir(folder)
 
 
@@ -427,11 +431,12 @@ def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(sta
     run_main(semi, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
     status, err, moment = terminate_at_a_random_moment(
-        "semi.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_semi.jsonl", 3, seed=13)
+        "semi.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_semi.jsonl", 3)
     check_terminated(status, err, moment, folder)
     resume = "ckpt_semi.t7" if (folder / "ckpt_semi.t7").exists() else stage1_ckpt
     run_main(semi, command + ["--resume", resume, "--model_dir", folder])
-    same_state(load_checkpoint(tmp_path / "whole" / "ckpt_semi.t7"), load_checkpoint(folder / "ckpt_semi.t7"))
+    same_state(load_checkpoint(tmp_path / "whole" / "ckpt_semi.t7"), load_checkpoint(folder / "ckpt_semi.t7"),
+               where=f"ckpt_semi.t7 (SIGTERM at {moment})")
     assert "run.lock" not in os.listdir(folder)
 
 
@@ -444,3 +449,18 @@ def test_signal_during_a_write_waits_for_it(tmp_path):
         save_checkpoint({"w": torch.ones(3)}, str(tmp_path / "ckpt.t7"))
     assert torch.equal(torch.load(tmp_path / "ckpt.t7")["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.t7"]
+
+
+def test_run_stopped_before_its_first_checkpoint_leaves_nothing_that_blocks_the_same_command(tmp_path):
+    """semi.py writes labelled_indexes.json before its first checkpoint: a stop there must not leave a file
+    that makes 'run the same command again' refuse the folder."""
+    from engine.lifecycle import Interrupted, Terminated
+    with pytest.raises(Interrupted, match="run the same command again") as info, \
+            open_run(str(tmp_path), "ckpt.t7", "log.jsonl", other_files=["indexes.json"]):
+        (tmp_path / "indexes.json").write_text("[1, 2]")
+        raise Terminated("SIGTERM")
+    assert info.value.terminated and os.listdir(tmp_path) == []
+    with open_run(str(tmp_path), "ckpt.t7", "log.jsonl", other_files=["indexes.json"]) as run:  # the same again
+        (tmp_path / "indexes.json").write_text("[1, 2]")
+        run.save({"net": {}})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.t7", "indexes.json"]
