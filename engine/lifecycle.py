@@ -205,11 +205,11 @@ def _lookup(ckpt, dotted):
     return value
 
 
-def _whole(x):
+def _is_whole(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _number(x):
+def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -220,11 +220,11 @@ FIELDS = {
                   and isinstance(v.get("param_groups"), list), "an optimizer state"),
     "rng": (dict, "the random streams"), "args": (dict, "the arguments"), "npc": (dict, "a memory bank"),
     "npc.memory": (torch.is_tensor, "a tensor"),
-    "epoch": (_whole, "a whole number"), "round": (_whole, "a whole number"),
-    "next_epoch": (_whole, "a whole number"), "next.round": (_whole, "a whole number"),
-    "next.epoch": (_whole, "a whole number"), "best_epoch": (_whole, "a whole number"),
-    "best_loss": (_number, "a number"), "start": (str, "text"),
-    "labelled_indexes": (lambda v: isinstance(v, list) and all(map(_whole, v)), "a list of whole numbers"),
+    "epoch": (_is_whole, "a whole number"), "round": (_is_whole, "a whole number"),
+    "next_epoch": (_is_whole, "a whole number"), "next.round": (_is_whole, "a whole number"),
+    "next.epoch": (_is_whole, "a whole number"), "best_epoch": (_is_whole, "a whole number"),
+    "best_loss": (_is_number, "a number"), "start": (str, "text"),
+    "labelled_indexes": (lambda v: isinstance(v, list) and all(map(_is_whole, v)), "a list of whole numbers"),
 }
 
 
@@ -582,7 +582,7 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
 
 
 def _is_position(value):
-    return _whole(value) or (isinstance(value, tuple) and all(map(_whole, value)))
+    return _is_whole(value) or (isinstance(value, tuple) and all(map(_is_whole, value)))
 
 
 def _restore(ckpt, path, optimizer, args, position):
