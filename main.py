@@ -128,7 +128,7 @@ def main(args):
                          "(or a stage-2 file to continue or, with --test_only, to evaluate)")
     device = open_script(args)
     if args.export_predictions:
-        cli.check_output_file(args.export_predictions, "--export_predictions")
+        cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
     split, options = datasets.DATASETS[args.dataset].cluster_split, new_folder_options(args, ckpt)
     eval_set = datasets.from_args(args, split, **options)

@@ -20,12 +20,12 @@ from engine import checks, distributed
 from engine.cli import (
     ArgumentParser,
     common_parser,
-    fraction,
+    half_open_unit,
     non_negative_float,
     positive_float,
     positive_int,
     run_cli,
-    share,
+    unit_interval,
 )
 from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, run_epoch, set_lr, training_state
@@ -53,8 +53,8 @@ def get_args_parser():
                        parents=[common_parser(datasets.DATASETS, NETWORKS)])
     p.set_defaults(lr=0.03, epochs=200)
     p.add_argument("--npc_t", default=0.1, type=positive_float, help="τ, memory-bank temperature (> 0)")
-    p.add_argument("--npc_m", default=0.5, type=fraction, help="m, memory-bank momentum (in [0, 1))")
-    p.add_argument("--ANs_select_rate", default=0.25, type=share,
+    p.add_argument("--npc_m", default=0.5, type=half_open_unit, help="m, memory-bank momentum (in [0, 1))")
+    p.add_argument("--ANs_select_rate", default=0.25, type=unit_interval,
                    help="share of samples that become anchors, per round (in [0, 1]; rate x (rounds - 1) <= 1)")
     p.add_argument("--ANs_size", default=1, type=positive_int, help="neighbours per anchor (1 <= k < N)")
     p.add_argument("--rounds", default=5, type=positive_int, help="rounds of neighbourhood discovery (>= 1)")

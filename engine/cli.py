@@ -4,6 +4,7 @@ Every flag's valid range is part of its type, so a bad value is one ``error:`` l
 before any work starts, and ``--help`` states the range beside the default.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -12,6 +13,17 @@ import tempfile
 from lib.errors import Diverged, InputError
 
 from . import distributed
+from .lifecycle import (
+    CACHE,
+    RUN_FILES,
+    Fault,
+    Interrupted,
+    Terminated,
+    describe_fault,
+    handle_signals,
+    is_device,
+    stream_broken,
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,7 +34,15 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if _rank_zero() else None)
+
+
+def _rank_zero():
+    """Whether this process speaks for the job: rank 0 under torchrun (also before the process group is
+    joined, from torchrun's RANK), the only process otherwise."""
+    if distributed.world_size() > 1:
+        return distributed.is_main()
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -50,8 +70,8 @@ positive_int = _number(int, low=1)
 non_negative_int = _number(int, low=0)
 positive_float = _number(float, low=0, low_open=True)
 non_negative_float = _number(float, low=0)
-fraction = _number(float, low=0, high=1, high_open=True)  # momenta: [0, 1)
-share = _number(float, low=0, high=1)  # shares of the data: [0, 1]
+half_open_unit = _number(float, low=0, high=1, high_open=True)  # [0, 1): momenta
+unit_interval = _number(float, low=0, high=1)  # [0, 1]: shares of the data
 seed = _number(int, low=0, high=2**63 - 1)
 
 
@@ -66,12 +86,13 @@ def common_parser(dataset_names, network_names):
     p.add_argument("--width", default=64, type=positive_int,
                    help="channels of the first ResNet stage (>= 1; 64 as released, smaller only for quick CPU runs)")
     p.add_argument("--lr", default=0.03, type=non_negative_float, help="base learning rate (>= 0)")
-    p.add_argument("--momentum", default=0.9, type=fraction, help="SGD momentum, Nesterov (in [0, 1))")
+    p.add_argument("--momentum", default=0.9, type=half_open_unit, help="SGD momentum, Nesterov (in [0, 1))")
     p.add_argument("--weight_decay", "--wd", default=5e-4, type=non_negative_float, help="weight decay (>= 0)")
     p.add_argument("--epochs", default=200, type=positive_int, help="training epochs (>= 1)")
-    p.add_argument("--batch_size", default=128, type=positive_int,
-                   help="images per step for the whole job (>= 1); under torchrun each of P processes takes "
-                        "batch_size / P of them, so it must divide by P, and the learning rate stays right")
+    p.add_argument("--batch_size", default=128, type=_number(int, low=2),
+                   help="images per step for the whole job (>= 2: the losses compare images); under torchrun "
+                        "each of P processes takes batch_size / P of them, so it must divide by P, and the "
+                        "learning rate stays right")
     p.add_argument("--model_dir", default="checkpoint/", help="the run folder: checkpoints, logs, pictures")
     p.add_argument("--resume", "-r", default="", metavar="CKPT",
                    help="checkpoint to start from or continue: a name inside --model_dir, else a path")
@@ -122,16 +143,42 @@ def check_output_dir(path, flag="--model_dir"):
         raise InputError(f"{flag} {path}: cannot write in {probe} ({err.strerror}); choose another folder") from None
 
 
-def check_output_file(path, flag):
-    """A file the run will write: its folder exists and is writable, and it is not a checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+def check_output_file(path, flag, model_dir):
+    """A file the run in ``model_dir`` will write besides its own: a file name (not a folder) in a folder that
+    exists and is writable, and never a checkpoint nor any file the run itself writes there (``RUN_FILES``,
+    their temporaries, ``cache/``), whatever path leads to it. A device or pipe (``/dev/stdout``) is taken as
+    it is."""
+    if not path:
+        raise InputError(f"{flag} is empty; name a file")
+    if path.endswith((os.sep, "/")) or os.path.isdir(path):
         raise InputError(f"{flag} {path} is a folder; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if _written_by_run(path, model_dir):
+        raise InputError(f"{flag} {path} is a file this run writes in {model_dir}; writing there would destroy it: "
+                         "choose another file")
     if path.endswith((".t7", ".pt", ".pth")) or (os.path.isfile(path) and is_checkpoint(path)):
         raise InputError(f"{flag} {path} names a checkpoint; writing there would destroy it: choose another file")
+    if is_device(path):
+        if not os.access(path, os.W_OK):
+            raise InputError(f"{flag} {path} cannot be written; choose another file")
+        return
     check_output_dir(folder, flag)
+
+
+def _written_by_run(path, model_dir):
+    """Whether ``path`` resolves (links, '..', hard links) to a file the run in ``model_dir`` writes."""
+    real, own = os.path.realpath(path), os.path.realpath(model_dir)
+    if os.path.commonpath([real, os.path.join(own, CACHE)]) == os.path.join(own, CACHE):
+        return True
+    for name in RUN_FILES:
+        mine = os.path.join(own, name)
+        if real == mine or real.startswith(mine + ".tmp"):
+            return True
+        if os.path.exists(path) and os.path.exists(mine) and os.path.samefile(path, mine):
+            return True
+    return False
 
 
 def is_checkpoint(path):
@@ -142,24 +189,73 @@ def is_checkpoint(path):
 
 
 def run_cli(main, parser, argv=None):
-    """Parse ``argv`` and run ``main(args)``. Bad input prints one line and exits 2, a diverged run exits 3,
-    Ctrl-C one line (what to resume) and 130; the last checkpoint stays intact in every case."""
+    """Parse ``argv`` and run ``main(args)``, each way of stopping one line on standard error (where it is
+    open) and an exit status: bad input 2, a diverged run 3, a fault outside the run's control (a full disk,
+    an I/O error, a closed or full standard output) 1, Ctrl-C 130 and SIGTERM 143 (what to resume). The last
+    checkpoint and the log stay intact in every case; under torchrun rank 0 alone says it."""
+    if sys.stdout is None or sys.stderr is None:  # started with a stream closed (`>&-`): Python sets it to None
+        which = "output" if sys.stdout is None else "error"
+        _stop(1, f"error: the standard {which} is closed; start the script with it open (redirect it to a file "
+                 "or /dev/null); nothing was written")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # one line per epoch, also when redirected to a file
-    say = distributed.is_main  # several processes meet the same error: rank 0 says it once
+    stdout = sys.stdout = WatchedStream(sys.stdout)
     try:
-        return main(args)
+        with handle_signals():
+            return main(args)
     except InputError as err:
-        if say():
-            print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _stop(2, f"error: {err}")
     except Diverged as err:
-        if say():
-            print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+        _stop(3, f"error: {err}")
+    except Fault as err:
+        _stop(1, f"error: {err}")
+    except OSError as err:
+        _stop(1, f"error: {describe_fault(err)}; the run's checkpoints and logs are intact: run the same "
+                 "command again")
     except KeyboardInterrupt as err:
-        if say():
-            print(f"interrupted: {err or 'nothing was saved'}", file=sys.stderr)
-        raise SystemExit(130) from None
+        terminated = getattr(err, "terminated", False) or isinstance(err, Terminated)
+        message = str(err) if isinstance(err, Interrupted) else "nothing was saved"
+        _stop(143 if terminated else 130, f"{'terminated' if terminated else 'interrupted'}: {message}")
     finally:
         distributed.cleanup()
+        if sys.stdout is stdout:
+            sys.stdout = stdout.stream
+
+
+class WatchedStream:
+    """The standard output, remembering the error a write to it raised (``failed``), so that a fault can be
+    told apart from the others: an OSError of ``print`` names no file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.failed = None
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def flush(self):
+        try:
+            return self.stream.flush()
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _stop(status, line):
+    """Print ``line`` on standard error (rank 0, where the stream can be written) and exit with ``status``.
+    A standard output that failed is pointed at /dev/null, so exiting does not fail on it again."""
+    if stream_broken(sys.stdout):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush goes there
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    if _rank_zero() and sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=sys.stderr, flush=True)
+    raise SystemExit(status) from None

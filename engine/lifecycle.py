@@ -15,10 +15,12 @@ same command again before that. One run per folder: ``run.lock`` names its owner
 left by a killed run is taken over.
 """
 import contextlib
+import errno
 import glob
 import json
 import math
 import os
+import signal
 import socket
 import stat
 import sys
@@ -33,10 +35,154 @@ from . import distributed
 from .system import rng_state, set_rng_state
 
 LOCK = "run.lock"
+# every file a run writes in its folder (besides ``cache/`` and the temporaries ``NAME.tmp*``): no output flag
+# may name one of them (engine.cli.check_output_file). A script that writes a new file adds its name here.
+RUN_FILES = (LOCK, "ckpt_embed.t7", "log_embed.jsonl",  # stage 1
+             "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json", "curves.png", "confusion_matrix.png",
+             "clusters.png",  # stage 2
+             "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json", "labelled_indexes.json")  # semi.py
+CACHE = "cache"
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C inside a run: carries the line that says how to continue (``run_cli`` prints it, exit 130)."""
+    """Ctrl-C or SIGTERM inside a run: carries the line that says how to continue (``run_cli`` prints it and
+    exits 130 after Ctrl-C, 143 after SIGTERM: ``terminated``)."""
+
+    def __init__(self, message, terminated=False):
+        super().__init__(message)
+        self.terminated = terminated
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm, Kubernetes, ``kill``): raised where Ctrl-C would be, so it stops the run the same way."""
+
+
+class Fault(Exception):
+    """A fault outside the run's control (a full disk, an I/O error, a closed standard output) inside a run:
+    carries the line that says what failed and how to continue (``run_cli`` prints it, exit 1)."""
+
+
+# ---- signals: Ctrl-C and SIGTERM never cut a write ----
+
+_signals = {"depth": 0, "pending": None}
+
+
+def _interrupt(signum):
+    raise Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):
+    if _signals["depth"]:
+        _signals["pending"] = signum  # raised when the write in progress is done
+        return
+    _interrupt(signum)
+
+
+@contextlib.contextmanager
+def uninterrupted(deliver=True):
+    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (with ``handle_signals`` in
+    force): a checkpoint, a log line or the lock is written whole or not at all. With ``deliver`` False (the
+    lock's release, on the way out of a run) a signal stays pending instead, for the next such block."""
+    _signals["depth"] += 1
+    try:
+        yield
+    finally:
+        _signals["depth"] -= 1
+    pending = _signals["pending"]
+    if deliver and pending is not None and not _signals["depth"]:
+        _signals["pending"] = None
+        _interrupt(pending)
+
+
+@contextlib.contextmanager
+def handle_signals():
+    """For the life of a script: SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` (a
+    KeyboardInterrupt), both held back while a run file is written; the previous handlers come back after."""
+    try:
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave the signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _signals["pending"] = None
+
+
+# ---- faults ----
+
+def stream_broken(stream):
+    """Whether ``stream`` (sys.stdout or sys.stderr) is closed or can no longer be written."""
+    if stream is None or stream.closed or getattr(stream, "failed", None) is not None:
+        return True
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def describe_fault(err):
+    """What an OSError was about, in words: the file (or the standard output) and the reason."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        reason = "no space left on the device; free some"
+    elif err.errno in (errno.EFBIG, errno.EDQUOT):
+        reason = f"{reason.lower()}; make room"
+    if err.filename is not None:
+        written = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # only writes fail so
+        return f"cannot write {err.filename}: {reason}" if written else f"{err.filename}: {reason}"
+    if stream_broken(sys.stdout):
+        return f"cannot write to the standard output: {reason}"
+    return f"input/output error: {reason}"
+
+
+# ---- files written whole ----
+
+def is_device(path):
+    """Whether ``path`` is a device, pipe or socket, or reached through /dev or /proc (``/dev/stdout``): a
+    stream written where it is, never replaced by a renamed file."""
+    if not os.path.exists(path):
+        return False
+    real = os.path.realpath(path)
+    return (not os.path.isfile(real) and not os.path.isdir(real)) or \
+        any(p == "/dev" or p.startswith(("/dev/", "/proc/")) for p in (os.path.abspath(path), real))
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", **kwargs):
+    """``open(path, mode)`` for writing, made atomic: the text goes to a temporary file beside ``path``, is
+    flushed to disk and renamed over ``path`` only once whole, so an error (a full disk) or a kill leaves the
+    previous file as it was and no temporary. A device or pipe (``/dev/stdout``) is written directly. An
+    OSError names ``path``."""
+    special = is_device(path)
+    target = path if special else os.path.realpath(path)  # through a link: the file it names is replaced
+    tmp = path if special else f"{target}.tmp{os.getpid()}"
+    try:
+        with uninterrupted():
+            with open(tmp, mode, **kwargs) as f:
+                yield f
+                f.flush()
+                if not special:
+                    os.fsync(f.fileno())
+            if not special:
+                os.replace(tmp, target)
+    except OSError as err:
+        if err.filename in (None, tmp):
+            err.filename = path
+        raise
+    finally:
+        if not special:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` whole or not at all (``atomic_file``)."""
+    with atomic_file(path, "w", newline="") as f:
+        f.write(text)
 
 
 # ---- reading checkpoints ----
@@ -59,12 +205,42 @@ def _lookup(ckpt, dotted):
     return value
 
 
+def _is_whole(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# what each training-state key of the scripts' checkpoints holds, checked by ``require_keys``
+FIELDS = {
+    "net": (dict, "a state dict"), "fc": (dict, "a state dict"), "classifier": (dict, "a state dict"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "an optimizer state"),
+    "rng": (dict, "the random streams"), "args": (dict, "the arguments"), "npc": (dict, "a memory bank"),
+    "npc.memory": (torch.is_tensor, "a tensor"),
+    "epoch": (_is_whole, "a whole number"), "round": (_is_whole, "a whole number"),
+    "next_epoch": (_is_whole, "a whole number"), "next.round": (_is_whole, "a whole number"),
+    "next.epoch": (_is_whole, "a whole number"), "best_epoch": (_is_whole, "a whole number"),
+    "best_loss": (_is_number, "a number"), "start": (str, "text"),
+    "labelled_indexes": (lambda v: isinstance(v, list) and all(map(_is_whole, v)), "a list of whole numbers"),
+}
+
+
 def require_keys(ckpt, path, keys):
-    """Each (dotted) key of ``keys`` is in ``ckpt``, or one InputError lists the missing ones."""
+    """Each (dotted) key of ``keys`` is in ``ckpt`` and holds what it should (``FIELDS``), or one InputError
+    lists the missing ones or names the first that holds something else."""
     missing = [key for key in keys if _lookup(ckpt, key) is None]
     if missing:
         raise InputError(f"{path} lacks {', '.join(repr(k) for k in missing)}: cut short or written by another "
                          "program; pass an intact checkpoint")
+    for key in keys:
+        check, what = FIELDS.get(key, (None, None))
+        value = _lookup(ckpt, key)
+        if check is not None and not (isinstance(value, check) if isinstance(check, type) else check(value)):
+            raise InputError(f"{path}: {key!r} holds {type(value).__name__} instead of {what}: damaged or written "
+                             "by another program; pass an intact checkpoint")
 
 
 def read_checkpoint(name, model_dir, required=()):
@@ -78,7 +254,10 @@ def read_checkpoint(name, model_dir, required=()):
     ckpt = load_checkpoint(path)
     require_keys(ckpt, path, required)
     for key, value in ckpt["net"].items():
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+        if not torch.is_tensor(value):
+            raise InputError(f"{path}: the network weight {key!r} is {type(value).__name__}, not a tensor; "
+                             "pass an intact checkpoint")
+        if value.is_floating_point() and not torch.isfinite(value).all():
             raise InputError(f"{path} holds non-finite weights ({key}); it cannot be evaluated or continued")
     print(f"using checkpoint {path}")
     return path, ckpt
@@ -120,6 +299,9 @@ def _process_start(pid):
         return None
 
 
+PID_MAX = 2**22  # Linux's largest process id (/proc/sys/kernel/pid_max at most)
+
+
 class RunLock:
     """``run.lock`` in the run folder: {pid, host, script, started}, created exclusively."""
 
@@ -129,18 +311,51 @@ class RunLock:
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "process_start": _process_start(os.getpid())}
         self.held = False
 
+    def _damaged(self, what):
+        return InputError(f"{self.path} {what}, not a lock written by these scripts; delete it when no run holds "
+                          f"the folder {os.path.dirname(self.path) or '.'}")
+
     def _holder(self):
+        """The lock's text, None when there is no lock; a lock that is not a readable file is damaged."""
         try:
-            with open(self.path) as f:
-                return f.read()
+            with open(self.path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raise self._damaged("is a folder") from None
+        except OSError as err:
+            raise self._damaged(f"cannot be read ({err.strerror})") from None
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise self._damaged("holds bytes that are not text") from None
+
+    def _owner(self, text):
+        """The owner named by ``text``, every field checked; {} for a lock cut by a kill while it was written
+        (empty or not JSON), which is taken over; an InputError for anything else that is not a lock."""
+        try:
+            owner = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            return {}
+        if not isinstance(owner, dict):
+            raise self._damaged(f"holds a JSON {type(owner).__name__} instead of an object")
+        pid = owner.get("pid")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= PID_MAX:
+            raise self._damaged(f"holds the pid {pid!r} (a process id is a whole number from 1 to {PID_MAX})")
+        for key in ("host", "script", "started"):
+            if not isinstance(owner.get(key, ""), str):
+                raise self._damaged(f"holds the {key} {owner[key]!r} (not text)")
+        start = owner.get("process_start")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+            raise self._damaged(f"holds the process_start {start!r} (not a whole number)")
+        return owner
 
     def _alive(self, owner):
         if owner.get("host") != socket.gethostname():
             return True  # cannot be checked from here
         try:
-            os.kill(int(owner["pid"]), 0)
+            os.kill(owner["pid"], 0)
         except ProcessLookupError:
             return False
         except PermissionError:
@@ -149,29 +364,44 @@ class RunLock:
         return owner.get("process_start") is None or start is None or start == owner["process_start"]
 
     def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        """Take the lock, or one InputError naming its holder; a signal that stops it leaves no lock."""
+        try:
+            return self._acquire()
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                text = self._holder()
+            with uninterrupted():  # the lock is written whole, and held once it is
                 try:
-                    owner = json.loads(text) if text else {}
-                except json.JSONDecodeError:
-                    owner = {}  # a lock cut by a kill while it was written
-                if owner and self._alive(owner):
-                    raise InputError(
-                        f"{os.path.dirname(self.path)} is in use by {owner.get('script', 'a run')} (PID "
-                        f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
-                        f"choose another --model_dir (if that run is gone, delete {self.path})") from None
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    fd = None
+                if fd is not None:
+                    try:
+                        with os.fdopen(fd, "w") as f:
+                            json.dump(self.owner, f)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.remove(self.path)
+                        raise
+                    self.held = True
+                    return self
+            text = self._holder()
+            if text is None:
+                continue  # released meanwhile
+            owner = self._owner(text)
+            if owner and self._alive(owner):
+                raise InputError(
+                    f"{os.path.dirname(self.path)} is in use by {owner.get('script', 'a run')} (PID "
+                    f"{owner['pid']} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
+                    f"choose another --model_dir (if that run is gone, delete {self.path})")
+            with uninterrupted():
                 if self._holder() == text:  # still the dead run's lock: take it over
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            self.held = True
-            return self
         raise InputError(f"could not take {self.path}: other runs keep starting in this folder")
 
     def __enter__(self):
@@ -182,9 +412,12 @@ class RunLock:
         return False
 
     def release(self):
-        if self.held and self._holder() == json.dumps(self.owner):
-            os.remove(self.path)
-        self.held = False
+        with uninterrupted(deliver=False):
+            if self.held:
+                with contextlib.suppress(InputError):
+                    if self._holder() == json.dumps(self.owner):
+                        os.remove(self.path)
+            self.held = False
 
 
 class JsonLog:
@@ -196,38 +429,86 @@ class JsonLog:
         self.writes = writes
 
     def append(self, record):
+        """Append one line, whole or not at all: a failed write (a full disk) is cut back off before the
+        error goes on, and Ctrl-C or SIGTERM waits for the line."""
         if not self.writes:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(record) + "\n").encode()
+        with uninterrupted():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                except OSError as err:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise OSError(err.errno, err.strerror, self.path) from None
+            finally:
+                os.close(fd)
+
+    def _damaged(self, number, what):
+        return InputError(f"{self.path}: line {number} {what}; the log is damaged: repair it or move it away")
+
+    def _numbered(self):
+        """(line number, record) for every record; a last line cut by a kill (the start of a JSON object,
+        with no newline after it) is dropped: the checkpoint holds that epoch's record."""
+        if not os.path.lexists(self.path):
+            return []
+        if os.path.isdir(self.path):
+            raise InputError(f"{self.path} is a folder, not a log; move it away")
+        if not os.path.isfile(self.path):
+            raise InputError(f"{self.path} is not a regular file (a pipe, socket or device); move it away")
+        with open(self.path, "rb") as f:
+            *lines, rest = f.read().split(b"\n")
+        records = []
+        for number, line in enumerate([*lines, rest], start=1):
+            if not line.strip():
+                continue
+            cut = number == len(lines) + 1  # no newline after it: a kill may have cut it
+            try:
+                record = json.loads(line.decode())
+            except UnicodeDecodeError:
+                raise self._damaged(number, "holds bytes that are not text") from None
+            except json.JSONDecodeError:
+                if cut and line.lstrip().startswith(b"{"):
+                    continue
+                raise self._damaged(number, "is not JSON") from None
+            if not isinstance(record, dict):
+                raise self._damaged(number, f"is a JSON {type(record).__name__}, not an object")
+            records.append((number, record))
+        return records
 
     def read(self):
-        """The records; a last line cut by a kill is dropped (the checkpoint holds that epoch's record)."""
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            lines = [line for line in f.read().split("\n") if line.strip()]
-        records = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise InputError(f"{self.path}: line {number} is not JSON; repair or move the log") from None
-        return records
+        """The records, each checked to be a JSON object; an InputError names the file and the line."""
+        return [record for _, record in self._numbered()]
 
     def rewind(self, keep, last_record=None):
         """On resume: keep the records for which ``keep(record)`` holds, then ``last_record`` (the
         checkpoint's own record, in case the run died between checkpoint and log)."""
-        records = [r for r in self.read() if keep(r)]
+        records = []
+        for number, record in self._numbered():
+            try:
+                kept = keep(record)
+            except (KeyError, TypeError, ValueError):
+                raise self._damaged(number, "lacks the epoch it was written in (or holds it as another "
+                                    "type)") from None
+            if kept:
+                records.append(record)
         if last_record is not None:
             records.append(last_record)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, self.path)
+        with uninterrupted():
+            tmp = self.path + ".tmp"
+            try:
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+                os.replace(tmp, self.path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
 
 
 class Run:
@@ -241,21 +522,34 @@ class Run:
         self.writes = writes
         self.log = JsonLog(os.path.join(model_dir, log_name), writes)
         self.lock = RunLock(model_dir)
+        self.new_files = []  # a new run's other files: removed if it stops before its first checkpoint
 
     def save(self, state, name=None):
         if self.writes:
-            save_checkpoint(state, os.path.join(self.model_dir, name or self.checkpoint_name))
+            with uninterrupted():
+                save_checkpoint(state, os.path.join(self.model_dir, name or self.checkpoint_name))
+
+    def how_to_continue(self):
+        if os.path.exists(self.checkpoint_path):
+            return (f"resume with the same command and --resume {self.checkpoint_name} (the last checkpoint, "
+                    f"{self.checkpoint_path}, is intact)")
+        return "stopped before the first checkpoint; run the same command again"
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
+        if kind is not None and self.writes and not os.path.exists(self.checkpoint_path):
+            for path in self.new_files:  # stopped before its first checkpoint: what it wrote goes, so that the
+                with contextlib.suppress(OSError):  # same command can start it again
+                    os.remove(path)
         self.lock.release()
-        if kind is not None and issubclass(kind, KeyboardInterrupt) and not isinstance(error, Interrupted):
-            if os.path.exists(self.checkpoint_path):
-                raise Interrupted(f"resume with the same command and --resume {self.checkpoint_name} "
-                                  f"(the last checkpoint, {self.checkpoint_path}, is intact)") from None
-            raise Interrupted("stopped before the first checkpoint; run the same command again") from None
+        if kind is None or isinstance(error, (Interrupted, Fault)):
+            return False
+        if issubclass(kind, KeyboardInterrupt):
+            raise Interrupted(self.how_to_continue(), terminated=isinstance(error, Terminated)) from None
+        if issubclass(kind, OSError):
+            raise Fault(f"{describe_fault(error)}; {self.how_to_continue()}") from None
         return False
 
 
@@ -272,19 +566,51 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
     """
     names = [checkpoint_name, *other_files, log_name]
     run = Run(model_dir, checkpoint_name, log_name, writes=distributed.is_main())
+    if resumed is None:  # absent now (refuse_overwrite): whatever of them exists later, this run wrote
+        run.new_files = [os.path.join(model_dir, name) for name in names[1:]]
+    if resumed is not None:  # checked and restored in memory before the folder is touched
+        done = _restore(ckpt, resumed, optimizer, args, position)
     distributed.main_decides(lambda: _take_folder(run, names, resumed, ckpt, position))
     try:
         if resumed is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # a changed --momentum or --weight_decay takes effect (lr:
-                group.update(momentum=args.momentum, weight_decay=args.weight_decay)  # set every epoch)
-            set_rng_state(ckpt["rng"])
             note = changed_arguments(ckpt["args"], args)
-            print(f"resuming {resumed} after {position(ckpt)}" + (f"; {note}" if note else ""))
+            print(f"resuming {resumed} after {done}" + (f"; {note}" if note else ""))
     except BaseException:
         run.lock.release()
         raise
     return run
+
+
+def _is_position(value):
+    return _is_whole(value) or (isinstance(value, tuple) and all(map(_is_whole, value)))
+
+
+def _restore(ckpt, path, optimizer, args, position):
+    """Check the training state of the checkpoint at ``path`` field by field, then load it: the optimizer
+    (with this run's momentum and weight decay) and every random stream. Returns ``position(ckpt)``."""
+    require_keys(ckpt, path, ["optimizer", "rng", "args"])
+    try:
+        done = position(ckpt)
+    except (KeyError, TypeError, ValueError):
+        done = None
+    if not _is_position(done):
+        raise InputError(f"{path} does not say which epoch it holds (or not as whole numbers): cut short or written "
+                         "by another program; pass an intact checkpoint")
+    if not isinstance(ckpt.get("log_record", {}), dict):
+        raise InputError(f"{path}: its 'log_record' is not a record; pass an intact checkpoint")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: its optimizer state does not fit this network ({reason}); pass a checkpoint "
+                         "of this network (check --network, --width and --low_dim)") from None
+    for group in optimizer.param_groups:  # a changed --momentum or --weight_decay takes effect (lr: set every
+        group.update(momentum=args.momentum, weight_decay=args.weight_decay)  # epoch)
+    try:
+        set_rng_state(ckpt["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError):
+        raise InputError(f"{path}: its random-number state is damaged; pass an intact checkpoint") from None
+    return done
 
 
 def _take_folder(run, names, resumed, ckpt, position):

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 
 from lib.protocols import clustering_metrics, hungarian_match  # noqa: E402
 
+from .lifecycle import atomic_file  # noqa: E402
+
 
 def plot_curves(records, path):
     """Loss parts and per-head Hungarian accuracy per epoch, from the stage-2 log records."""
@@ -151,7 +153,7 @@ def write_predictions(path, dataset, preds, probs, selected):
     """One row per image: index, path (own folders), label (-1: none), the selected head's cluster and
     probability, then every head's cluster."""
     heads = range(len(preds))
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:  # whole or not at all
         writer = csv.writer(f)
         writer.writerow(["index", "path", "label", "cluster", "probability"] + [f"head{h}" for h in heads])
         for i in range(len(dataset)):

@@ -4,6 +4,7 @@ The keys of both stages' files, released and ours: docs/method.md, "Checkpoint f
 """
 import os
 import pickle
+import warnings
 import zipfile
 
 import torch
@@ -13,17 +14,45 @@ from .errors import InputError
 PREFIX = "module."  # released files were saved from a DataParallel wrapper
 
 
+class _Writes:
+    """A binary file that keeps the OSError its writes raised: ``torch.save`` turns it into a RuntimeError
+    that no longer says what happened (a full disk)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def save_checkpoint(state, path):
-    """Write to a temporary file beside ``path``, flush it to disk, then rename it into place."""
+    """Write to a temporary file beside ``path``, flush it to disk, then rename it into place. A failed write
+    (a full disk, an I/O error) is an OSError naming ``path``; the previous file stays, the temporary goes."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writes = _Writes(f)
+            try:
+                torch.save(state, writes)
+            except RuntimeError:
+                if writes.error is None:
+                    raise
+                raise writes.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -32,7 +61,9 @@ def save_checkpoint(state, path):
 def load_checkpoint(path):
     """Load a checkpoint on the CPU without running pickled code; one clear InputError otherwise."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle is refused below; torch's warning about its protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # would come before that line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as err:

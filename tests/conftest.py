@@ -20,6 +20,32 @@ def run_script(script, args, **kwargs):
                           capture_output=True, text=True, env=env, **kwargs)
 
 
+def start_script(script, args, **kwargs):
+    """Start ``script`` as a separate process (one thread, as ``run_script``); returns the Popen."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, text=True,
+                            env=env, **kwargs)
+
+
+def same_state(a, b, ignore=("args", "seconds"), where="checkpoint"):
+    """Two loaded checkpoints hold the same values, tensor for tensor and bit for bit, apart from the keys
+    ``ignore`` (the arguments a resumed run was started with, wall-clock times); an AssertionError names the
+    first difference."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert set(a) - set(ignore) == set(b) - set(ignore), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in set(a) - set(ignore):
+            same_state(a[key], b[key], ignore, f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_state(x, y, ignore, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
 def run_main(module, args):
     """Run ``module.main`` in this process through the same CLI wrapper as the command line."""
     from engine.cli import run_cli

@@ -50,8 +50,10 @@ def test_lock_with_a_reused_pid_is_taken_over(tmp_path):
 
 def test_lock_cut_while_written_is_taken_over(tmp_path):
     (tmp_path / "run.lock").write_text('{"pid": 12')
-    with RunLock(str(tmp_path)):
-        pass
+    with RunLock(str(tmp_path)) as lock:
+        assert lock.held
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()  # this process holds it now
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_lock_of_another_host_is_respected(tmp_path):
@@ -217,10 +219,11 @@ def test_output_dir_checks(tmp_path):
 
 def test_output_file_is_never_a_checkpoint(tmp_path):
     torch.save({"net": {}}, tmp_path / "model.bin")
+    run = str(tmp_path / "run")
     with pytest.raises(InputError, match="checkpoint"):
-        check_output_file(str(tmp_path / "model.bin"), "--export_predictions")
+        check_output_file(str(tmp_path / "model.bin"), "--export_predictions", run)
     with pytest.raises(InputError, match="checkpoint"):
-        check_output_file(str(tmp_path / "ckpt_ul_last.t7"), "--export_predictions")
+        check_output_file(str(tmp_path / "ckpt_ul_last.t7"), "--export_predictions", run)
     with pytest.raises(InputError, match="does not exist"):
-        check_output_file(str(tmp_path / "missing" / "p.csv"), "--export_predictions")
-    check_output_file(str(tmp_path / "p.csv"), "--export_predictions")
+        check_output_file(str(tmp_path / "missing" / "p.csv"), "--export_predictions", run)
+    check_output_file(str(tmp_path / "p.csv"), "--export_predictions", run)
