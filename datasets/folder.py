@@ -70,8 +70,12 @@ def _hidden(name):
 
 
 def is_flat(folder):
-    """True when ``folder`` keeps its images directly (unlabelled), without class sub-folders; one listing."""
-    return os.path.isdir(folder) and not any(e.is_dir() and not _hidden(e.name) for e in os.scandir(folder))
+    """True when ``folder`` keeps its images directly (unlabelled), without class sub-folders; one listing.
+    As in ``scan``, a sub-folder that leads back to ``folder`` itself (a link) is no class folder."""
+    if not os.path.isdir(folder):
+        return False
+    real = os.path.realpath(folder)
+    return not any(e.is_dir() and not _hidden(e.name) and os.path.realpath(e.path) != real for e in os.scandir(folder))
 
 
 def _reachable(path):
