@@ -34,7 +34,7 @@ from models import NETWORKS, MultiHeadNormFC
 
 BEST, LAST, LOG = "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl"
 BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "nmi_list", "ari_list", "stage",
-             "normalization")
+             "normalization", "args")
 
 
 def get_args_parser():
@@ -100,16 +100,6 @@ def evaluate(net, heads, loader, device):
     return {"metrics": head_metrics(preds.cpu(), loader.dataset), "preds": preds.cpu(), "probs": probs.cpu()}
 
 
-def new_folder_options(args, ckpt):
-    """``from_args``'s options: an unlabelled folder without --num_classes takes the file's cluster count;
-    with --test_only a folder is normalized as the network's training images were."""
-    folder = args.dataset == "folder"
-    flat = folder and datasets.folder.is_flat(args.data_dir)
-    heads = next(iter(ckpt["fc"].values())).shape[1] if flat and args.num_classes is None and "fc" in ckpt else None
-    return {"num_classes": heads,
-            "normalization": ckpt["normalization"] if folder and args.test_only and "normalization" in ckpt else None}
-
-
 def load_encoder(args, path, ckpt, num_classes, device):
     """The network and heads of ``--resume``: (net, model, heads), as in ``Stage2``."""
     checks.stage2_checkpoint(ckpt, path, args, num_classes)
@@ -130,8 +120,10 @@ def main(args):
     if args.export_predictions:
         cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
-    split, options = datasets.DATASETS[args.dataset].cluster_split, new_folder_options(args, ckpt)
+    args, options = checks.stage2_inputs(args, ckpt, device, get_args_parser().get_default("image_size"))
+    split = datasets.DATASETS[args.dataset].cluster_split
     eval_set = datasets.from_args(args, split, **options)
+    checks.stage2_images(args, eval_set)
     eval_loader = datasets.make_loader(eval_set, 100, False, args.workers, device)
     net, model, heads = load_encoder(args, path, ckpt, eval_set.num_classes, device)
     if args.test_only:
@@ -184,7 +176,7 @@ def train_and_save(run, state, epoch, args):
     saved = {"net": state.net.state_dict(), "fc": state.heads.state_dict(), "acc_list": metrics.get("head_acc"),
              "normalization": normalization(state.eval_loader.dataset), "head_losses": losses["head_losses"],
              "selected_head": selected, "epoch": epoch, "nmi_list": metrics.get("head_nmi"),
-             "ari_list": metrics.get("head_ari"), "stage": 2}
+             "ari_list": metrics.get("head_ari"), "stage": 2, "args": vars(args)}
     # the last epoch first: a kill between the two saves is repaired from it on resume
     run.save({**saved, **training_state(state.optimizer, args, record, next_epoch=epoch + 1,
                                         best_loss=state.best_loss, best_epoch=state.best_epoch)})

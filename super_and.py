@@ -143,23 +143,25 @@ def build(args, device):
                   train_set.targets.to(device), train_set.num_classes, normalization(train_set), device)
 
 
-def load_stage1(args, state):
-    """Read ``--resume`` into the network, the bank and the anchors; returns (path, checkpoint)."""
-    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+def load_stage1(args, state, path, ckpt):
+    """``--resume``'s checkpoint ``ckpt``, read from ``path``, checked and loaded into the network, the bank
+    and the anchors."""
     checks.stage1_checkpoint(ckpt, path, args, len(state.labels))
     load_network(state.net, ckpt["net"], path)
     state.bank.memory.copy_(ckpt["npc"]["memory"])
     if "ANs_discovery" in ckpt:
         state.neighbourhoods.load_state_dict(ckpt["ANs_discovery"])
-    return path, ckpt
 
 
 def main(args):
     if args.test_only and not args.resume:
         raise InputError("--test_only needs the checkpoint to evaluate: pass --resume PATH")
     device = open_script(args, writes=not args.test_only)
+    path, ckpt = read_checkpoint(args.resume, args.model_dir) if args.resume else (None, None)
+    args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     state = build(args, device)
-    path, ckpt = load_stage1(args, state) if args.resume else (None, None)
+    if args.resume:
+        load_stage1(args, state, path, ckpt)
     if args.test_only:
         top1, top5 = evaluate(state)
         print(f"kNN top-1 {top1:.2f}%  top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN accuracy")

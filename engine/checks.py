@@ -1,11 +1,17 @@
 """The checks of a ``--resume`` file against a script's flags: one clear error line for a file of another
-stage, data set, size or shape, rather than a mismatch deep inside ``load_state_dict``."""
+stage, data set, size or shape, rather than a mismatch deep inside ``load_state_dict``; the input size an
+evaluation uses (the one the file was trained at) and the memory a size costs, checked before any data
+or network is allocated; the number of clusters stage 2 makes of an unlabelled folder."""
+import argparse
+import os
+
 import torch
 
 import datasets
 from lib.checkpoint import checkpoint_stage
 from lib.errors import InputError
 
+from .cli import _number
 from .lifecycle import require_keys
 
 # what a resumable file holds beyond the released keys (engine.lifecycle.training_state and the position)
@@ -41,10 +47,12 @@ def stage1_checkpoint(ckpt, path, args, num_samples):
 
 
 def stage2_checkpoint(ckpt, path, args, num_classes):
-    """main.py: a stage-1 file to start from or a stage-2 file of the same images, with heads of --num_heads,
-    ``num_classes`` clusters and --low_dim; with training state to continue it, heads to evaluate it."""
+    """main.py: a stage-1 file to start from or a stage-2 file of the same images (with --test_only, also of a
+    folder of new images), with heads of --num_heads, ``num_classes`` clusters and --low_dim; with training
+    state to continue it, heads to evaluate it."""
     saved, stage = ckpt.get("args", {}).get("dataset"), checkpoint_stage(ckpt)
-    if saved is not None and not datasets.same_images(saved, args.dataset):
+    new_images = args.test_only and args.dataset == "folder"  # predicting the trained clusters of one's own images
+    if saved is not None and not datasets.same_images(saved, args.dataset) and not new_images:
         raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
     if stage == 2:
         shapes = [tuple(v.shape) for k, v in sorted(ckpt["fc"].items()) if k.endswith(".weight")]
@@ -66,3 +74,133 @@ def stage2_checkpoint(ckpt, path, args, num_classes):
                          "with --test_only, or continue from ckpt_ul_last.t7")
     if not args.test_only and stage == 2:
         require_keys(ckpt, path, STAGE2_TRAINING_KEYS)
+
+
+# ---- the input size: the one a file was trained at, and what a size costs in memory ----
+
+MAX_IMAGE_SIZE = 512  # pixels; engine/cli.py's --image_size has the same bound
+image_size = _number(int, low=8, high=MAX_IMAGE_SIZE)  # an --image_size type: [8, 512] pixels
+
+
+def evaluation_image_size(args, ckpt, default):
+    """--test_only (and tools/gradcam.py): evaluate at the size ``ckpt`` was trained at (its ``args``), unless
+    --image_size was given, i.e. differs from the flag's ``default``; then say so in one line when the sizes
+    differ. Returns the arguments to use: ``args`` itself, or a copy with the trained size (``args`` is
+    left alone); a file without ``args`` (released) keeps the flag."""
+    trained = (ckpt.get("args") or {}).get("image_size")
+    if trained is None or trained == args.image_size:
+        return args
+    if args.image_size == default:
+        return argparse.Namespace(**{**vars(args), "image_size": trained})
+    print(f"evaluating at {args.image_size} px, trained at {trained} px")
+    return args
+
+
+def check_image_size(args, ckpt, device, default):
+    """Before any data is read: with --test_only the size ``ckpt`` was trained at (``evaluation_image_size``;
+    ``default``: the --image_size parser default), then the memory that size costs (``check_memory``).
+    Returns the arguments to use (``args``, or a copy with the trained size)."""
+    if args.test_only and ckpt is not None:
+        args = evaluation_image_size(args, ckpt, default)
+    check_memory(args, device, train=not args.test_only)
+    return args
+
+
+def stage2_inputs(args, ckpt, device, default):
+    """main.py, before any data is read: ``check_image_size``, then ``datasets.from_args``'s options: an
+    unlabelled folder without --num_classes takes the file's cluster count; with --test_only a folder is
+    normalized as the network's training images were. Returns (the arguments to use, the options)."""
+    args = check_image_size(args, ckpt, device, default)
+    folder = args.dataset == "folder"
+    flat = folder and datasets.folder.is_flat(args.data_dir)
+    heads = next(iter(ckpt["fc"].values())).shape[1] if flat and args.num_classes is None and "fc" in ckpt else None
+    return args, {"num_classes": heads, "normalization": ckpt["normalization"]
+                  if folder and args.test_only and "normalization" in ckpt else None}
+
+
+def stage2_images(args, images):
+    """Stage-2 training on an unlabelled folder (``images``, after --subset) makes K clusters: K given (by
+    --num_classes or the file's heads) and 2 <= K <= the number of images. Evaluation predicts the K
+    trained clusters for any number of new images."""
+    if args.dataset == "folder" and images.class_names is None and not args.test_only:
+        datasets.folder.check_cluster_count(images.num_classes, len(images), args.data_dir)
+
+
+# each backbone, roughly: (trunks, [(maps of the stem or of a stage, blocks, channels as a multiple of --width,
+# downsampling)]); a "map" is one (channels, side, side) float32 tensor the forward pass keeps for the backward
+# (conv, BN and activation outputs: 3 in the stem, 6 per basic block, 18 per bottleneck counted at its input
+# width, 7 per pre-activation wide block)
+ACTIVATION_LAYOUT = {
+    "resnet18": (2, [(3, 1, 1, 1), (6, 2, 1, 1), (6, 2, 2, 2), (6, 2, 4, 4), (6, 2, 8, 8)]),
+    "resnet101": (2, [(3, 1, 1, 1), (18, 3, 1, 1), (18, 4, 2, 2), (18, 23, 4, 4), (18, 3, 8, 8)]),
+    "wrn28_2": (1, [(1, 1, 0.25, 1), (7, 4, 0.5, 1), (7, 4, 1, 2), (7, 4, 2, 4)]),
+}
+
+
+def activation_bytes(network, width, size, images, train=True):
+    """A rough size of one step's activations: ``images`` inputs of size x size through ``network`` of
+    --width. Training keeps every map of ACTIVATION_LAYOUT for the backward pass (float32, 4 bytes a value);
+    evaluation (no gradients) holds about three of the largest maps at a time."""
+    trunks, stages = ACTIVATION_LAYOUT.get(network, ACTIVATION_LAYOUT["resnet18"])
+    if not train:
+        return int(4 * images * trunks * 3 * width * size * size)
+    values = sum(maps * blocks * channels * width * (size // down) ** 2 for maps, blocks, channels, down in stages)
+    return int(4 * images * trunks * values)
+
+
+def count_files(folder):
+    """The files under ``folder`` (names only; hidden files and folders left out, links to folders not
+    followed): at least the number of images a folder decodes."""
+    count = 0
+    for _, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        count += sum(not n.startswith(".") for n in names)
+    return count
+
+
+def memory_estimate(args, train=True):
+    """What --image_size costs before anything is allocated, in bytes: {"data": a folder's images decoded at
+    that size (files x size² x 3, uint8; the registered data sets keep their own size and resize each image
+    as it is read), "batches": the loader's float32 batches in flight (two per worker, one without workers),
+    "activations": ``activation_bytes`` of one step}. Training: --batch_size x 2 views, shared by the
+    processes of a torchrun launch; evaluation: batches of 100, one view."""
+    size = args.image_size
+    images = args.batch_size * 2 // datasets.processes.world_size() if train else 100
+    files = count_files(args.data_dir) if args.dataset == "folder" and os.path.isdir(args.data_dir) else 0
+    in_flight = 2 * args.workers if args.workers else 1
+    return {"data": files * size * size * 3, "batches": in_flight * images * 3 * size * size * 4,
+            "activations": activation_bytes(args.network, args.width, size, images, train)}
+
+
+def available_memory():
+    """MemAvailable of /proc/meminfo, in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n):
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(args, device, train=True):
+    """Refuse, before any data or network is allocated, an --image_size whose ``memory_estimate`` exceeds the
+    free memory: host memory (MemAvailable) for the data, the batches and, on the CPU, the activations; the
+    device's free memory (``torch.cuda.mem_get_info``) for the activations on CUDA."""
+    need = memory_estimate(args, train)
+    on_cuda = device.type == "cuda"
+    host = need["data"] + need["batches"] + (0 if on_cuda else need["activations"])
+    places = [("host", host, available_memory())]
+    if on_cuda:
+        places.append((str(device), need["activations"], torch.cuda.mem_get_info(device)[0]))
+    for place, estimate, free in places:
+        if free is not None and estimate > free:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items() if v)
+            raise InputError(f"--image_size {args.image_size} needs about {_gib(estimate)} of {place} memory "
+                             f"({parts}; {args.network}, width {args.width}) but {_gib(free)} is free; lower "
+                             f"--image_size or --batch_size")

@@ -102,10 +102,10 @@ def common_parser(dataset_names, network_names):
     data.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded; "
                       "with --dataset folder, the folder of images (sub-folders = classes)")
     data.add_argument("--subset", default=None, type=positive_int, help="use only the first N images of each split")
-    data.add_argument("--image_size", default=32, type=_number(int, low=8),
-                      help="side of the square network input, in pixels (>= 8)")
+    data.add_argument("--image_size", default=32, type=_number(int, low=8, high=512),
+                      help="square input side in pixels (8 to 512); --test_only: the file's own size unless given")
     data.add_argument("--num_classes", default=None, type=_number(int, low=2),
-                      help="clusters for an unlabelled --dataset folder (>= 2); the labels decide elsewhere")
+                      help="clusters to make of an unlabelled folder in stage 2 (>= 2); stage 1 ignores it")
     data.add_argument("--workers", default=4, type=non_negative_int, help="data-loading processes (>= 0)")
     data.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     speed = p.add_argument_group("speed (off by default; README gives their measured effect)")

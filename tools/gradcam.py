@@ -7,7 +7,8 @@ the most confident correct and wrong assignments of each class (docs/method.md, 
 Clusters are matched to the labels by the Hungarian method on the images shown; an unlabelled folder gets the
 most confident images of each cluster instead. The network (ResNet-18 or -101, its width and embedding
 dimension) is read from the checkpoint's weights; τ_c, the heads' normalization and the image size from the
-arguments it was trained with where it holds them (ckpt_ul_last.t7), else from the flags below.
+arguments it was trained with where it holds them (every checkpoint of main.py), else from the flags below;
+an --image_size given that differs from the trained one is used, and said in one line.
 """
 import os
 import sys
@@ -15,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 import datasets
+from engine.checks import evaluation_image_size, image_size
 from engine.cli import ArgumentParser, check_output_file, non_negative_int, positive_float, positive_int, run_cli
 from engine.gradcam import gradcam_figure, predict
 from engine.lifecycle import read_checkpoint
@@ -45,8 +47,9 @@ def get_args_parser():
                    help=f"τ_c of the heads (default: the checkpoint's, else {DEFAULTS['tau_c']})")
     p.add_argument("--head_norm", default=None, choices=["released", "paper", "none"],
                    help=f"how the heads' W is normalized (default: the checkpoint's, else {DEFAULTS['head_norm']})")
-    p.add_argument("--image_size", default=None, type=positive_int,
-                   help=f"side of the network input (default: the checkpoint's, else {DEFAULTS['image_size']})")
+    p.add_argument("--image_size", default=None, type=image_size,
+                   help=f"side of the network input, 8 to 512 pixels (default: the size the checkpoint was trained "
+                        f"at, else {DEFAULTS['image_size']})")
     p.add_argument("--workers", default=0, type=non_negative_int, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     return p
@@ -83,6 +86,7 @@ def main(args):
     check_output_file(args.out, "--out")
     device = choose_device(args.device)
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    args = evaluation_image_size(args, ckpt, None)  # the trained size, or one line saying the flag's differs
     saved = {**DEFAULTS, **{k: v for k, v in (ckpt.get("args") or {}).items() if k in DEFAULTS}}
     for key in DEFAULTS:  # a flag given overrides the checkpoint
         if getattr(args, key) is None:
