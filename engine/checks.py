@@ -137,15 +137,17 @@ ACTIVATION_LAYOUT = {
 }
 
 
-def activation_bytes(network, width, size, images, train=True):
+def activation_bytes(network, width, size, images, train=True, value_bytes=4):
     """A rough size of one step's activations: ``images`` inputs of size x size through ``network`` of
-    --width. Training keeps every map of ACTIVATION_LAYOUT for the backward pass (float32, 4 bytes a value);
-    evaluation (no gradients) holds about three of the largest maps at a time."""
+    --width. Training keeps every map of ACTIVATION_LAYOUT for the backward pass (``value_bytes`` a value:
+    4 in float32, 2 under --amp's bfloat16); evaluation (no gradients) holds about three of the largest maps
+    at a time. Between 1 and 1.5 times the tensors autograd saves (tests/test_input_checks.py), the rest
+    standing for the backward pass's gradients."""
     trunks, stages = ACTIVATION_LAYOUT.get(network, ACTIVATION_LAYOUT["resnet18"])
     if not train:
-        return int(4 * images * trunks * 3 * width * size * size)
+        return int(value_bytes * images * trunks * 3 * width * size * size)
     values = sum(maps * blocks * channels * width * (size // down) ** 2 for maps, blocks, channels, down in stages)
-    return int(4 * images * trunks * values)
+    return int(value_bytes * images * trunks * values)
 
 
 def count_files(folder):
@@ -162,14 +164,15 @@ def memory_estimate(args, train=True):
     """What --image_size costs before anything is allocated, in bytes: {"data": a folder's images decoded at
     that size (files x size² x 3, uint8; the registered data sets keep their own size and resize each image
     as it is read), "batches": the loader's float32 batches in flight (two per worker, one without workers),
-    "activations": ``activation_bytes`` of one step}. Training: --batch_size x 2 views, shared by the
-    processes of a torchrun launch; evaluation: batches of 100, one view."""
+    "activations": ``activation_bytes`` of one step (bfloat16 under --amp)}. Training: --batch_size x 2
+    views, shared by the processes of a torchrun launch; evaluation: batches of 100, one view."""
     size = args.image_size
     images = args.batch_size * 2 // datasets.processes.world_size() if train else 100
     files = count_files(args.data_dir) if args.dataset == "folder" and os.path.isdir(args.data_dir) else 0
     in_flight = 2 * args.workers if args.workers else 1
     return {"data": files * size * size * 3, "batches": in_flight * images * 3 * size * size * 4,
-            "activations": activation_bytes(args.network, args.width, size, images, train)}
+            "activations": activation_bytes(args.network, args.width, size, images, train,
+                                            value_bytes=2 if getattr(args, "amp", False) else 4)}
 
 
 def available_memory():

@@ -191,6 +191,9 @@ def test_memory_estimate_terms(tmp_path):
     assert need["data"] == 5 * 100 * 100 * 3  # the decoded cache, uint8
     assert need["batches"] == 6 * 16 * 3 * 100 * 100 * 4  # two per worker, 8 x 2 views, float32
     assert need["activations"] == checks.activation_bytes("resnet18", 64, 100, 16)
+    args.amp = True  # bfloat16 activations: half the bytes
+    assert checks.memory_estimate(args)["activations"] == need["activations"] // 2
+    args.amp = False
     evaluation = checks.memory_estimate(args, train=False)
     assert evaluation["batches"] == 6 * 100 * 3 * 100 * 100 * 4
     args.dataset = "digits"  # a registered data set keeps its own size: only batches and activations grow
@@ -212,7 +215,7 @@ def test_activation_estimate_against_what_autograd_keeps(network, one_thread):
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in params)
     estimate = checks.activation_bytes(network, 8, 32, 2)
-    assert measured <= estimate <= 2 * measured
+    assert measured <= estimate <= 1.5 * measured
     assert checks.activation_bytes(network, 8, 64, 2) == 4 * estimate  # grows with the pixels
 
 
