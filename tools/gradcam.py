@@ -83,7 +83,7 @@ def load_heads(ckpt, path, low_dim, tau_c, head_norm):
 
 
 def main(args):
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.model_dir)
     device = choose_device(args.device)
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
     args = evaluation_image_size(args, ckpt, None)  # the trained size, or one line saying the flag's differs
