@@ -16,9 +16,12 @@ import bisect
 import hashlib
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
+
+from lib.errors import InputError
 
 
 def _is_row_slice(key):
@@ -205,3 +208,58 @@ def usable_stats(mean, std):
         return False
     return (mean.shape == std.shape == (3,) and bool(np.isfinite(mean).all()) and bool(np.isfinite(std).all())
             and bool((std > 0).all()))
+
+
+def read_stats_record(place, signature):
+    """(record, None) for a cached normalization that is whole (its checksum matches), usable (finite
+    means, finite positive stds) and made from files of the sizes there are now (``signature``); (None,
+    why not) for one that cannot be trusted; (None, None) for none, or one of other files (recomputed
+    silently)."""
+    try:
+        with open(place) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError):
+        return None, "is not readable JSON"
+    if not isinstance(record, dict):
+        return None, "is not a JSON record"
+    if record.get("checksum") != record_checksum(record):
+        return None, "does not match its checksum (edited, corrupted or written by an older version)"
+    if record.get("files") != signature:
+        return None, None
+    if not usable_stats(record.get("mean"), record.get("std")):
+        return None, "holds a std that is not finite and positive"
+    return record, None
+
+
+def cached_normalization(name, places, signature, parts, load_images, where):
+    """Per-channel mean and std (3-tuples, [0, 1] scale) of a data set's training images, from the first
+    trustworthy record of ``places`` (``read_stats_record``; an untrustworthy one gets one warning line),
+    else computed over ``load_images()`` (exact, ``channel_stats``) and cached in the first writable
+    place (none writable: one warning, computed again on every run). ``where`` names the files for the
+    error on images whose std is zero."""
+    for place in places:
+        record, problem = read_stats_record(place, signature)
+        if record is not None:
+            return tuple(record["mean"]), tuple(record["std"])
+        if problem:
+            print(f"warning: {name}: the cached normalization {place} {problem}; computing it again", file=sys.stderr)
+    images = load_images()
+    print(f"{name}: computing the mean and std of the {len(images):,} training images (once)", flush=True)
+    mean, std = channel_stats(images)
+    if not usable_stats(mean, std):
+        raise InputError(f"the {name} training images in {where} have a colour channel of std {min(std):.3g}: "
+                         f"not the real data; download {name} again")
+    record = {"images": len(images), "parts": list(parts), "files": signature, "mean": mean, "std": std}
+    record["checksum"] = record_checksum(record)
+    for place in places:
+        try:
+            write_json_atomic(place, record)
+            break
+        except OSError:
+            continue
+    else:
+        print(f"warning: {name}: could not cache the normalization in {' or '.join(places)}; it is computed again "
+              f"on every run", file=sys.stderr)
+    return mean, std

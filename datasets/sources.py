@@ -10,17 +10,15 @@ image folders (datasets/folder.py) have their own modules.
 """
 import contextlib
 import gzip
-import json
 import os
 import pickle
-import sys
 import urllib.error
 
 import numpy as np
 
 from lib.errors import InputError
 
-from .arrays import channel_stats, write_json_atomic
+from .arrays import cached_normalization
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -218,32 +216,11 @@ def svhn_normalization(data_dir, cache_dir=None):
     Computed on first use (``arrays.channel_stats``, exact) and cached as a small JSON, as STL-10's
     (datasets/stl10.py): ``<data_dir>/svhn-normalization.json`` when that folder is writable, else
     ``<cache_dir>/svhn-normalization.json``, else nowhere; a cached value is used only while
-    train_32x32.mat keeps the size it records.
+    train_32x32.mat keeps the size it records and its checksum and stds are sound.
     """
     path = _svhn_path(data_dir, "train")
     signature = {SVHN_FILES["train"]: os.path.getsize(path)}
     places = [os.path.join(data_dir, SVHN_NORMALIZATION_FILE)]
     if cache_dir is not None:
         places.append(os.path.join(cache_dir, SVHN_NORMALIZATION_FILE))
-    for place in places:
-        try:
-            with open(place) as f:
-                record = json.load(f)
-            if record.get("files") == signature:
-                return tuple(record["mean"]), tuple(record["std"])
-        except (OSError, ValueError, KeyError, AttributeError, TypeError):
-            continue
-    images, _ = svhn(data_dir, "train")
-    print(f"SVHN: computing the mean and std of the {len(images):,} training images (once)", flush=True)
-    mean, std = channel_stats(images)
-    record = {"images": len(images), "parts": ["train"], "files": signature, "mean": mean, "std": std}
-    for place in places:
-        try:
-            write_json_atomic(place, record)
-            break
-        except OSError:
-            continue
-    else:
-        print(f"warning: SVHN: could not cache the normalization in {' or '.join(places)}; it is computed again "
-              f"on every run", file=sys.stderr)
-    return mean, std
+    return cached_normalization("SVHN", places, signature, ["train"], lambda: svhn(data_dir, "train")[0], path)

@@ -10,16 +10,14 @@ downloaded through torchvision (``STL10(download=True)``, a 2.6 GB archive).
 The paper's protocol (docs/method.md, "Data sets"): stage 1 learns on train+unlabeled (105,000
 images), stage 2 and its evaluation use the 13,000 labelled images (train+test).
 """
-import json
 import os
-import sys
 import urllib.error
 
 import numpy as np
 
 from lib.errors import InputError
 
-from .arrays import ConcatImages, MappedImages, channel_stats, record_checksum, usable_stats, write_json_atomic
+from .arrays import ConcatImages, MappedImages, cached_normalization
 from .sources import no_new_folders_on_error
 
 FOLDER = "stl10_binary"
@@ -78,29 +76,6 @@ def _signature(data_dir):
             for part in TRAINING_PARTS for name in FILES[part] if name and name.endswith("_X.bin")}
 
 
-def _read_record(place, signature):
-    """(record, None) for a cached normalization that is whole (its checksum matches), usable (finite
-    means, finite positive stds) and made from training files of the sizes there are now; (None, why
-    not) for one that cannot be trusted; (None, None) for none, or one of other files (recomputed
-    silently)."""
-    try:
-        with open(place) as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError):
-        return None, "is not readable JSON"
-    if not isinstance(record, dict):
-        return None, "is not a JSON record"
-    if record.get("checksum") != record_checksum(record):
-        return None, "does not match its checksum (edited, corrupted or written by an older version)"
-    if record.get("files") != signature:
-        return None, None
-    if not usable_stats(record.get("mean"), record.get("std")):
-        return None, "holds a std that is not finite and positive"
-    return record, None
-
-
 def normalization(data_dir, cache_dir=None):
     """Per-channel mean and std (3-tuples, [0, 1] scale) of the 105,000 training images, train + unlabeled.
 
@@ -118,27 +93,6 @@ def normalization(data_dir, cache_dir=None):
     places = [os.path.join(data_dir, FOLDER, NORMALIZATION_FILE)]
     if cache_dir is not None:
         places.append(os.path.join(cache_dir, "stl10-normalization.json"))
-    for place in places:
-        record, problem = _read_record(place, signature)
-        if record is not None:
-            return tuple(record["mean"]), tuple(record["std"])
-        if problem:
-            print(f"warning: STL-10: the cached normalization {place} {problem}; computing it again", file=sys.stderr)
-    images = ConcatImages([read(data_dir, part)[0] for part in TRAINING_PARTS])
-    print(f"STL-10: computing the mean and std of the {len(images):,} training images (once)", flush=True)
-    mean, std = channel_stats(images)
-    if not usable_stats(mean, std):
-        raise InputError(f"the STL-10 training images in {os.path.join(data_dir, FOLDER)} have a colour channel of "
-                         f"std {min(std):.3g}: not the real data; download STL-10 again")
-    record = {"images": len(images), "parts": list(TRAINING_PARTS), "files": signature, "mean": mean, "std": std}
-    record["checksum"] = record_checksum(record)
-    for place in places:
-        try:
-            write_json_atomic(place, record)
-            break
-        except OSError:
-            continue
-    else:
-        print(f"warning: STL-10: could not cache the normalization in {' or '.join(places)}; it is computed again "
-              f"on every run", file=sys.stderr)
-    return mean, std
+    return cached_normalization("STL-10", places, signature, TRAINING_PARTS,
+                                lambda: ConcatImages([read(data_dir, part)[0] for part in TRAINING_PARTS]),
+                                os.path.join(data_dir, FOLDER))

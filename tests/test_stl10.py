@@ -13,7 +13,7 @@ from data_files import write_stl10
 from PIL import Image
 
 import datasets
-from datasets import stl10
+from datasets import arrays, stl10
 from datasets.arrays import ConcatImages, MappedImages
 from lib.errors import InputError
 
@@ -90,7 +90,7 @@ def test_stl10_normalization_from_training_images_cached_beside_the_data(monkeyp
 
     def fail(*args, **kwargs):
         raise AssertionError("computed again")
-    monkeypatch.setattr(stl10, "channel_stats", fail)
+    monkeypatch.setattr(arrays, "channel_stats", fail)
     again = datasets.build_dataset("stl10", tmp_path, "train")
     assert again.mean == ds.mean and again.std == ds.std  # bit for bit, from the JSON
 
@@ -98,13 +98,13 @@ def test_stl10_normalization_from_training_images_cached_beside_the_data(monkeyp
 def test_stl10_normalization_when_the_data_folder_is_read_only(monkeypatch, tmp_path, capsys):
     write_stl10(str(tmp_path / "data"))
     data_folder = str(tmp_path / "data" / "stl10_binary")
-    write_json = stl10.write_json_atomic
+    write_json = arrays.write_json_atomic
 
     def read_only(path, record):
         if path.startswith(data_folder):
             raise PermissionError(13, "Permission denied", path)
         write_json(path, record)
-    monkeypatch.setattr(stl10, "write_json_atomic", read_only)
+    monkeypatch.setattr(arrays, "write_json_atomic", read_only)
     cache = tmp_path / "cache"
     mean, std = stl10.normalization(str(tmp_path / "data"), str(cache))
     assert os.listdir(cache) == ["stl10-normalization.json"]

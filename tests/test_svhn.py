@@ -19,7 +19,7 @@ from torchvision import transforms
 
 import datasets
 from datasets import gpu_augment, sources
-from datasets.arrays import channel_stats
+from datasets.arrays import channel_stats, record_checksum
 from datasets.transforms import AFFINE_DEGREES, AFFINE_TRANSLATE
 from lib.errors import InputError
 
@@ -85,6 +85,26 @@ def test_registry_entry_reads_splits_and_normalizes_with_cached_statistics(svhn_
         data_dir / "train_32x32.mat")}
     datasets.build_dataset("svhn", str(data_dir), "test")
     assert "computing" not in capsys.readouterr().out  # the second use reads the cache
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda r: r.update(std=[0.0, 0.0, 0.0]), "does not match its checksum"),  # edited without its checksum
+    (lambda r: r.update(std=[0.0, 0.0, 0.0], checksum=record_checksum({**r, "std": [0.0, 0.0, 0.0]})),
+     "holds a std that is not finite and positive"),  # a zero std, checksum and all
+])
+def test_a_damaged_cached_normalization_is_computed_again(svhn_dir, capsys, damage, problem):
+    data_dir, truth = svhn_dir
+    datasets.build_dataset("svhn", str(data_dir), "train")
+    place = data_dir / "svhn-normalization.json"
+    good = place.read_bytes()
+    record = json.loads(good)
+    damage(record)
+    place.write_text(json.dumps(record))
+    capsys.readouterr()
+    ds = datasets.build_dataset("svhn", str(data_dir), "train")
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and problem in out.err and str(place) in out.err
+    assert (ds.mean, ds.std) == channel_stats(truth["train"][0]) and place.read_bytes() == good
 
 
 def test_offline_is_one_clear_line_naming_the_files_and_folder(monkeypatch, tmp_path):
