@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from datasets.processes import rank, world_size
 from lib.collectives import Collectives
 from lib.errors import InputError
 
@@ -44,14 +45,6 @@ def launch_environment(rank, world_size, port, host="127.0.0.1"):
     for tests and benchmarks that start the processes themselves."""
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": host,
             "MASTER_PORT": str(port)}
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def is_main():
@@ -103,15 +96,6 @@ def barrier():
 
 
 # ---- the global batch ----
-
-def split_batch(batch_size):
-    """This process's share of the global ``--batch_size``; it must divide evenly."""
-    processes = world_size()
-    if batch_size % processes:
-        raise InputError(f"--batch_size {batch_size} (images per step for the whole job) does not split evenly "
-                         f"across {processes} processes; pass a multiple of {processes}")
-    return batch_size // processes
-
 
 @torch.no_grad()
 def gather(tensor):
@@ -270,20 +254,6 @@ class ProcessGroup(Collectives):
         padded[:len(tensor)] = tensor
         every = gather(padded).view(world_size(), *padded.shape)
         return torch.cat([rows[:count] for rows, count in zip(every, counts)])
-
-
-def main_first(build):
-    """``build()`` on rank 0 first, then on the others (a download or a cache is written once); if rank 0
-    fails, the others try too and fail with the same one-line error rather than waiting."""
-    if world_size() == 1:
-        return build()
-    if is_main():
-        try:
-            return build()
-        finally:
-            dist.barrier()
-    dist.barrier()
-    return build()
 
 
 def main_decides(check):

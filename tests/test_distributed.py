@@ -22,6 +22,7 @@ import main as stage2
 import semi
 import super_and
 from conftest import NARROW, run_main
+from datasets import processes
 from datasets.gpu_augment import GpuTwoViewLoader
 from datasets.sharding import ShardSampler, epoch_order, shard_indexes
 from engine import distributed
@@ -364,10 +365,10 @@ def test_loaders_shard_the_same_shuffle():
 
 
 def test_batch_must_split_evenly(monkeypatch):
-    monkeypatch.setattr(distributed, "world_size", lambda: 3)
-    assert distributed.split_batch(129) == 43
+    monkeypatch.setattr(processes, "world_size", lambda: 3)
+    assert processes.split_batch(129) == 43
     with pytest.raises(InputError, match="--batch_size 128 .* does not split evenly across 3 processes"):
-        distributed.split_batch(128)
+        processes.split_batch(128)
 
 
 def test_one_process_is_untouched():
