@@ -9,13 +9,13 @@ or for a new kind of machine, and say so in the commit):
 
     .venv/bin/python tests/test_golden_semi.py --record
 """
-import hashlib
 import json
 import os
 import sys
 
 import pytest
 import torch
+from test_golden import digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden_semi.json")
@@ -23,14 +23,6 @@ FLAGS = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", 
          "--batch_size", "10", "--labels_per_class", "3", "--from_scratch", "--epochs", "2"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-def digest(state):
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(state[key].detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def numbers(model_dir):
