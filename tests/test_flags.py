@@ -15,8 +15,6 @@ and their gradients; a spy on ``train_and_save`` keeps the state record and the 
 script without a row here, or a place in ``NOT_MATH`` with its reason, fails ``test_every_flag_has_a_row``.
 """
 import contextlib
-import os
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,12 +25,12 @@ import torch.nn.functional as F
 import main as stage2
 import semi
 import super_and
-from conftest import ROOT, run_main
+from conftest import run_main
 from engine import lifecycle
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
 from models import NETWORKS
 
-pytestmark = pytest.mark.usefixtures("one_thread", "digits_read_once", "no_drawing")
+pytestmark = pytest.mark.usefixtures("one_thread", "digits_read_once", "no_pictures")
 
 TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "8", "--image_size", "8", "--workers", "0"]
 BASE = {  # one step per epoch: the batch is the whole (sub)set, or all the labelled images
@@ -66,29 +64,19 @@ NOT_MATH = {
 
 # ------------------------------------------------------------------------------------------- observing a run
 
-@pytest.fixture(scope="module")
-def no_drawing():
-    """The project's ``plot_*`` functions, wherever a loaded project module holds them, draw nothing here:
-    matplotlib's second per run is not what this table checks (test_outputs.py checks the pictures)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for module in list(sys.modules.values()):
-            path = getattr(module, "__file__", None) or ""
-            if path.startswith(ROOT + os.sep) and os.sep + ".venv" + os.sep not in path:
-                for name, value in list(vars(module).items()):
-                    if name.startswith("plot_") and callable(value):
-                        mp.setattr(module, name, lambda *args, **kwargs: None)
-        yield
-
-
-@dataclass
+@dataclass(repr=False)  # a failed assertion shows the run by this name, not by its tensors
 class Observed:
     """What a run did: ``steps`` (one dict per training step, or per epoch for semi.py), the log ``records``,
     the ``state`` record and ``args`` of the last epoch, the weights before the first epoch."""
+    name: str = ""
     args: object = None
     state: object = None
     records: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     first_weights: dict = None
+
+    def __repr__(self):
+        return f"<run {self.name}>"
 
 
 @contextlib.contextmanager
@@ -181,7 +169,7 @@ def observe(tmp_path_factory):
         if script == "semi" and "--resume" not in flags:
             flags.append("--from_scratch")
         flags = [str(start) if f == STAGE1_FILE else f for f in flags] + ["--model_dir", folder / f"run{len(runs)}"]
-        seen = Observed()
+        seen = Observed(" ".join(map(str, [script, *key[1]])))
         with pytest.MonkeyPatch.context() as mp:
             spy(mp, module, seen)
             mp.setattr(lifecycle, "save_checkpoint", lambda *args, **kwargs: None)  # the files: test_lifecycle.py
@@ -386,7 +374,8 @@ def semi_epochs(run, default):
 
 def semi_gpu_augment(run, default):
     """--gpu_augment: the labelled images are augmented another way than by the default loader."""
-    assert type(run.state.train_loader) is not type(default.state.train_loader)
+    loader, default_loader = run.state.train_loader, default.state.train_loader
+    assert type(loader) is not type(default_loader)
 
 
 # ------------------------------------------------------------------------------------------- the rows: all three
