@@ -11,8 +11,9 @@ swap of the two shows.
 
 What a step saw is recorded by a spy on the script's step (``train_step``; semi.py's ``train_one_epoch``): the
 network's input and output (a forward hook), the memory bank before and after, the parameters before and after
-and their gradients; a spy on ``train_and_save`` keeps the state record and the log records. A flag added to a
-script without a row here, or a place in ``NOT_MATH`` with its reason, fails ``test_every_flag_has_a_row``.
+and their gradients; a spy on ``train_and_save`` keeps the state record and the log records. The runs write no
+checkpoint (test_lifecycle.py checks the files) and draw no picture. A flag added to a script without a row here,
+or a place in ``NOT_MATH`` with its reason, fails ``test_every_flag_has_a_row``.
 """
 import contextlib
 from dataclasses import dataclass, field
