@@ -180,3 +180,20 @@ def no_pictures():
     with pytest.MonkeyPatch.context() as mp:
         skip_pictures(mp)
         yield
+
+
+@pytest.fixture(scope="module")
+def digits_read_once():
+    """scikit-learn's digits decoded once for a whole test module: the ``digits`` entry's reader keeps what it
+    read and gives every later read a copy (a tiny run then costs its training, not 0.2 s of image resizing)."""
+    import datasets
+    reader = datasets.DATASETS["digits"].read
+    read, kept = reader.read, {}
+
+    def read_once(data_dir, part):
+        if part not in kept:
+            kept[part] = read(data_dir, part)
+        return tuple(array.copy() for array in kept[part])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reader, "read", read_once)
+        yield

@@ -131,3 +131,60 @@ def test_lib_and_engine_give_each_function_name_one_meaning():
                     defined.setdefault(node.name, []).append(module)
     assert {name: where for name, where in defined.items() if len(where) > 1} == {}
     assert "compute_features" in defined and "discover_neighbourhoods" in defined  # the search saw definitions
+
+
+# ---- the scripts' shape: one epoch function signature, short parameter lists, a short stage-2 script ----
+
+SCRIPTS = [name for name in ("super_and.py", "main.py", "semi.py", "joint.py")
+           if os.path.exists(os.path.join(ROOT, name))]
+EPOCH_PARAMETERS = ["run", "state", "epoch", "args"]
+MOST_PARAMETERS = 6
+MAIN_MAX_LINES = 200
+
+
+def script_tree(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return ast.parse(f.read(), name)
+
+
+def parameter_names(function):
+    """Every parameter of a ``def``: positional-only, ordinary, *args, keyword-only, **kwargs."""
+    arguments = function.args
+    names = [a.arg for a in arguments.posonlyargs + arguments.args]
+    names += [arguments.vararg.arg] if arguments.vararg else []
+    names += [a.arg for a in arguments.kwonlyargs]
+    return names + ([arguments.kwarg.arg] if arguments.kwarg else [])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_has_the_one_epoch_function(name):
+    """``train_and_save(run, state, epoch, args)`` at the top of every training script, nothing defaulted."""
+    functions = {node.name: node for node in script_tree(name).body if isinstance(node, ast.FunctionDef)}
+    assert "train_and_save" in functions, f"{name} has no train_and_save"
+    epoch = functions["train_and_save"]
+    assert parameter_names(epoch) == EPOCH_PARAMETERS and not epoch.args.defaults, ast.unparse(epoch.args)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_function_of_a_script_takes_more_than_six_parameters(name):
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+    functions = [node for node in ast.walk(script_tree(name)) if isinstance(node, kinds)]
+    assert len(functions) > 3  # the walk sees the script's functions, nested ones and lambdas included
+    long = {getattr(f, "name", f"lambda at line {f.lineno}"): parameter_names(f) for f in functions
+            if len(parameter_names(f)) > MOST_PARAMETERS}
+    assert long == {}
+
+
+def test_main_is_under_200_lines():
+    with open(os.path.join(ROOT, "main.py")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) < MAIN_MAX_LINES, f"main.py has {len(lines)} lines"
+    assert script_tree("main.py").body[-1].end_lineno <= len(lines)  # the parse covers the file
+
+
+def test_the_shape_checks_see_a_long_parameter_list_and_another_epoch_signature():
+    tree = ast.parse("def f(a, b, c, d, e, f, g=1):\n    pass\ndef train_and_save(run, state, epoch, args, extra=0):\n"
+                     "    pass\n")
+    first, second = tree.body
+    assert len(parameter_names(first)) == 7 > MOST_PARAMETERS
+    assert parameter_names(second) != EPOCH_PARAMETERS
