@@ -140,10 +140,11 @@ except OSError as err:
     path = tmp_path / "ckpt.t7"
     result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
     assert result.stdout.split() == ["OSError", str(errno.EFBIG), str(path)], result.stderr
-    assert torch.equal(torch.load(path)["w"], torch.zeros(10))
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(10))
     assert os.listdir(tmp_path) == ["ckpt.t7"]
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_closed_standard_output_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "super_and.py"), *SMALL, "--model_dir",
                              tmp_path / "run"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -222,6 +223,7 @@ def test_batch_size_of_one_is_refused(capsys):
         assert one_error_line(err).startswith("error: argument --batch_size: 1 is outside [2, inf]")
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_refused_pickle_prints_no_warning_first(tmp_path):
     import pickle
 
@@ -237,6 +239,7 @@ def test_refused_pickle_prints_no_warning_first(tmp_path):
     assert "refused (loading it could run code)" in one_error_line(result.stderr)
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_bad_flag_under_torchrun_is_said_by_rank_zero_alone(tmp_path):
     results = [run_script("super_and.py", ["--batch_size", "0"], env={"RANK": str(rank), "WORLD_SIZE": "2",
                                                                        "LOCAL_RANK": str(rank)})
