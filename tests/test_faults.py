@@ -450,7 +450,7 @@ def test_signal_during_a_write_waits_for_it(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # the handler runs here and holds the signal back
         save_checkpoint({"w": torch.ones(3)}, str(tmp_path / "ckpt.t7"))
-    assert torch.equal(torch.load(tmp_path / "ckpt.t7")["w"], torch.ones(3))
+    assert torch.equal(torch.load(tmp_path / "ckpt.t7", weights_only=True)["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.t7"]
 
 

@@ -363,7 +363,7 @@ def semi_decay(run, default, start=1, every=2, epochs=4):
 
 def semi_resume(run, default):
     """--resume STAGE1: the encoder starts from the file's weights (--from_scratch: from the seed's)."""
-    start = torch.load(run.args.resume)["net"]
+    start = torch.load(run.args.resume, weights_only=True)["net"]
     weights = {k[len("encoder."):]: v for k, v in run.first_weights.items() if k.startswith("encoder.")}
     assert set(weights) == set(start) and all(torch.equal(weights[k], v) for k, v in start.items())
     assert not torch.equal(default.first_weights["encoder.conv1.weight"], start["conv1.weight"])
