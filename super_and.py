@@ -3,6 +3,7 @@
     python super_and.py --dataset cifar10 --model_dir checkpoint/     # 5 rounds x 200 epochs, as released
     python super_and.py --resume ckpt_embed.t7                        # continue a run exactly where it stopped
     python super_and.py --test_only --resume ckpt_embed.t7            # kNN accuracy of a file, ours or released
+    python super_and.py --variant lemniscate                          # Table 2's other first stages: and, lemniscate
 
 Writes <model_dir>/ckpt_embed.t7 after every epoch and one JSON line per epoch to <model_dir>/log_embed.jsonl.
 
@@ -41,6 +42,13 @@ from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
 CKPT, LOG = "ckpt_embed.t7", "log_embed.jsonl"
+LOSSES = ("loss", "loss_and", "loss_aug", "loss_ue")  # the log's loss keys, whatever the variant
+# the first stages of Table 2 (docs/method.md, "Stage-1 variants (Table 2)"): what each turns on
+VARIANTS = {
+    "super_and": "AND loss with anchors discovered every round, AUG and UE losses, two views per image",
+    "and": "AND loss alone with anchors discovered every round, one view per image",
+    "lemniscate": "the memory bank's instance loss alone (the AND loss, no anchors ever), one view per image",
+}
 
 
 def position(record):
@@ -50,8 +58,16 @@ def position(record):
 
 def get_args_parser():
     p = ArgumentParser(description="Super-AND embedding learning (stage 1)",
-                       parents=[common_parser(datasets.DATASETS, NETWORKS)])
+                       parents=[common_parser(datasets.DATASETS, NETWORKS), method_flags()])
     p.set_defaults(lr=0.03, epochs=200)
+    p.add_argument("--variant", default="super_and", choices=list(VARIANTS),
+                   help="the first stage of Table 2: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    return p
+
+
+def method_flags():
+    """Stage 1's own flags, as a parent parser (joint.py takes them too)."""
+    p = ArgumentParser(add_help=False)
     p.add_argument("--npc_t", default=0.1, type=positive_float, help="τ, memory-bank temperature (> 0)")
     p.add_argument("--npc_m", default=0.5, type=half_open_unit, help="m, memory-bank momentum (in [0, 1))")
     p.add_argument("--ANs_select_rate", default=0.25, type=unit_interval,
@@ -81,25 +97,49 @@ class Stage1:
     round: int = 0  # the round the epochs belong to; the loop in ``main`` sets it
 
 
-def train_step(state, images, indexes, weight, args):
-    """One SGD step of AND + AUG + w·UE on a (2B, 3, H, W) batch of the images ``indexes`` (B,), view 1 rows
-    first. Returns the named loss parts, detached and left on the device."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
-        features = state.model(images)  # (2B, d), one forward so BatchNorm sees both views
-    # float32 whatever the network ran in
-    features, indexes = distributed.gather_views(features.float()), distributed.gather(indexes)
+def gather_rows(features, two_views):
+    """This process's feature rows -> the whole batch's, with gradients: [view 1; view 2] of every process
+    (``distributed.gather_views``), or with one view every process's rows in rank order, as
+    ``distributed.gather`` orders the indexes (one process: ``features``)."""
+    if two_views or distributed.world_size() == 1:
+        return distributed.gather_views(features)
+    # [rows; rows] as two views: the gathered first half is every process's rows in rank order
+    return distributed.gather_views(torch.cat([features, features]))[:features.shape[0] * distributed.world_size()]
+
+
+def losses(state, features, indexes, weight, args, variant="super_and"):
+    """The stage-1 losses of ``variant`` on the whole batch's float32 ``features`` (2B rows, or B with one
+    view) of the images ``indexes`` (B,): (the loss to minimize, its named parts detached). Super-AND:
+    AND + AUG + w·UE; AND and Lemniscate: the AND loss alone (Lemniscate's has no anchors)."""
     logits = state.bank(features)  # (2B, N)
     neighbours, is_anchor = state.neighbourhoods.lookup(indexes)
     l_and = and_loss(logits, indexes, neighbours, is_anchor)
+    if variant != "super_and":  # no AUG or UE loss: not even computed
+        return l_and, {"loss_and": l_and.detach()}
     l_aug = aug_loss(logits, args.batch_t, args.batch_m)  # released: on the logits rows
     with torch.set_grad_enabled(weight > 0):  # UE is logged even while its weight is 0
         l_ue = ue_loss(logits, indexes)
     loss = l_and + l_aug + weight * l_ue if weight > 0 else l_and + l_aug
+    return loss, {"loss_and": l_and.detach(), "loss_aug": l_aug.detach(), "loss_ue": l_ue.detach()}
+
+
+def train_step(state, images, indexes, weight, args):
+    """One SGD step of the variant's losses (Super-AND: AND + AUG + w·UE) on a (2B, 3, H, W) batch of the
+    images ``indexes`` (B,), view 1 rows first; AND and Lemniscate take view 1 alone. Returns the named
+    loss parts, detached and left on the device."""
+    two_views = args.variant == "super_and"
+    if not two_views:
+        images = images[:images.shape[0] // 2]  # (B, 3, H, W): one view per image, as AND and Lemniscate train
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        features = state.model(images)  # (2B, d), one forward so BatchNorm sees both views; (B, d) one view
+    # float32 whatever the network ran in
+    features, indexes = gather_rows(features.float(), two_views), distributed.gather(indexes)
+    loss, parts = losses(state, features, indexes, weight, args, args.variant)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
-    state.bank.update(indexes, features.detach())  # after the backward pass, as released
-    return {"loss": loss.detach(), "loss_and": l_and.detach(), "loss_aug": l_aug.detach(), "loss_ue": l_ue.detach()}
+    state.bank.update(indexes, features.detach())  # after the backward pass, as released; one view: from it
+    return {"loss": loss.detach(), **parts}
 
 
 def evaluate(state):
@@ -117,6 +157,8 @@ def check_flags(args, num_samples):
     """The flags whose range depends on the training split's size N."""
     if num_samples < args.batch_size:
         raise InputError(f"the training split has {num_samples} images, fewer than --batch_size {args.batch_size}")
+    if getattr(args, "variant", "super_and") == "lemniscate":
+        return  # no anchors: the anchor flags are not used
     if args.ANs_size >= num_samples:
         raise InputError(f"--ANs_size {args.ANs_size} must be smaller than the {num_samples} training images")
     last = num_anchors(num_samples, args.ANs_select_rate, args.rounds - 1)
@@ -147,6 +189,10 @@ def load_stage1(args, state, path, ckpt):
     """``--resume``'s checkpoint ``ckpt``, read from ``path``, checked and loaded into the network, the bank
     and the anchors."""
     checks.stage1_checkpoint(ckpt, path, args, len(state.labels))
+    saved = ckpt.get("args", {}).get("variant", "super_and")  # files from before --variant: Super-AND
+    if not args.test_only and saved != args.variant:
+        raise InputError(f"{path} was trained with --variant {saved}, not {args.variant}; continue it with "
+                         f"--variant {saved}, or start the other variant in another --model_dir")
     load_network(state.net, ckpt["net"], path)
     state.bank.memory.copy_(ckpt["npc"]["memory"])
     if "ANs_discovery" in ckpt:
@@ -174,7 +220,8 @@ def main(args):
         for round_index in range(start[0], args.rounds):
             state.round = round_index
             first_epoch = start[1] if round_index == start[0] else 0
-            if round_index > 0 and first_epoch == 0:  # §3.1: anchors at the start of every round >= 1
+            if round_index > 0 and first_epoch == 0 and args.variant != "lemniscate":  # §3.1: anchors at the
+                # start of every round >= 1 (Lemniscate has none)
                 count = num_anchors(len(state.labels), args.ANs_select_rate, round_index)
                 consistency = state.neighbourhoods.discover(  # split over the processes, the same on every one
                     state.bank.memory, args.npc_t, count, state.labels, collectives=distributed.ProcessGroup())
@@ -189,7 +236,7 @@ def train_and_save(run, state, epoch, args):
     start = time.time()
     lr = step_lr(epoch, args.lr)
     set_lr(state.optimizer, lr)
-    weight = ue_weight(epoch)
+    weight = ue_weight(epoch) if args.variant == "super_and" else None  # None: no UE loss
     distributed.start_epoch(state.train_loader, args.seed, state.round * args.epochs + epoch)
     state.model.train()
     losses = run_epoch(state.train_loader, lambda images, batch: train_step(
@@ -197,7 +244,9 @@ def train_and_save(run, state, epoch, args):
         state.device, args.channels_last)
     top1, top5 = evaluate(state)
     anchors = state.neighbourhoods
-    record = {"round": state.round, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
+    record = {"round": state.round, "epoch": epoch, "lr": lr,
+              **{key: losses.get(key) for key in LOSSES},  # a loss the variant does not have: null
+              "ue_weight": weight,
               "anchors": len(anchors.anchor_indexes), "consistency": float(anchors.consistency),
               "knn_top1": top1, "knn_top5": top5, "seconds": time.time() - start}
     last = epoch == args.epochs - 1
@@ -208,8 +257,10 @@ def train_and_save(run, state, epoch, args):
                                next={"round": state.round + last, "epoch": 0 if last else epoch + 1})})
     run.log.append(record)
     knn = f"kNN top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN"
-    print(f"round {state.round} epoch {epoch} lr {lr:.4g} loss {losses['loss']:.4f} (and {losses['loss_and']:.4f} "
-          f"aug {losses['loss_aug']:.4f} ue {losses['loss_ue']:.4f} x{weight:.1f}) {knn} {record['seconds']:.1f}s")
+    parts = (f"aug {record['loss_aug']:.4f} ue {record['loss_ue']:.4f} x{weight:.1f}" if weight is not None
+             else f"{args.variant}: no aug, no ue")
+    print(f"round {state.round} epoch {epoch} lr {lr:.4g} loss {record['loss']:.4f} (and {record['loss_and']:.4f} "
+          f"{parts}) {knn} {record['seconds']:.1f}s")
     if top1 is not None:
         print(f"accuracy: {top1:.2f}")
     return record
