@@ -76,9 +76,29 @@ def test_tables_share_runs_and_declare_the_papers_numbers():
     assert "--init" in long.flags and paper.run_flags(long, "paper", "cifar10", [])[-3] == "1300"
 
 
+def test_the_joint_row_runs_joint_py_and_every_flag_it_passes_is_offered(monkeypatch):
+    """Table 3's joint row: joint.py from a random network, stage 1's rounds and learning rate at each scale;
+    the --help check finds every flag of it (and of the Table 2 variants) in the scripts' own parsers."""
+    import joint
+    import super_and
+    run = {r.id: r for r in paper.TABLES["3"].rows}["joint"].cells[0].run
+    assert (run.script, run.kind, run.encoder) == ("joint.py", "joint", None)
+    assert paper.run_flags(run, "paper", "cifar10", [])[-4:] == ["--rounds", "5", "--epochs", "200"]
+    cpu = paper.run_flags(run, "cpu", "cifar10", [])
+    assert cpu[cpu.index("--lr") + 1] == "0.0075" and cpu[-4:] == ["--rounds", "2", "--epochs", "3"]
+    for script, module in (("joint.py", joint), ("super_and.py", super_and)):
+        monkeypatch.setitem(paper.script_options.__defaults__[0], script,
+                            paper.parse_help(module.get_args_parser().format_help()))
+    assert paper.not_runnable(run, paper.run_flags(run, "cpu", "cifar10", [])) is None
+    for variant in ("and", "lemniscate"):
+        encoder = paper.RUNS[f"embed-{variant}"]
+        assert paper.not_runnable(encoder, paper.run_flags(encoder, "cpu", "cifar10", [])) is None
+    assert paper.missing_flags("joint.py", ["--joint", "--lambda_cp", "1"]) == ["--joint"]  # the check can fail
+
+
 # ---- the harness end to end ----
 
-ROWS = ["3:lambda0", "3:no_norm", "3:two_stage", "C:lambda0", "2:super_and"]
+ROWS = ["3:lambda0", "3:no_norm", "3:two_stage", "C:lambda0", "2:super_and", "3:joint"]
 
 
 def harness(out):
@@ -118,14 +138,14 @@ def numbers(result):
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
     result = harness(tmp_path)
-    assert set(result["runs"]) == {"embed", "assign", "assign-lambda_cp0", "assign-head_normnone"}
+    assert set(result["runs"]) == {"embed", "assign", "assign-lambda_cp0", "assign-head_normnone", "joint"}
     assert {n: r["status"] for n, r in result["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
-        ("embed", "assign", "assign-lambda_cp0"), "ran")
+        ("embed", "assign", "assign-lambda_cp0", "joint"), "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
     assert rows[("3", "no_norm")]["cells"][0]["status"] == "not runnable yet: --head_norm none"
     assert rows[("3", "no_norm")]["cells"][0]["measured"] is None
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
-    assert len(measured) == 6  # λ = 0 (twice: Table 3 and C's two columns), two-stage (Tables 2, 3), kNN
+    assert len(measured) == 7  # λ = 0 (twice: Table 3 and C's two columns), two-stage (Tables 2, 3), kNN, joint
     for cell in measured:
         assert cell["measured"] == own_number(cell)
     assert rows[("3", "lambda0")]["cells"][0]["run"] == rows[("C", "lambda0")]["cells"][0]["run"]
@@ -138,7 +158,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     again = harness(tmp_path)
     assert mtimes(tmp_path / "runs") == before
     assert {n: r["status"] for n, r in again["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
-        ("embed", "assign", "assign-lambda_cp0"), "skipped")
+        ("embed", "assign", "assign-lambda_cp0", "joint"), "skipped")
     assert numbers(again) == numbers(result)
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
