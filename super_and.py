@@ -123,18 +123,18 @@ def losses(state, features, indexes, weight, args, variant="super_and"):
     return loss, {"loss_and": l_and.detach(), "loss_aug": l_aug.detach(), "loss_ue": l_ue.detach()}
 
 
-def train_step(state, images, indexes, weight, args):
-    """One SGD step of the variant's losses (Super-AND: AND + AUG + w·UE) on a (2B, 3, H, W) batch of the
+def train_step(state, images, indexes, weight, args, variant="super_and"):
+    """One SGD step of ``variant``'s losses (Super-AND: AND + AUG + w·UE) on a (2B, 3, H, W) batch of the
     images ``indexes`` (B,), view 1 rows first; AND and Lemniscate take view 1 alone. Returns the named
     loss parts, detached and left on the device."""
-    two_views = args.variant == "super_and"
+    two_views = variant == "super_and"
     if not two_views:
         images = images[:images.shape[0] // 2]  # (B, 3, H, W): one view per image, as AND and Lemniscate train
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
         features = state.model(images)  # (2B, d), one forward so BatchNorm sees both views; (B, d) one view
     # float32 whatever the network ran in
     features, indexes = gather_rows(features.float(), two_views), distributed.gather(indexes)
-    loss, parts = losses(state, features, indexes, weight, args, args.variant)
+    loss, parts = losses(state, features, indexes, weight, args, variant)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
@@ -240,7 +240,7 @@ def train_and_save(run, state, epoch, args):
     distributed.start_epoch(state.train_loader, args.seed, state.round * args.epochs + epoch)
     state.model.train()
     losses = run_epoch(state.train_loader, lambda images, batch: train_step(
-        state, images, batch["index"].to(state.device, non_blocking=True), weight, args),
+        state, images, batch["index"].to(state.device, non_blocking=True), weight, args, args.variant),
         state.device, args.channels_last)
     top1, top5 = evaluate(state)
     anchors = state.neighbourhoods

@@ -65,8 +65,8 @@ def by_hand(variant, weight):
 def by_script(variant, weight):
     state = fresh_state()
     images, indexes = batch()
-    args = SimpleNamespace(variant=variant, amp=False, batch_t=0.1, batch_m=1.0)
-    parts = super_and.train_step(state, images, indexes, weight, args)
+    args = SimpleNamespace(amp=False, batch_t=0.1, batch_m=1.0)
+    parts = super_and.train_step(state, images, indexes, weight, args, variant)
     return state, parts
 
 
@@ -96,7 +96,7 @@ def test_the_batch_mixes_anchors_and_one_view_writes_view_1_to_the_bank():
     assert 0 < int(state.neighbourhoods.lookup(indexes)[1].sum()) < B
     view1, view2 = (fresh_state().net(images[i * B:(i + 1) * B]).detach() for i in (0, 1))
     before = state.bank.memory[indexes].clone()
-    super_and.train_step(state, images, indexes, None, SimpleNamespace(variant="and", amp=False))
+    super_and.train_step(state, images, indexes, None, SimpleNamespace(amp=False), "and")
     assert torch.equal(state.bank.memory[indexes], torch.nn.functional.normalize(before * 0.5 + view1 * 0.5, dim=1))
     assert not torch.allclose(state.bank.memory[indexes], torch.nn.functional.normalize(before + view2, dim=1))
 
@@ -179,3 +179,53 @@ def test_lemniscate_skips_the_anchor_flags_checks():
     args.variant = "and"
     with pytest.raises(InputError, match="ANs_select_rate"):
         super_and.check_flags(args, 1000)
+
+
+# ---- one view under torchrun ----
+
+def _one_view_worker(rank, world, port, out_dir):
+    """Process ``rank`` of ``world``: AND's step on its share of the batch (its b images, both views as the
+    loader gives them), the network in evaluation mode so that BatchNorm does not depend on the shares."""
+    from engine import distributed
+    os.environ.update(distributed.launch_environment(rank, world, port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    state = fresh_state()
+    state.net.eval()
+    state.net, state.model = distributed.speed_options(state.net)
+    images, indexes = batch()
+    b = B // world
+    local = torch.cat([images[rank * b:(rank + 1) * b], images[B + rank * b:B + (rank + 1) * b]])
+    parts = super_and.train_step(state, local, indexes[rank * b:(rank + 1) * b], None, SimpleNamespace(amp=False),
+                                 "and")
+    torch.save({"net": state.net.state_dict(), "memory": state.bank.memory, "loss": parts["loss"]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_one_view_step_in_two_processes_is_the_one_process_step(tmp_path):
+    """AND's one-view rows gathered from two processes (rank order, as the indexes): the same loss, bank
+    update and weights as one process on the whole batch, to float32 rounding."""
+    import multiprocessing
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_one_view_worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    one = fresh_state()
+    one.net.eval()
+    images, indexes = batch()
+    parts = super_and.train_step(one, images, indexes, None, SimpleNamespace(amp=False), "and")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], parts["loss"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["memory"], one.bank.memory, rtol=1e-5, atol=1e-6)
+        for name, value in one.net.state_dict().items():
+            torch.testing.assert_close(got["net"][name], value, rtol=1e-5, atol=1e-6, msg=name)
