@@ -140,7 +140,7 @@ def main(args):
         raise InputError("--test_only needs the checkpoint to evaluate: pass --resume ckpt_joint.t7")
     device = open_script(args)
     if args.export_predictions:
-        cli.check_output_file(args.export_predictions, "--export_predictions")
+        cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
     state = build(args, device)
     path, ckpt = load_joint(args, state) if args.resume else (None, None)
     eval_set = state.eval_loader.dataset
