@@ -69,6 +69,9 @@ def stage2_checkpoint(ckpt, path, args, num_classes):
     if args.test_only and stage != 2:
         raise InputError(f"{path} is a stage-{stage} checkpoint with no heads to evaluate: train stage 2 from it "
                          f"with 'main.py --resume {args.resume}', or use super_and.py --test_only")
+    if not args.test_only and ckpt.get("joint"):
+        raise InputError(f"{path} is a joint-model file: continue it with 'joint.py --resume {args.resume}', or "
+                         "evaluate it here with --test_only")
     if not args.test_only and stage == 2 and "next_epoch" not in ckpt:
         raise InputError(f"{path} holds no training state (a released file or a best-epoch file): evaluate it "
                          "with --test_only, or continue from ckpt_ul_last.t7")

@@ -40,7 +40,8 @@ LOCK = "run.lock"
 RUN_FILES = (LOCK, "ckpt_embed.t7", "log_embed.jsonl",  # stage 1
              "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json", "curves.png", "confusion_matrix.png",
              "clusters.png",  # stage 2
-             "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json", "labelled_indexes.json")  # semi.py
+             "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json", "labelled_indexes.json",  # semi.py
+             "ckpt_joint.t7", "log_joint.jsonl")  # joint.py (with stage 2's eval.json and pictures)
 CACHE = "cache"
 
 

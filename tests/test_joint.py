@@ -111,7 +111,7 @@ def read_log(directory):
 
 
 @pytest.mark.slow
-def test_short_run_killed_after_its_first_epoch_resumes_exactly(tmp_path, monkeypatch):
+def test_short_run_killed_after_its_first_epoch_resumes_exactly(tmp_path, monkeypatch, capsys):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "joint.py"), *TINY, "--model_dir", str(killed)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -150,3 +150,5 @@ def test_short_run_killed_after_its_first_epoch_resumes_exactly(tmp_path, monkey
     again = run_main(stage2, TINY[:-4] + ["--test_only", "--resume", whole / "ckpt_joint.t7",
                                           "--model_dir", tmp_path / "main"])
     assert again["acc"] == scores["acc"]
+    expect_error(capsys, stage2, TINY[:-4] + ["--resume", whole / "ckpt_joint.t7", "--model_dir", tmp_path / "m2"],
+                 "is a joint-model file: continue it with 'joint.py --resume")
