@@ -27,7 +27,7 @@ from torch import nn
 from torchvision import transforms
 
 import datasets
-from engine import distributed
+from engine import checks, distributed
 from engine.cli import ArgumentParser, common_parser, non_negative_int, positive_int, run_cli
 from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
@@ -48,6 +48,9 @@ def get_args_parser():
     p.add_argument("--labels_per_class", default=25, type=positive_int,
                    help="K labelled training images per class, balanced, drawn by --seed (>= 1)")
     p.add_argument("--from_scratch", action="store_true", help="random initialization instead of --resume")
+    p.add_argument("--transfer", action="store_true",
+                   help="--resume is an encoder trained on other images (another --dataset or --image_size), "
+                        "fine-tuned here on purpose")
     p.add_argument("--lr_decay_start", default=80, type=non_negative_int, help="epoch of the first x0.1 (>= 0)")
     p.add_argument("--lr_decay_every", default=40, type=positive_int, help="epochs between later x0.1 (>= 1)")
     return p
@@ -138,24 +141,37 @@ def train_one_epoch(model, loader, optimizer, amp, device):
     return require_finite({"loss": mean})["loss"]
 
 
-def load_start(args, net):
-    """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues.
-    Returns (path, checkpoint of a run to continue or None)."""
+def load_start(args, net, train_set):
+    """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues, or with
+    --test_only is evaluated. The file is checked against the flags first (engine/checks.py). Returns
+    (path, checkpoint of a run to continue or evaluate, or None)."""
     if args.from_scratch == bool(args.resume):
         raise InputError("pass either --resume CKPT (a stage-1, stage-2 or semi.py checkpoint) or --from_scratch")
+    if args.from_scratch and args.test_only:
+        raise InputError("--test_only evaluates a trained classifier: pass --resume ckpt_semi.t7 (a semi.py "
+                         "checkpoint) instead of --from_scratch")
     if args.from_scratch:
         return None, None
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
-    load_network(net.encoder, ckpt["net"], path)
-    if checkpoint_stage(ckpt) != 3:
+    stage = checkpoint_stage(ckpt)
+    checks.same_backbone(ckpt, path, args)
+    if stage != 3:
+        if args.test_only:
+            raise InputError(f"{path} is a stage-{stage} checkpoint with no trained classifier: pass a "
+                             f"ckpt_semi.t7 to --test_only, or fine-tune this encoder with 'semi.py --resume "
+                             f"{args.resume}' first")
+        note = checks.encoder_start(ckpt, path, args, args.transfer)
+        if note:
+            print(note)
+        load_network(net.encoder, ckpt["net"], path)
         return None, None  # an encoder to start from: a new run
-    if args.test_only:
-        net.classifier.load_state_dict(ckpt["classifier"])
-        return path, ckpt
-    require_keys(ckpt, path, TRAINING_KEYS)
-    if ckpt["classifier"]["weight"].shape != net.classifier.weight.shape:
-        raise InputError(f"{path} has a classifier of shape {tuple(ckpt['classifier']['weight'].shape)}; "
-                         "check --dataset and --low_dim")
+    checks.semi_checkpoint(ckpt, path, args, train_set.num_classes)
+    if not args.test_only:
+        require_keys(ckpt, path, TRAINING_KEYS)
+        checks.epoch_number(ckpt, path, "next_epoch")
+        per_class = ckpt["args"].get("labels_per_class", args.labels_per_class)
+        checks.labelled_indexes(ckpt["labelled_indexes"], path, train_set.targets, per_class)
+    load_network(net.encoder, ckpt["net"], path)
     net.classifier.load_state_dict(ckpt["classifier"])
     return path, ckpt
 
@@ -178,7 +194,7 @@ def main(args):
         raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")
     encoder = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
     net = Classifier(encoder, args.low_dim, train_set.num_classes).to(device)
-    path, ckpt = load_start(args, net)
+    path, ckpt = load_start(args, net, train_set)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
     if args.test_only:
         print(f"test accuracy {test_accuracy(net, test_loader, device):.2f}%")
