@@ -58,14 +58,25 @@ from models import NETWORKS
 CKPT, LOG, INDEXES = "ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json"
 TRAINING_KEYS = ("classifier", "optimizer", "rng", "args", "epoch", "next_epoch", "labelled_indexes", "start")
 METHODS = ("supervised", "pi_model", "mean_teacher")
+# the paper's Table 4 (§4.4): (labels per class, base lr) per data set; any other data set: OTHER_DEFAULTS
+PAPER_DEFAULTS = {"cifar10": (400, 0.005), "svhn": (100, 0.001)}
+OTHER_DEFAULTS = (25, 0.005)
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Few-label fine-tuning of the Super-AND encoder (paper §4.4)",
+    per_dataset = "; ".join(f"{name} {k} labels per class and lr {lr}" for name, (k, lr) in PAPER_DEFAULTS.items())
+    p = ArgumentParser(description="Few-label fine-tuning of the Super-AND encoder (paper §4.4), supervised or with "
+                                   "the Π-model or Mean Teacher (Table 4)",
+                       epilog=f"Defaults per data set (the paper's Table 4): {per_dataset}; any other data set "
+                              f"{OTHER_DEFAULTS[0]} labels per class and lr {OTHER_DEFAULTS[1]}. All: 180 epochs, "
+                              "lr x0.1 at 80, 120 and 160. --labels_per_class and --lr override them.",
                        parents=[common_parser(datasets.DATASETS, NETWORKS)])
-    p.set_defaults(lr=0.005, epochs=180, batch_size=64, model_dir="semi/")
-    p.add_argument("--labels_per_class", default=25, type=positive_int,
-                   help="K labelled training images per class, balanced, drawn by --seed (>= 1)")
+    p.set_defaults(lr=None, epochs=180, batch_size=64, model_dir="semi/")
+    p.add_argument("--labels_per_class", default=None, type=positive_int,
+                   help="K labelled training images per class, balanced, drawn by --seed (>= 1); %(default)s: the "
+                        "data set's, listed below")
+    next(a for a in p._actions if a.dest == "lr").help = "base learning rate (>= 0); %(default)s: the data set's, " \
+                                                         "listed below"
     p.add_argument("--from_scratch", action="store_true", help="random initialization instead of --resume")
     p.add_argument("--transfer", action="store_true",
                    help="--resume is an encoder trained on other images (another --dataset or --image_size), "
@@ -78,11 +89,11 @@ def get_args_parser():
                            "and mean_teacher (Tarvainen & Valpola 2017) add a consistency loss on every image, "
                            "the unlabelled rest of the training split included")
     semi.add_argument("--unlabelled_batch_size", default=None, type=positive_int,
-                      help="unlabelled images per step beside the --batch_size labelled ones (>= 1; default: "
-                           "--batch_size)")
+                      help="unlabelled images per step beside the --batch_size labelled ones (>= 1); "
+                           "%(default)s: --batch_size")
     semi.add_argument("--consistency_weight", default=None, type=non_negative_float,
-                      help="w_max, the consistency loss's weight after the ramp-up (>= 0; default: pi_model "
-                           "100 x labelled / training images, mean_teacher 100)")
+                      help="w_max, the consistency loss's weight after the ramp-up (>= 0); %(default)s: "
+                           "pi_model 100 x labelled / training images, mean_teacher 100")
     semi.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
                       help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
                            "teacher's EMA decay (>= 0; 0: none)")
@@ -91,6 +102,16 @@ def get_args_parser():
     semi.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=fraction,
                       help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
     return p
+
+
+def resolve_defaults(args):
+    """--labels_per_class and --lr left out: the data set's values (PAPER_DEFAULTS); ``args`` is changed."""
+    per_class, lr = PAPER_DEFAULTS.get(args.dataset, OTHER_DEFAULTS)
+    if args.labels_per_class is None:
+        args.labels_per_class = per_class
+    if args.lr is None:
+        args.lr = lr
+    return args
 
 
 def semi_lr(epoch, base_lr, start=80, every=40):
@@ -213,7 +234,7 @@ def train_one_epoch(state, epoch, args):
         state.teacher.train()  # batch statistics in its forward, as Mean Teacher's code (its buffers: the student's)
     steps = len(state.train_loader)
     unlabelled = None if state.unlabelled_loader is None else unlabelled_batches(state.unlabelled_loader)
-    totals, count = {}, 0
+    totals, count, weights = {}, 0, 0.0
     for i, batch in enumerate(state.train_loader):
         position = epoch + i / max(steps, 1)  # fractional epochs: the ramp-ups move every step
         weight = consistency_weight(position, state.max_weight, args.rampup_epochs)
@@ -229,8 +250,11 @@ def train_one_epoch(state, epoch, args):
             ema_update(state.teacher, state.net, alpha)
         for name, value in losses.items():
             totals[name] = totals.get(name, 0) + value.detach()
+        weights += weight
         count += 1
     means = {name: distributed.average(total).item() / max(count, 1) for name, total in totals.items()}
+    if state.unlabelled_loader is not None:
+        means["weight"] = weights / max(count, 1)  # the epoch's mean w(t)
     return require_finite(means or {"loss": 0.0})
 
 
@@ -269,6 +293,16 @@ def load_start(args, net, train_set):
     return path, ckpt
 
 
+def load_teacher(teacher, ckpt, path):
+    """Mean Teacher's saved teacher into ``teacher`` (a copy of the student); one line if it does not fit."""
+    saved = ckpt["teacher"]
+    own = teacher.state_dict()
+    if not isinstance(saved, dict) or saved.keys() != own.keys() or any(
+            not torch.is_tensor(saved[k]) or saved[k].shape != own[k].shape for k in own):
+        raise InputError(f"{path} holds a teacher that is not this network's; pass an intact checkpoint")
+    teacher.load_state_dict(saved)
+
+
 def training_loaders(args, train_set, labelled, device):
     """The loader of the ``labelled`` images of ``train_set``, weakly augmented (the data set's variant),
     and for the semi-supervised methods the loader of the other training images; both give two views of
@@ -300,6 +334,7 @@ def default_max_weight(method, labelled, images):
 
 
 def main(args):
+    resolve_defaults(args)
     device = open_script(args)
     info = datasets.DATASETS[args.dataset]
     train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
@@ -314,7 +349,7 @@ def main(args):
             print(f"test accuracy {test_accuracy(net, test_loader, device):.2f}%")
             return None
         teacher = copy.deepcopy(net)
-        teacher.load_state_dict(ckpt["teacher"])
+        load_teacher(teacher, ckpt, path)
         print(f"test accuracy {test_accuracy(teacher, test_loader, device):.2f}% (the teacher; the student "
               f"{test_accuracy(net, test_loader, device):.2f}%)")
         return None
@@ -326,7 +361,7 @@ def main(args):
     if args.method == "mean_teacher":  # starts as the student (the pretrained encoder), then its EMA
         teacher = copy.deepcopy(net).requires_grad_(False)
         if ckpt:
-            teacher.load_state_dict(ckpt["teacher"])
+            load_teacher(teacher, ckpt, path)
     optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
     start = ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)
     max_weight = (args.consistency_weight if args.consistency_weight is not None

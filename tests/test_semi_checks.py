@@ -110,3 +110,31 @@ def test_corrupt_next_epoch(trained, tmp_path, capsys, value):
 def test_labelled_indexes_are_checked(trained, tmp_path, capsys, change, fragment):
     flags = corrupted(trained, tmp_path, lambda ckpt: change(ckpt["labelled_indexes"]))
     expect_error(capsys, semi, TINY + ["--epochs", "3"] + flags, fragment)
+
+
+# ---- the paper's defaults per data set; the network recorded ----
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--dataset", "cifar10"], (400, 0.005)), (["--dataset", "svhn"], (100, 0.001)),
+    (["--dataset", "digits"], (25, 0.005)), (["--dataset", "svhn", "--lr", "0.01"], (100, 0.01)),
+    (["--dataset", "cifar10", "--labels_per_class", "25"], (25, 0.005))])
+def test_defaults_per_data_set(flags, expected):
+    args = semi.resolve_defaults(semi.get_args_parser().parse_args(flags))
+    assert (args.labels_per_class, args.lr) == expected
+    assert (args.epochs, args.lr_decay_start, args.lr_decay_every, args.method) == (180, 80, 40, "supervised")
+
+
+def test_help_shows_methods_and_defaults():
+    text = " ".join(semi.get_args_parser().format_help().split())
+    assert "{supervised,pi_model,mean_teacher}" in text
+    assert "cifar10 400 labels per class and lr 0.005; svhn 100 labels per class and lr 0.001" in text
+
+
+def test_wideresnet_run_records_its_network(tmp_path, capsys):
+    wrn = [a if a != "4" else "8" for a in TINY] + ["--network", "wrn28_2"]
+    run_main(semi, wrn + ["--epochs", "1", "--from_scratch", "--model_dir", tmp_path])
+    ckpt = load_checkpoint(tmp_path / "ckpt_semi.t7")
+    assert ckpt["args"]["network"] == "wrn28_2" and "layer1.0.bn1.weight" in ckpt["net"]
+    assert "conv1_sobel.weight" not in ckpt["net"]  # one RGB trunk
+    expect_error(capsys, semi, TINY + ["--epochs", "2", "--resume", "ckpt_semi.t7", "--model_dir", tmp_path],
+                 "--network wrn28_2, not resnet18", "pass --network wrn28_2")

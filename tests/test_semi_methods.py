@@ -125,6 +125,7 @@ def whole(request, tmp_path_factory):
     return request.param, out
 
 
+@pytest.mark.slow  # two runs of two epochs
 def test_resume_is_exact_teacher_included(whole, tmp_path):
     method, out = whole
     run_main(semi, TINY + ["--from_scratch", "--method", method, "--epochs", "1", "--model_dir", tmp_path])
