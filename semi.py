@@ -19,6 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -226,9 +227,17 @@ def unlabelled_batches(loader):
         yield from loader
 
 
-def train_one_epoch(state, epoch, args):
+def train_one_epoch(model, loader, optimizer, amp, device):
+    """One epoch of the supervised method from its parts (the labelled ``loader``): the mean loss."""
+    state = SimpleNamespace(model=model, net=model, teacher=None, train_loader=loader, unlabelled_loader=None,
+                            optimizer=optimizer, device=device, max_weight=0.0)
+    return train_epoch(state, 0, SimpleNamespace(method="supervised", amp=amp, rampup_epochs=0))["loss"]
+
+
+def train_epoch(state, epoch, args):
     """One pass over the labelled images; the semi-supervised methods draw an unlabelled batch beside each
-    labelled one (the unlabelled loader restarts each epoch, so a checkpoint's random state continues it)."""
+    labelled one (the unlabelled loader restarts each epoch, so a checkpoint's random state continues it).
+    Returns the epoch's mean losses (and mean w(t)) by name."""
     state.model.train()
     if state.teacher is not None:
         state.teacher.train()  # batch statistics in its forward, as Mean Teacher's code (its buffers: the student's)
@@ -395,7 +404,7 @@ def train_and_save(run, state, epoch, args):
     distributed.start_epoch(state.train_loader, args.seed, epoch)
     if state.unlabelled_loader is not None:
         distributed.start_epoch(state.unlabelled_loader, args.seed, epoch)
-    losses = train_one_epoch(state, epoch, args)
+    losses = train_epoch(state, epoch, args)
     extra = {}
     if state.teacher is not None:
         extra["student_acc"] = test_accuracy(state.net, state.test_loader, state.device)
