@@ -11,7 +11,7 @@ from torchvision import transforms
 
 import datasets
 import semi
-from conftest import run_main
+from conftest import expect_error, run_main
 from lib.checkpoint import load_checkpoint
 from lib.semi_supervised import ema_update, semi_supervised_loss
 from models import NETWORKS
@@ -139,6 +139,21 @@ def test_resume_is_exact_teacher_included(whole, tmp_path):
         assert all("student_acc" in r for r in records) and ckpt["acc"] == records[-1]["test_acc"]
     else:
         assert "teacher" not in ckpt
+
+
+def test_test_only_and_another_method(whole, capsys):
+    method, out = whole
+    last = json.loads((out / "log_semi.jsonl").read_text().splitlines()[-1])
+    capsys.readouterr()
+    run_main(semi, TINY + ["--test_only", "--resume", "ckpt_semi.t7", "--model_dir", out])
+    said = capsys.readouterr().out.splitlines()[-1]
+    if method == "mean_teacher":  # the teacher's accuracy reported, the student's beside it
+        assert said == f"test accuracy {last['test_acc']:.2f}% (the teacher; the student {last['student_acc']:.2f}%)"
+    else:
+        assert said == f"test accuracy {last['test_acc']:.2f}%"
+    other = "pi_model" if method == "mean_teacher" else "mean_teacher"
+    expect_error(capsys, semi, TINY + ["--method", other, "--epochs", "3", "--resume", "ckpt_semi.t7",
+                                       "--model_dir", out], f"--method {method}, not {other}")
 
 
 def test_unlabelled_labels_shuffled_change_nothing(whole, tmp_path, monkeypatch):
