@@ -33,7 +33,7 @@ from engine import checks, distributed
 from engine.cli import (
     ArgumentParser,
     common_parser,
-    fraction,
+    half_open_unit,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -98,9 +98,9 @@ def get_args_parser():
     semi.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
                       help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
                            "teacher's EMA decay (>= 0; 0: none)")
-    semi.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=fraction,
+    semi.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=half_open_unit,
                       help="mean_teacher: the teacher's EMA decay during the ramp-up (in [0, 1))")
-    semi.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=fraction,
+    semi.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=half_open_unit,
                       help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
     return p
 

@@ -105,7 +105,7 @@ def test_corrupt_next_epoch(trained, tmp_path, capsys, value):
     (lambda idx: idx.append(64), "labelled index 64, outside the 64 training images"),
     (lambda idx: idx.__setitem__(1, idx[0]), "twice"),
     (lambda idx: idx.pop(), "not 3 of each"),
-    (lambda idx: idx.__setitem__(0, "0"), "not a list of integers"),
+    (lambda idx: idx.__setitem__(0, "0"), "'labelled_indexes'"),
 ])
 def test_labelled_indexes_are_checked(trained, tmp_path, capsys, change, fragment):
     flags = corrupted(trained, tmp_path, lambda ckpt: change(ckpt["labelled_indexes"]))
