@@ -1,14 +1,19 @@
-"""Few-label training from the pretrained encoder (paper §4.4; docs/method.md, "Semi-supervised fine-tuning").
+"""Few-label training from the pretrained encoder (paper §4.4, Table 4; docs/method.md, "Semi-supervised
+fine-tuning" and "Semi-supervised methods (Table 4)").
 
-    python semi.py --dataset cifar10 --resume ckpt_ul.t7 --labels_per_class 25 --model_dir semi/   # stage-2 encoder
-    python semi.py --dataset cifar10 --resume ckpt_embed.t7 --labels_per_class 25 --model_dir semi1/
-    python semi.py --dataset cifar10 --from_scratch --labels_per_class 25 --model_dir scratch/     # the baseline
-    python semi.py --resume ckpt_semi.t7 --model_dir semi/                                          # continue
+    python semi.py --dataset cifar10 --resume ckpt_ul.t7 --model_dir semi/                  # stage-2 encoder
+    python semi.py --dataset cifar10 --resume ckpt_embed.t7 --model_dir semi1/              # stage-1 encoder
+    python semi.py --dataset cifar10 --from_scratch --model_dir scratch/                    # the baseline
+    python semi.py --dataset svhn --resume ckpt_ul.t7 --method mean_teacher --model_dir mt/  # Table 4's methods
+    python semi.py --resume ckpt_semi.t7 --model_dir semi/                                  # continue
 
-A linear classifier on the encoder's embedding, the whole network fine-tuned with cross-entropy on K labelled
-images per class (balanced, drawn by --seed, saved as labelled_indexes.json), SGD with Nesterov momentum,
-lr x0.1 at epochs 80, 120 and 160 of 180. Writes ckpt_semi.t7 every epoch, log_semi.jsonl (test accuracy per
-epoch) and eval_semi.json.
+A linear classifier on the encoder's embedding, the whole network fine-tuned on K labelled images per class
+(balanced, drawn by --seed, saved as labelled_indexes.json; the paper's K and lr per data set by default), SGD
+with Nesterov momentum, lr x0.1 at epochs 80, 120 and 160 of 180. --method supervised (the default) trains
+with cross-entropy on the labelled images; pi_model and mean_teacher add a consistency loss on two views of
+every image, the unlabelled rest of the training split included (lib/semi_supervised.py); Mean Teacher's
+EMA teacher is saved beside the network and its accuracy reported. Writes ckpt_semi.t7 every epoch,
+log_semi.jsonl (losses and test accuracy per epoch) and eval_semi.json.
 
 Under torchrun each process trains on its share of every batch (the mean loss is the whole batch's) and
 tests its share of the test images, the counts summed (engine/distributed.py); the code below reads as one
@@ -84,23 +89,23 @@ def get_args_parser():
                         "fine-tuned here on purpose")
     p.add_argument("--lr_decay_start", default=80, type=non_negative_int, help="epoch of the first x0.1 (>= 0)")
     p.add_argument("--lr_decay_every", default=40, type=positive_int, help="epochs between later x0.1 (>= 1)")
-    semi = p.add_argument_group("semi-supervised methods (Table 4; docs/method.md gives each constant's source)")
-    semi.add_argument("--method", default="supervised", choices=METHODS,
+    methods = p.add_argument_group("semi-supervised methods (Table 4; docs/method.md gives each constant's source)")
+    methods.add_argument("--method", default="supervised", choices=METHODS,
                       help="supervised: cross-entropy on the labelled images alone; pi_model (Laine & Aila 2017) "
                            "and mean_teacher (Tarvainen & Valpola 2017) add a consistency loss on every image, "
                            "the unlabelled rest of the training split included")
-    semi.add_argument("--unlabelled_batch_size", default=None, type=positive_int,
+    methods.add_argument("--unlabelled_batch_size", default=None, type=positive_int,
                       help="unlabelled images per step beside the --batch_size labelled ones (>= 1); "
                            "%(default)s: --batch_size")
-    semi.add_argument("--consistency_weight", default=None, type=non_negative_float,
+    methods.add_argument("--consistency_weight", default=None, type=non_negative_float,
                       help="w_max, the consistency loss's weight after the ramp-up (>= 0); %(default)s: "
                            "pi_model 100 x labelled / training images, mean_teacher 100")
-    semi.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
+    methods.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
                       help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
                            "teacher's EMA decay (>= 0; 0: none)")
-    semi.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=half_open_unit,
+    methods.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=half_open_unit,
                       help="mean_teacher: the teacher's EMA decay during the ramp-up (in [0, 1))")
-    semi.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=half_open_unit,
+    methods.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=half_open_unit,
                       help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
     return p
 
