@@ -91,22 +91,22 @@ def get_args_parser():
     p.add_argument("--lr_decay_every", default=40, type=positive_int, help="epochs between later x0.1 (>= 1)")
     methods = p.add_argument_group("semi-supervised methods (Table 4; docs/method.md gives each constant's source)")
     methods.add_argument("--method", default="supervised", choices=METHODS,
-                      help="supervised: cross-entropy on the labelled images alone; pi_model (Laine & Aila 2017) "
-                           "and mean_teacher (Tarvainen & Valpola 2017) add a consistency loss on every image, "
-                           "the unlabelled rest of the training split included")
+                         help="supervised: cross-entropy on the labelled images alone; pi_model (Laine & Aila 2017) "
+                              "and mean_teacher (Tarvainen & Valpola 2017) add a consistency loss on every image, "
+                              "the unlabelled rest of the training split included")
     methods.add_argument("--unlabelled_batch_size", default=None, type=positive_int,
-                      help="unlabelled images per step beside the --batch_size labelled ones (>= 1); "
-                           "%(default)s: --batch_size")
+                         help="unlabelled images per step beside the --batch_size labelled ones (>= 1); "
+                              "%(default)s: --batch_size")
     methods.add_argument("--consistency_weight", default=None, type=non_negative_float,
-                      help="w_max, the consistency loss's weight after the ramp-up (>= 0); %(default)s: "
-                           "pi_model 100 x labelled / training images, mean_teacher 100")
+                         help="w_max, the consistency loss's weight after the ramp-up (>= 0); %(default)s: "
+                              "pi_model 100 x labelled / training images, mean_teacher 100")
     methods.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
-                      help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
-                           "teacher's EMA decay (>= 0; 0: none)")
+                         help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
+                              "teacher's EMA decay (>= 0; 0: none)")
     methods.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=half_open_unit,
-                      help="mean_teacher: the teacher's EMA decay during the ramp-up (in [0, 1))")
+                         help="mean_teacher: the teacher's EMA decay during the ramp-up (in [0, 1))")
     methods.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=half_open_unit,
-                      help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
+                         help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
     return p
 
 
