@@ -272,10 +272,9 @@ def train_epoch(state, epoch, args):
     return require_finite(means or {"loss": 0.0})
 
 
-def load_start(args, net, train_set):
-    """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues, or with
-    --test_only is evaluated. The file is checked against the flags first (engine/checks.py). Returns
-    (path, checkpoint of a run to continue or evaluate, or None)."""
+def read_start(args):
+    """``--resume``: read the file and check what needs no data: the network it holds, a trained classifier for
+    --test_only, an encoder's data set and size. Returns (path, checkpoint), (None, None) with --from_scratch."""
     if args.from_scratch == bool(args.resume):
         raise InputError("pass either --resume CKPT (a stage-1, stage-2 or semi.py checkpoint) or --from_scratch")
     if args.from_scratch and args.test_only:
@@ -286,14 +285,23 @@ def load_start(args, net, train_set):
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
     stage = checkpoint_stage(ckpt)
     checks.same_backbone(ckpt, path, args)
+    if stage != 3 and args.test_only:
+        raise InputError(f"{path} is a stage-{stage} checkpoint with no trained classifier: pass a ckpt_semi.t7 "
+                         f"to --test_only, or fine-tune this encoder with 'semi.py --resume {args.resume}' first")
     if stage != 3:
-        if args.test_only:
-            raise InputError(f"{path} is a stage-{stage} checkpoint with no trained classifier: pass a "
-                             f"ckpt_semi.t7 to --test_only, or fine-tune this encoder with 'semi.py --resume "
-                             f"{args.resume}' first")
         note = checks.encoder_start(ckpt, path, args, args.transfer)
         if note:
             print(note)
+    return path, ckpt
+
+
+def load_start(args, net, train_set, path, ckpt):
+    """A stage-1 or stage-2 file initializes the encoder (a new run); a ckpt_semi.t7, checked against the
+    training split, continues, or with --test_only is evaluated. Returns (path, checkpoint of a run to
+    continue or evaluate, or None)."""
+    if ckpt is None:
+        return None, None
+    if checkpoint_stage(ckpt) != 3:
         load_network(net.encoder, ckpt["net"], path)
         return None, None  # an encoder to start from: a new run
     checks.semi_checkpoint(ckpt, path, args, train_set.num_classes)
@@ -350,13 +358,16 @@ def default_max_weight(method, labelled, images):
 def main(args):
     resolve_defaults(args)
     device = open_script(args)
+    path, ckpt = read_start(args)
+    # --test_only at the size the file was trained at; the memory that size costs, before any data is read
+    args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     info = datasets.DATASETS[args.dataset]
     train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
     if not train_set.has_labels:
         raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")
     encoder = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
     net = Classifier(encoder, args.low_dim, train_set.num_classes).to(device)
-    path, ckpt = load_start(args, net, train_set)
+    path, ckpt = load_start(args, net, train_set, path, ckpt)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
     if args.test_only:
         if "teacher" not in ckpt:

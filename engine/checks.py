@@ -246,11 +246,11 @@ def encoder_start(ckpt, path, args, transfer=False):
 
 
 def semi_checkpoint(ckpt, path, args, num_classes):
-    """A ckpt_semi.t7 to continue or evaluate: the same --dataset and --image_size, the same --subset and
-    --method to continue it (its labelled indexes point into that training split), a classifier of
-    ``num_classes`` x --low_dim."""
+    """A ckpt_semi.t7 to continue or evaluate: the same --dataset, and the same --image_size, --subset and
+    --method to continue it (its labelled indexes point into that training split; ``evaluation_image_size``
+    chooses the size of an evaluation), a classifier of ``num_classes`` x --low_dim."""
     saved = _saved_args(ckpt)
-    flags = ("dataset", "image_size") if args.test_only else ("dataset", "image_size", "subset", "method")
+    flags = ("dataset",) if args.test_only else ("dataset", "image_size", "subset", "method")
     for flag in flags:
         if flag in saved and saved[flag] != getattr(args, flag):
             fix = f"leave --{flag} out" if saved[flag] is None else f"pass --{flag} {saved[flag]}"

@@ -145,7 +145,8 @@ def test_test_only_and_another_method(whole, capsys):
     method, out = whole
     last = json.loads((out / "log_semi.jsonl").read_text().splitlines()[-1])
     capsys.readouterr()
-    run_main(semi, TINY + ["--test_only", "--resume", "ckpt_semi.t7", "--model_dir", out])
+    at_default_size = TINY[:-2]  # no --image_size: evaluated at the 16 px it was trained at
+    run_main(semi, at_default_size + ["--test_only", "--resume", "ckpt_semi.t7", "--model_dir", out])
     said = capsys.readouterr().out.splitlines()[-1]
     if method == "mean_teacher":  # the teacher's accuracy reported, the student's beside it
         assert said == f"test accuracy {last['test_acc']:.2f}% (the teacher; the student {last['student_acc']:.2f}%)"
