@@ -1,14 +1,19 @@
-"""Few-label training from the pretrained encoder (paper §4.4; docs/method.md, "Semi-supervised fine-tuning").
+"""Few-label training from the pretrained encoder (paper §4.4, Table 4; docs/method.md, "Semi-supervised
+fine-tuning" and "Semi-supervised methods (Table 4)").
 
-    python semi.py --dataset cifar10 --resume ckpt_ul.t7 --labels_per_class 25 --model_dir semi/   # stage-2 encoder
-    python semi.py --dataset cifar10 --resume ckpt_embed.t7 --labels_per_class 25 --model_dir semi1/
-    python semi.py --dataset cifar10 --from_scratch --labels_per_class 25 --model_dir scratch/     # the baseline
-    python semi.py --resume ckpt_semi.t7 --model_dir semi/                                          # continue
+    python semi.py --dataset cifar10 --resume ckpt_ul.t7 --model_dir semi/                  # stage-2 encoder
+    python semi.py --dataset cifar10 --resume ckpt_embed.t7 --model_dir semi1/              # stage-1 encoder
+    python semi.py --dataset cifar10 --from_scratch --model_dir scratch/                    # the baseline
+    python semi.py --dataset svhn --resume ckpt_ul.t7 --method mean_teacher --model_dir mt/  # Table 4's methods
+    python semi.py --resume ckpt_semi.t7 --model_dir semi/                                  # continue
 
-A linear classifier on the encoder's embedding, the whole network fine-tuned with cross-entropy on K labelled
-images per class (balanced, drawn by --seed, saved as labelled_indexes.json), SGD with Nesterov momentum,
-lr x0.1 at epochs 80, 120 and 160 of 180. Writes ckpt_semi.t7 every epoch, log_semi.jsonl (test accuracy per
-epoch) and eval_semi.json.
+A linear classifier on the encoder's embedding, the whole network fine-tuned on K labelled images per class
+(balanced, drawn by --seed, saved as labelled_indexes.json; the paper's K and lr per data set by default), SGD
+with Nesterov momentum, lr x0.1 at epochs 80, 120 and 160 of 180. --method supervised (the default) trains
+with cross-entropy on the labelled images; pi_model and mean_teacher add a consistency loss on two views of
+every image, the unlabelled rest of the training split included (lib/semi_supervised.py); Mean Teacher's
+EMA teacher is saved beside the network and its accuracy reported. Writes ckpt_semi.t7 every epoch,
+log_semi.jsonl (losses and test accuracy per epoch) and eval_semi.json.
 
 Under torchrun each process trains on its share of every batch (the mean loss is the whole batch's) and
 tests its share of the test images, the counts summed (engine/distributed.py); the code below reads as one
@@ -19,6 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,30 +33,91 @@ from torch import nn
 from torchvision import transforms
 
 import datasets
-from engine import distributed
-from engine.cli import ArgumentParser, common_parser, non_negative_int, positive_int, run_cli
+from datasets.transforms import AFFINE_DEGREES, AFFINE_TRANSLATE
+from engine import checks, distributed
+from engine.cli import (
+    ArgumentParser,
+    common_parser,
+    half_open_unit,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 from engine.distributed import speed_options
 from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
 from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.optim import sgd_optimizer
+from lib.semi_supervised import (
+    EMA_DECAY_AFTER_RAMPUP,
+    EMA_DECAY_DURING_RAMPUP,
+    RAMPUP_EPOCHS,
+    consistency_weight,
+    ema_decay,
+    ema_update,
+    semi_supervised_loss,
+)
 from models import NETWORKS
 
 CKPT, LOG, INDEXES = "ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json"
 TRAINING_KEYS = ("classifier", "optimizer", "rng", "args", "epoch", "next_epoch", "labelled_indexes", "start")
+METHODS = ("supervised", "pi_model", "mean_teacher")
+# the paper's Table 4 (§4.4): (labels per class, base lr) per data set; any other data set: OTHER_DEFAULTS
+PAPER_DEFAULTS = {"cifar10": (400, 0.005), "svhn": (100, 0.001)}
+OTHER_DEFAULTS = (25, 0.005)
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Few-label fine-tuning of the Super-AND encoder (paper §4.4)",
+    per_dataset = "; ".join(f"{name} {k} labels per class and lr {lr}" for name, (k, lr) in PAPER_DEFAULTS.items())
+    p = ArgumentParser(description="Few-label fine-tuning of the Super-AND encoder (paper §4.4), supervised or with "
+                                   "the Π-model or Mean Teacher (Table 4)",
+                       epilog=f"Defaults per data set (the paper's Table 4): {per_dataset}; any other data set "
+                              f"{OTHER_DEFAULTS[0]} labels per class and lr {OTHER_DEFAULTS[1]}. All: 180 epochs, "
+                              "lr x0.1 at 80, 120 and 160. --labels_per_class and --lr override them.",
                        parents=[common_parser(datasets.DATASETS, NETWORKS)])
-    p.set_defaults(lr=0.005, epochs=180, batch_size=64, model_dir="semi/")
-    p.add_argument("--labels_per_class", default=25, type=positive_int,
-                   help="K labelled training images per class, balanced, drawn by --seed (>= 1)")
+    p.set_defaults(lr=None, epochs=180, batch_size=64, model_dir="semi/")
+    p.add_argument("--labels_per_class", default=None, type=positive_int,
+                   help="K labelled training images per class, balanced, drawn by --seed (>= 1); %(default)s: the "
+                        "data set's, listed below")
+    next(a for a in p._actions if a.dest == "lr").help = "base learning rate (>= 0); %(default)s: the data set's, " \
+                                                         "listed below"
     p.add_argument("--from_scratch", action="store_true", help="random initialization instead of --resume")
+    p.add_argument("--transfer", action="store_true",
+                   help="--resume is an encoder trained on other images (another --dataset or --image_size), "
+                        "fine-tuned here on purpose")
     p.add_argument("--lr_decay_start", default=80, type=non_negative_int, help="epoch of the first x0.1 (>= 0)")
     p.add_argument("--lr_decay_every", default=40, type=positive_int, help="epochs between later x0.1 (>= 1)")
+    methods = p.add_argument_group("semi-supervised methods (Table 4; docs/method.md gives each constant's source)")
+    methods.add_argument("--method", default="supervised", choices=METHODS,
+                         help="supervised: cross-entropy on the labelled images alone; pi_model (Laine & Aila 2017) "
+                              "and mean_teacher (Tarvainen & Valpola 2017) add a consistency loss on every image, "
+                              "the unlabelled rest of the training split included")
+    methods.add_argument("--unlabelled_batch_size", default=None, type=positive_int,
+                         help="unlabelled images per step beside the --batch_size labelled ones (>= 1); "
+                              "%(default)s: --batch_size")
+    methods.add_argument("--consistency_weight", default=None, type=non_negative_float,
+                         help="w_max, the consistency loss's weight after the ramp-up (>= 0); %(default)s: "
+                              "pi_model 100 x labelled / training images, mean_teacher 100")
+    methods.add_argument("--rampup_epochs", default=RAMPUP_EPOCHS, type=non_negative_int,
+                         help="epochs of the sigmoid ramp-up exp(-5 (1 - t)^2) of the consistency weight and of the "
+                              "teacher's EMA decay (>= 0; 0: none)")
+    methods.add_argument("--ema_decay_rampup", default=EMA_DECAY_DURING_RAMPUP, type=half_open_unit,
+                         help="mean_teacher: the teacher's EMA decay during the ramp-up (in [0, 1))")
+    methods.add_argument("--ema_decay", default=EMA_DECAY_AFTER_RAMPUP, type=half_open_unit,
+                         help="mean_teacher: the teacher's EMA decay after the ramp-up (in [0, 1))")
     return p
+
+
+def resolve_defaults(args):
+    """--labels_per_class and --lr left out: the data set's values (PAPER_DEFAULTS); ``args`` is changed."""
+    per_class, lr = PAPER_DEFAULTS.get(args.dataset, OTHER_DEFAULTS)
+    if args.labels_per_class is None:
+        args.labels_per_class = per_class
+    if args.lr is None:
+        args.lr = lr
+    return args
 
 
 def semi_lr(epoch, base_lr, start=80, every=40):
@@ -71,12 +138,17 @@ def draw_labelled(targets, per_class, num_classes, seed):
     return np.sort(np.concatenate(chosen)).tolist()
 
 
-def weak_augmentation(size, mean, std):
+def weak_augmentation(size, mean, std, augmentation="flip"):
     """The standard weak augmentation of few-label training: a random crop of the image padded by 1/8 of its
-    side (reflected), a horizontal flip."""
+    side (reflected), then a horizontal flip, or for a data set whose registry entry says "affine" (SVHN: a
+    mirrored digit is another symbol) the small affine transform of datasets/transforms.py in its place."""
+    if augmentation == "flip":
+        geometric = transforms.RandomHorizontalFlip()
+    else:
+        geometric = transforms.RandomAffine(AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+                                            interpolation=transforms.InterpolationMode.BILINEAR)
     return transforms.Compose([transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
+                               geometric, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class Classifier(nn.Module):
@@ -95,16 +167,19 @@ class Classifier(nn.Module):
 @dataclass
 class FewLabel:
     """What the epochs of few-label training work on."""
-    net: Classifier  # saved
+    net: Classifier  # saved (the student, for Mean Teacher)
     model: nn.Module  # trained: ``net``, compiled with --compile
     optimizer: torch.optim.Optimizer
-    train_loader: object  # the labelled images, weakly augmented
+    train_loader: object  # the labelled images, weakly augmented (two views each for the semi-supervised methods)
     test_loader: object
     device: torch.device
     labelled: list  # indexes into the training split; with the two below, in every checkpoint
     normalization: dict
     start: str  # what the encoder started from: the --resume file or "scratch"
-    accuracy: float | None = None  # the last epoch's test accuracy (%)
+    accuracy: float | None = None  # the last epoch's test accuracy (%): the teacher's for Mean Teacher
+    unlabelled_loader: object = None  # the rest of the training split, two views each (pi_model, mean_teacher)
+    teacher: Classifier | None = None  # mean_teacher: the EMA of ``net``'s weights, saved beside it
+    max_weight: float = 0.0  # w_max of the consistency loss
 
 
 @torch.no_grad()
@@ -121,76 +196,204 @@ def test_accuracy(net, loader, device):
     return 100.0 * correct / max(total, 1)
 
 
-def train_one_epoch(model, loader, optimizer, amp, device):
-    model.train()
-    total, count = torch.zeros((), device=device), 0
-    for batch in loader:
-        images, targets = batch["image"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+def step_losses(method, model, teacher, labelled, unlabelled, weight, amp, device):
+    """One step's named losses (docs/method.md, "Semi-supervised methods (Table 4)").
+
+    supervised: cross-entropy on the labelled images (``labelled["image"]``); ``unlabelled`` is None.
+    pi_model: view 1 and view 2 of the B_L labelled then the B_U unlabelled images through ``model`` in one
+        pass (rows: view 1 then view 2, (2B, C)); view 2's outputs are the consistency targets, with gradient.
+    mean_teacher: the student ``model`` on view 1, the ``teacher`` on view 2 without gradient.
+    Both: ``lib.semi_supervised.semi_supervised_loss`` with weight w(t) = ``weight``. Of ``unlabelled`` only
+    its views are read: its labels never reach the loss.
+    """
+    def on_device(name):
+        parts = [labelled[name]] + ([] if unlabelled is None else [unlabelled[name]])
+        return torch.cat(parts).to(device, non_blocking=True)  # (B_L + B_U, 3, H, W)
+
+    targets = labelled["target"].to(device, non_blocking=True)  # (B_L,)
+    if method == "supervised":
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
+            logits = model(labelled["image"].to(device, non_blocking=True))
+        return {"loss": F.cross_entropy(logits.float(), targets)}
+    first, second = on_device("view1"), on_device("view2")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if method == "pi_model":
+            logits, target_logits = model(torch.cat([first, second])).chunk(2)  # two stochastic passes
+        else:
+            logits = model(first)
+            with torch.no_grad():
+                target_logits = teacher(second)
+    return semi_supervised_loss(logits.float(), targets, target_logits.float(), weight)
+
+
+def unlabelled_batches(loader):
+    """The unlabelled loader's batches without end, each pass a new shuffle."""
+    while True:
+        yield from loader
+
+
+def train_one_epoch(model, loader, optimizer, amp, device):
+    """One epoch of the supervised method from its parts (the labelled ``loader``): the mean loss."""
+    state = SimpleNamespace(model=model, net=model, teacher=None, train_loader=loader, unlabelled_loader=None,
+                            optimizer=optimizer, device=device, max_weight=0.0)
+    return train_epoch(state, 0, SimpleNamespace(method="supervised", amp=amp, rampup_epochs=0))["loss"]
+
+
+def train_epoch(state, epoch, args):
+    """One pass over the labelled images; the semi-supervised methods draw an unlabelled batch beside each
+    labelled one (the unlabelled loader restarts each epoch, so a checkpoint's random state continues it).
+    Returns the epoch's mean losses (and mean w(t)) by name."""
+    state.model.train()
+    if state.teacher is not None:
+        state.teacher.train()  # batch statistics in its forward, as Mean Teacher's code (its buffers: the student's)
+    steps = len(state.train_loader)
+    unlabelled = None if state.unlabelled_loader is None else unlabelled_batches(state.unlabelled_loader)
+    totals, count, weights = {}, 0, 0.0
+    for i, batch in enumerate(state.train_loader):
+        position = epoch + i / max(steps, 1)  # fractional epochs: the ramp-ups move every step
+        weight = consistency_weight(position, state.max_weight, args.rampup_epochs)
+        losses = step_losses(args.method, state.model, state.teacher, batch,
+                             None if unlabelled is None else next(unlabelled), weight, args.amp, state.device)
+        state.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        state.optimizer.step()
+        if state.teacher is not None:
+            step = epoch * steps + i  # Mean Teacher's code: α ≤ 1 − 1/(step + 1), the teacher's warm-up
+            alpha = min(1.0 - 1.0 / (step + 1), ema_decay(position, args.rampup_epochs, args.ema_decay_rampup,
+                                                            args.ema_decay))
+            ema_update(state.teacher, state.net, alpha)
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0) + value.detach()
+        weights += weight
         count += 1
-    mean = distributed.average(total).item() / max(count, 1)
-    return require_finite({"loss": mean})["loss"]
+    means = {name: distributed.average(total).item() / max(count, 1) for name, total in totals.items()}
+    if state.unlabelled_loader is not None:
+        means["weight"] = weights / max(count, 1)  # the epoch's mean w(t)
+    return require_finite(means or {"loss": 0.0})
 
 
-def load_start(args, net):
-    """``--resume``: a stage-1 or stage-2 file initializes the encoder; a ckpt_semi.t7 continues.
-    Returns (path, checkpoint of a run to continue or None)."""
+def read_start(args):
+    """``--resume``: read the file and check what needs no data: the network it holds, a trained classifier for
+    --test_only, an encoder's data set and size. Returns (path, checkpoint), (None, None) with --from_scratch."""
     if args.from_scratch == bool(args.resume):
         raise InputError("pass either --resume CKPT (a stage-1, stage-2 or semi.py checkpoint) or --from_scratch")
+    if args.from_scratch and args.test_only:
+        raise InputError("--test_only evaluates a trained classifier: pass --resume ckpt_semi.t7 (a semi.py "
+                         "checkpoint) instead of --from_scratch")
     if args.from_scratch:
         return None, None
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
-    load_network(net.encoder, ckpt["net"], path)
+    stage = checkpoint_stage(ckpt)
+    checks.same_backbone(ckpt, path, args)
+    if stage != 3 and args.test_only:
+        raise InputError(f"{path} is a stage-{stage} checkpoint with no trained classifier: pass a ckpt_semi.t7 "
+                         f"to --test_only, or fine-tune this encoder with 'semi.py --resume {args.resume}' first")
+    if stage != 3:
+        note = checks.encoder_start(ckpt, path, args, args.transfer)
+        if note:
+            print(note)
+    return path, ckpt
+
+
+def load_start(args, net, train_set, path, ckpt):
+    """A stage-1 or stage-2 file initializes the encoder (a new run); a ckpt_semi.t7, checked against the
+    training split, continues, or with --test_only is evaluated. Returns (path, checkpoint of a run to
+    continue or evaluate, or None)."""
+    if ckpt is None:
+        return None, None
     if checkpoint_stage(ckpt) != 3:
+        load_network(net.encoder, ckpt["net"], path)
         return None, None  # an encoder to start from: a new run
-    if args.test_only:
-        net.classifier.load_state_dict(ckpt["classifier"])
-        return path, ckpt
-    require_keys(ckpt, path, TRAINING_KEYS)
-    if ckpt["classifier"]["weight"].shape != net.classifier.weight.shape:
-        raise InputError(f"{path} has a classifier of shape {tuple(ckpt['classifier']['weight'].shape)}; "
-                         "check --dataset and --low_dim")
+    checks.semi_checkpoint(ckpt, path, args, train_set.num_classes)
+    if not args.test_only:
+        require_keys(ckpt, path, TRAINING_KEYS + (("teacher",) if args.method == "mean_teacher" else ()))
+        checks.epoch_number(ckpt, path, "next_epoch")
+        per_class = ckpt["args"].get("labels_per_class", args.labels_per_class)
+        checks.labelled_indexes(ckpt["labelled_indexes"], path, train_set.targets, per_class)
+    load_network(net.encoder, ckpt["net"], path)
     net.classifier.load_state_dict(ckpt["classifier"])
     return path, ckpt
 
 
-def labelled_loader(args, train_set, labelled, device):
-    """The loader of the ``labelled`` images of ``train_set``, weakly augmented."""
+def load_teacher(teacher, ckpt, path):
+    """Mean Teacher's saved teacher into ``teacher`` (a copy of the student); one line if it does not fit."""
+    saved = ckpt["teacher"]
+    own = teacher.state_dict()
+    if not isinstance(saved, dict) or saved.keys() != own.keys() or any(
+            not torch.is_tensor(saved[k]) or saved[k].shape != own[k].shape for k in own):
+        raise InputError(f"{path} holds a teacher that is not this network's; pass an intact checkpoint")
+    teacher.load_state_dict(saved)
+
+
+def training_loaders(args, train_set, labelled, device):
+    """The loader of the ``labelled`` images of ``train_set``, weakly augmented (the data set's variant),
+    and for the semi-supervised methods the loader of the other training images; both give two views of
+    each image there (the consistency loss compares them), one for the supervised method."""
     if len(labelled) < args.batch_size:
         raise InputError(f"{len(labelled)} labelled images, fewer than --batch_size {args.batch_size}")
     weak = copy.copy(train_set)  # the same images, another transform
-    weak.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std)
-    subset = torch.utils.data.Subset(weak, labelled)
-    return datasets.make_loader(subset, args.batch_size, True, args.workers, device, seed=args.seed)
+    weak.transform = weak_augmentation(args.image_size, train_set.mean, train_set.std,
+                                       datasets.DATASETS[args.dataset].augmentation)
+    if args.method == "supervised":
+        return datasets.make_loader(torch.utils.data.Subset(weak, labelled), args.batch_size, True, args.workers,
+                                    device, seed=args.seed), None
+    weak.views = 2
+    chosen = set(labelled)
+    rest = [i for i in range(len(train_set)) if i not in chosen]  # (N - M,) the unlabelled rest
+    batch = args.unlabelled_batch_size or args.batch_size
+    if len(rest) < batch:
+        raise InputError(f"{len(rest)} unlabelled training images, fewer than --unlabelled_batch_size {batch}")
+    return (datasets.make_loader(torch.utils.data.Subset(weak, labelled), args.batch_size, True, args.workers,
+                                 device, seed=args.seed),
+            datasets.make_loader(torch.utils.data.Subset(weak, rest), batch, True, args.workers, device,
+                                 seed=args.seed))
+
+
+def default_max_weight(method, labelled, images):
+    """w_max when --consistency_weight is not given: the Π-model's 100 · M/N (Laine & Aila 2017, M labelled of
+    N training images), Mean Teacher's 100 (its released code); 0 for the supervised method."""
+    return {"supervised": 0.0, "pi_model": 100.0 * labelled / images, "mean_teacher": 100.0}[method]
 
 
 def main(args):
+    resolve_defaults(args)
     device = open_script(args)
+    path, ckpt = read_start(args)
+    # --test_only at the size the file was trained at; the memory that size costs, before any data is read
+    args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     info = datasets.DATASETS[args.dataset]
     train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
     if not train_set.has_labels:
         raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")
     encoder = NETWORKS[args.network](low_dim=args.low_dim, width=args.width)
     net = Classifier(encoder, args.low_dim, train_set.num_classes).to(device)
-    path, ckpt = load_start(args, net)
+    path, ckpt = load_start(args, net, train_set, path, ckpt)
     test_loader = datasets.make_loader(test_set, 100, False, args.workers, device)
     if args.test_only:
-        print(f"test accuracy {test_accuracy(net, test_loader, device):.2f}%")
+        if "teacher" not in ckpt:
+            print(f"test accuracy {test_accuracy(net, test_loader, device):.2f}%")
+            return None
+        teacher = copy.deepcopy(net)
+        load_teacher(teacher, ckpt, path)
+        print(f"test accuracy {test_accuracy(teacher, test_loader, device):.2f}% (the teacher; the student "
+              f"{test_accuracy(net, test_loader, device):.2f}%)")
         return None
     labelled = ckpt["labelled_indexes"] if ckpt else draw_labelled(train_set.targets, args.labels_per_class,
                                                                    train_set.num_classes, args.seed)
-    loader = labelled_loader(args, train_set, labelled, device)
-    _, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)
+    loader, unlabelled_loader = training_loaders(args, train_set, labelled, device)
+    net, model = speed_options(net, args.channels_last, args.compile, args.sync_bn)
+    teacher = None
+    if args.method == "mean_teacher":  # starts as the student (the pretrained encoder), then its EMA
+        teacher = copy.deepcopy(net).requires_grad_(False)
+        if ckpt:
+            load_teacher(teacher, ckpt, path)
     optimizer = sgd_optimizer(net, args.lr, args.momentum, args.weight_decay)
     start = ckpt["start"] if ckpt else ("scratch" if args.from_scratch else args.resume)
+    max_weight = (args.consistency_weight if args.consistency_weight is not None
+                  else default_max_weight(args.method, len(labelled), len(train_set)))
     state = FewLabel(net, model, optimizer, loader, test_loader, device, labelled, normalization(train_set), start,
-                     accuracy=ckpt["acc"] if ckpt else None)
+                     accuracy=ckpt["acc"] if ckpt else None, unlabelled_loader=unlabelled_loader, teacher=teacher,
+                     max_weight=max_weight)
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
         if ckpt is None and distributed.is_main():
@@ -200,6 +403,8 @@ def main(args):
             train_and_save(run, state, epoch, args)
         summary = {"test_acc": state.accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
                    train_set.num_classes, "start": start, "epochs": args.epochs, "dataset": args.dataset}
+        if args.method != "supervised":
+            summary["method"] = args.method
         if distributed.is_main():
             with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
                 json.dump(summary, f, indent=1)
@@ -207,20 +412,32 @@ def main(args):
 
 
 def train_and_save(run, state, epoch, args):
-    """One epoch: train, test, checkpoint, log; returns the log record."""
+    """One epoch: train, test, checkpoint, log; returns the log record. Mean Teacher reports its teacher's
+    accuracy (Tarvainen & Valpola 2017) and logs the student's beside it."""
     start = time.time()
     lr = semi_lr(epoch, args.lr, args.lr_decay_start, args.lr_decay_every)
     set_lr(state.optimizer, lr)
     distributed.start_epoch(state.train_loader, args.seed, epoch)
-    loss = train_one_epoch(state.model, state.train_loader, state.optimizer, args.amp, state.device)
-    state.accuracy = test_accuracy(state.net, state.test_loader, state.device)
-    record = {"epoch": epoch, "lr": lr, "loss": loss, "test_acc": state.accuracy, "seconds": time.time() - start}
+    if state.unlabelled_loader is not None:
+        distributed.start_epoch(state.unlabelled_loader, args.seed, epoch)
+    losses = train_epoch(state, epoch, args)
+    extra = {}
+    if state.teacher is not None:
+        extra["student_acc"] = test_accuracy(state.net, state.test_loader, state.device)
+        state.accuracy = test_accuracy(state.teacher, state.test_loader, state.device)
+    else:
+        state.accuracy = test_accuracy(state.net, state.test_loader, state.device)
+    record = {"epoch": epoch, "lr": lr, **losses, "test_acc": state.accuracy, **extra,
+              "seconds": time.time() - start}
+    teacher = {} if state.teacher is None else {"teacher": state.teacher.state_dict()}
     run.save({"net": state.net.encoder.state_dict(), "classifier": state.net.classifier.state_dict(), "stage": 3,
               "epoch": epoch, "acc": state.accuracy, "labelled_indexes": state.labelled,
-              "normalization": state.normalization, "start": state.start,
+              "normalization": state.normalization, "start": state.start, **teacher,
               **training_state(state.optimizer, args, record, next_epoch=epoch + 1)})
     run.log.append(record)
-    print(f"epoch {epoch} lr {lr:.4g} loss {loss:.4f} test accuracy {state.accuracy:.2f}% {record['seconds']:.1f}s")
+    student = "" if state.teacher is None else f" (the teacher; the student {extra['student_acc']:.2f}%)"
+    print(f"epoch {epoch} lr {lr:.4g} loss {losses['loss']:.4f} test accuracy {state.accuracy:.2f}%{student} "
+          f"{record['seconds']:.1f}s")
     return record
 
 
