@@ -4,37 +4,41 @@
     python main.py --dataset cifar10 --resume ckpt_embed.t7        # start from the stage-1 encoder
     python main.py --resume ckpt_ul_last.t7                        # continue a stage-2 run exactly
     python main.py --test_only --resume ckpt_ul.t7                 # evaluate (ours or released)
+    python main.py --dataset cifar10 --init random                 # from a random network (Table 2)
+    python main.py --test_only --resume ckpt_embed.t7 --cluster kmeans  # sequential clustering (Table 3)
 
 Writes <model_dir>/ckpt_ul_last.t7 after every epoch, <model_dir>/ckpt_ul.t7 for the epoch of lowest mean
-training loss (released semantics), log_ul.jsonl, and at the end eval.json, curves.png,
-confusion_matrix.png and clusters.png (engine/report.py).
+training loss (released semantics), log_ul.jsonl (with Fig. 4's diagnostics), and at the end eval.json and
+the pictures of engine/report.py (curves, confusion matrix, clusters, mutual information, per-class accuracy).
 
 Under torchrun every process trains on its share of each batch and the losses see the whole batch, gathered
 (engine/distributed.py); the code below reads as one process.
 """
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import datasets
-from engine import checks, cli, distributed
-from engine.distributed import speed_options
+from engine import assignment, checks, cli, distributed
+from engine.assignment import evaluate, load_encoder
 from engine.lifecycle import RunLock, open_run, read_checkpoint, run_epoch, set_lr, training_state
-from engine.report import head_metrics, plot_curves, print_epoch, selected_metrics, write_report
+from engine.report import plot_run, print_epoch, selected_metrics, write_report
 from engine.script import open_script
-from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.checkpoint import checkpoint_stage, normalization
+from lib.clustering import METHODS
+from lib.diagnostics import EpochEntropies
 from lib.errors import InputError
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
 from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
+from models.heads import NORMS
 
 BEST, LAST, LOG = "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl"
 BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "nmi_list", "ari_list", "stage",
-             "normalization", "args")
+             "normalization", "args", "init", "head_norm")
 
 
 def get_args_parser():
@@ -48,8 +52,12 @@ def get_args_parser():
     p.add_argument("--tau_c", default=0.1, type=cli.positive_float, help="τ_c, temperature of the heads, Eq. 13 (> 0)")
     p.add_argument("--lambda_cp", default=1.0, type=cli.non_negative_float,
                    help="λ, weight of the consistency-preserving loss (>= 0)")
-    p.add_argument("--head_norm", default="released", choices=["released", "paper"],
-                   help="normalize W per feature row (released code) or per class column (paper, Eq. 13)")
+    p.add_argument("--head_norm", default="released", choices=list(NORMS),
+                   help="W normalized per feature row (released), per class column (paper, Eq. 13) or not (Table 3)")
+    p.add_argument("--init", default="encoder", choices=list(assignment.INITS),
+                   help="start from the stage-1 encoder of --resume, or from a random network (Table 2)")
+    p.add_argument("--cluster", default=None, choices=list(METHODS),
+                   help="with --test_only and a stage-1 --resume: cluster its embedding instead (Table 3)")
     p.add_argument("--export_predictions", default="", metavar="FILE.csv",
                    help="write each evaluated image's path, label, selected cluster, its probability and every "
                         "head's cluster")
@@ -72,16 +80,22 @@ class Stage2:
     best_epoch: int | None = None
     clusters: dict | None = None  # the last epoch's ``evaluate``
     selected_head: int | None = None  # the last epoch's
+    init: str = "encoder"  # where the run's network came from (--init), kept in its checkpoints
+    entropies: EpochEntropies = field(default_factory=EpochEntropies)  # Fig. 4, summed over an epoch's steps
 
 
-def train_step(state, images, args):
-    """One SGD step of mean-over-heads Eq. 9 + λ · Eq. 11 on a (2B, 3, H, W) batch, view 1 rows first.
-    Returns the named loss parts (``head_losses``: one per head), detached and left on the device."""
+def train_step(state, images, args, entropies=None):
+    """One SGD step of mean-over-heads Eq. 9 + λ · Eq. 11 on a (2B, 3, H, W) batch, view 1 rows first; the
+    heads' outputs added to ``entropies`` (an EpochEntropies). Returns the named loss parts
+    (``head_losses``: one per head), detached and left on the device."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
         features = state.model(images)  # (2B, d)
     features = distributed.gather_views(features.float())  # heads and losses in float32
     batch = features.shape[0] // 2
-    head_losses = torch.stack([iic_loss(p[:batch], p[batch:]) for p in state.heads(features)])  # (H,)
+    outputs = state.heads(features)
+    head_losses = torch.stack([iic_loss(p[:batch], p[batch:]) for p in outputs])  # (H,)
+    if entropies is not None:
+        entropies.update(outputs)
     l_assign = head_losses.mean()
     l_cp = aug_loss(features, args.batch_t, args.batch_m)  # Eq. 11, on the embeddings
     loss = l_assign + args.lambda_cp * l_cp
@@ -92,39 +106,20 @@ def train_step(state, images, args):
             "head_losses": head_losses.detach()}
 
 
-def evaluate(net, heads, loader, device):
-    """Each head's clusters of ``loader``'s images, as engine/report.py takes them."""
-    features = distributed.compute_features_sharded(net, loader, device)
-    with torch.no_grad():
-        probs, preds = torch.stack(heads(features)).max(dim=2)  # (H, N) each
-    return {"metrics": head_metrics(preds.cpu(), loader.dataset), "preds": preds.cpu(), "probs": probs.cpu()}
-
-
-def load_encoder(args, path, ckpt, num_classes, device):
-    """The network and heads of ``--resume``: (net, model, heads), as in ``Stage2``."""
-    checks.stage2_checkpoint(ckpt, path, args, num_classes)
-    net = NETWORKS[args.network](low_dim=args.low_dim, width=args.width).to(device)
-    heads = MultiHeadNormFC(args.low_dim, num_classes, args.num_heads, args.tau_c, args.head_norm).to(device)
-    load_network(net, ckpt["net"], path)
-    if checkpoint_stage(ckpt) == 2:
-        heads.load_state_dict(ckpt["fc"])
-    distributed.broadcast_state(heads)  # drawn under the seed: rank 0's on every process
-    return (*speed_options(net, args.channels_last, args.compile, args.sync_bn), heads)
-
-
 def main(args):
-    if not args.resume:
-        raise InputError("stage 2 starts from a stage-1 encoder: pass --resume ckpt_embed.t7 "
-                         "(or a stage-2 file to continue or, with --test_only, to evaluate)")
+    assignment.check_flags(args)
     device = open_script(args)
     if args.export_predictions:
         cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
-    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    path, ckpt = read_checkpoint(args.resume, args.model_dir) if args.resume else (None, {})  # None: --init random
+    assignment.check_file(args, path, ckpt)
     args, options = checks.stage2_inputs(args, ckpt, device, get_args_parser().get_default("image_size"))
     split = datasets.DATASETS[args.dataset].cluster_split
     eval_set = datasets.from_args(args, split, **options)
     checks.stage2_images(args, eval_set)
     eval_loader = datasets.make_loader(eval_set, 100, False, args.workers, device)
+    if args.cluster:
+        return assignment.sequential(args, path, ckpt, eval_set, eval_loader, device)
     net, model, heads = load_encoder(args, path, ckpt, eval_set.num_classes, device)
     if args.test_only:
         clusters = evaluate(net, heads, eval_loader, device)
@@ -137,8 +132,8 @@ def main(args):
         raise InputError(f"the training split has {len(train_set)} images, fewer than --batch_size {args.batch_size}")
     train_loader = datasets.make_train_loader(train_set, args, device)
     state = Stage2(net, model, heads, sgd_optimizer(net, args.lr, args.momentum, args.weight_decay), train_loader,
-                   eval_loader, device)
-    resumed = path if checkpoint_stage(ckpt) == 2 else None  # a stage-1 file starts a new stage-2 run
+                   eval_loader, device, init=ckpt.get("init", "encoder") if path else "random")
+    resumed = path if path and checkpoint_stage(ckpt) == 2 else None  # a stage-1 file starts a new stage-2 run
     with open_run(args.model_dir, LAST, LOG, other_files=[BEST], resumed=resumed, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=state.optimizer, args=args) as run:
         if resumed:
@@ -149,7 +144,7 @@ def main(args):
             train_and_save(run, state, epoch, args)
         if not distributed.is_main():  # rank 0 draws and reports
             return None
-        plot_curves(run.log.read(), os.path.join(args.model_dir, "curves.png"))
+        plot_run(run.log.read(), args.model_dir, eval_set)
         if state.clusters is None:
             print(f"nothing to train: {path} already ran {args.epochs} epochs")
             return None
@@ -163,20 +158,23 @@ def train_and_save(run, state, epoch, args):
     set_lr(state.optimizer, lr)
     distributed.start_epoch(state.train_loader, args.seed, epoch)
     state.model.train()
-    losses = run_epoch(state.train_loader, lambda images, _: train_step(state, images, args), state.device,
-                       args.channels_last)
+    losses = run_epoch(state.train_loader, lambda images, _: train_step(state, images, args, state.entropies),
+                       state.device, args.channels_last)
     clusters = evaluate(state.net, state.heads, state.eval_loader, state.device)
     metrics = clusters["metrics"] or {}
     selected = int(np.argmin(losses["head_losses"]))  # the paper's choice: lowest training loss, no labels
     record = {"epoch": epoch, "lr": lr, **losses, **metrics, "selected_head": selected,
-              **selected_metrics(metrics, selected), "seconds": time.time() - start}
+              **selected_metrics(metrics, selected),
+              **assignment.epoch_diagnostics(state.entropies, clusters, selected, state.eval_loader.dataset),
+              "seconds": time.time() - start}
     state.clusters, state.selected_head = clusters, selected
     if losses["loss"] < state.best_loss:
         state.best_loss, state.best_epoch = losses["loss"], epoch
     saved = {"net": state.net.state_dict(), "fc": state.heads.state_dict(), "acc_list": metrics.get("head_acc"),
              "normalization": normalization(state.eval_loader.dataset), "head_losses": losses["head_losses"],
              "selected_head": selected, "epoch": epoch, "nmi_list": metrics.get("head_nmi"),
-             "ari_list": metrics.get("head_ari"), "stage": 2, "args": vars(args)}
+             "ari_list": metrics.get("head_ari"), "stage": 2, "args": vars(args), "init": state.init,
+             "head_norm": args.head_norm}
     # the last epoch first: a kill between the two saves is repaired from it on resume
     run.save({**saved, **training_state(state.optimizer, args, record, next_epoch=epoch + 1,
                                         best_loss=state.best_loss, best_epoch=state.best_epoch)})

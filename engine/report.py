@@ -1,9 +1,10 @@
 """What stage 2 tells a person: each epoch's console line, and at the end of a run the scores, eval.json,
-the pictures (PNG, matplotlib Agg: training curves, the confusion matrix, the clusters of the selected head),
-optionally a CSV of the predictions and k-means on the raw pixels.
+the pictures (PNG, matplotlib Agg: training curves, Fig. 4's mutual information and per-class accuracy, the
+confusion matrix, the clusters of the selected head), optionally a CSV of the predictions and k-means on the
+raw pixels.
 
-``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in % (None without
-labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
+``clusters`` is what ``engine.assignment.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in %
+(None without labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
 """
 import csv
 import json
@@ -42,6 +43,64 @@ def plot_curves(records, path):
             ax_acc.plot(epochs, [r["head_losses"][h] for r in records], marker=".", label=f"head {h}")
         ax_acc.set(xlabel="epoch", ylabel="class-assignment loss", title="per head (no labels)")
     ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+FIG4_EPOCHS = (0, 5, 20, 100, 200, 300)  # the epochs of the paper's per-class accuracy (Fig. 4(b))
+
+
+def plot_run(records, out_dir, dataset):
+    """The pictures drawn from a stage-2 log at the end of a run on ``dataset``'s images: curves.png,
+    mutual_information.png and per_class_accuracy.png (each where its log keys exist)."""
+    plot_curves(records, os.path.join(out_dir, "curves.png"))
+    plot_mutual_information(records, os.path.join(out_dir, "mutual_information.png"), dataset.num_classes)
+    plot_per_class_accuracy(records, os.path.join(out_dir, "per_class_accuracy.png"), dataset.class_names)
+
+
+def plot_mutual_information(records, path, num_classes=None):
+    """Fig. 4(a): H(y) and H(y|ŷ) per epoch (left, right), each head thin and the mean over heads thick, with
+    log C, the largest H(y), dotted; the epochs whose record lacks them (older logs) are left out."""
+    records = [r for r in records if "h_y" in r]
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "h_y", "H(y): spread over the clusters"),
+                           (axes[1], "h_y_given_yhat", "H(y|ŷ): disagreement of the two views")):
+        values = np.array([r[key] for r in records])  # (epochs, heads)
+        for h in range(values.shape[1]):
+            ax.plot(epochs, values[:, h], lw=0.8, alpha=0.6, label=f"head {h}")
+        ax.plot(epochs, values.mean(1), "k", lw=2, marker=".", label="mean over heads")
+        ax.set(xlabel="epoch", ylabel="nats", title=title)
+    if num_classes:
+        axes[0].axhline(np.log(num_classes), color="gray", ls=":", label="log C")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("I(y, ŷ) = H(y) − H(y|ŷ), summed over each epoch's training steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_class_accuracy(records, path, class_names=None, epochs=FIG4_EPOCHS):
+    """Fig. 4(b): the selected head's per-class accuracy (Hungarian-matched) at the paper's ``epochs`` where
+    the log has them, and at its last epoch."""
+    by_epoch = {r["epoch"]: r for r in records if "class_acc" in r}
+    if not by_epoch:
+        return
+    shown = sorted({e for e in epochs if e in by_epoch} | {max(by_epoch)})
+    num_classes = len(by_epoch[shown[0]]["class_acc"])
+    names = list(class_names or [str(c) for c in range(num_classes)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * num_classes + 2), 4))
+    width = 0.8 / len(shown)
+    for i, epoch in enumerate(shown):
+        values = [np.nan if a is None else a for a in by_epoch[epoch]["class_acc"]]
+        ax.bar(np.arange(num_classes) + (i - (len(shown) - 1) / 2) * width, values, width,
+               label=f"epoch {epoch} (ACC {by_epoch[epoch]['acc']:.1f}%)")
+    ax.set_xticks(range(num_classes), names, rotation=45 if num_classes > 10 else 0, fontsize=8)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="per-class accuracy of the selected head")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
