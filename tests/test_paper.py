@@ -96,9 +96,24 @@ def test_the_joint_row_runs_joint_py_and_every_flag_it_passes_is_offered(monkeyp
     assert paper.missing_flags("joint.py", ["--joint", "--lambda_cp", "1"]) == ["--joint"]  # the check can fail
 
 
+def test_stage2_rows_are_runnable_with_todays_flags(monkeypatch):
+    """The help check finds what Table 2's random row, Table 3's heads without normalization and sequential
+    rows, and supplementary D ask of main.py (parsed from the scripts' own --help text, in this process)."""
+    import main as stage2
+    import super_and
+    for script, module in (("main.py", stage2), ("super_and.py", super_and)):
+        monkeypatch.setitem(paper.script_options.__defaults__[0], script,
+                            paper.parse_help(module.get_args_parser().format_help()))
+    rows = {(t, r.id): r for t, table in paper.TABLES.items() for r in table.rows}
+    for key in (("2", "random"), ("3", "no_norm"), ("3", "kmeans"), ("3", "agglomerative"), ("D", "random_long")):
+        run = rows[key].cells[-1].run
+        assert paper.not_runnable(run, paper.run_flags(run, "tiny", "digits", [])) is None, key
+    assert paper.missing_flags("main.py", ["--cluster", "spectral"]) == ["--cluster spectral"]
+
+
 # ---- the harness end to end ----
 
-ROWS = ["3:lambda0", "3:no_norm", "3:two_stage", "C:lambda0", "2:super_and", "3:joint"]
+ROWS = ["3:no_norm", "3:kmeans", "3:two_stage", "C:lambda1", "2:super_and", "3:joint"]  # stage 1, main.py x 3, joint
 
 
 def harness(out):
@@ -138,31 +153,32 @@ def numbers(result):
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
     result = harness(tmp_path)
-    assert set(result["runs"]) == {"embed", "assign", "assign-lambda_cp0", "assign-head_normnone", "joint"}
-    assert {n: r["status"] for n, r in result["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
-        ("embed", "assign", "assign-lambda_cp0", "joint"), "ran")
+    names = ("embed", "assign", "assign-head_normnone", "sequential-kmeans", "joint")
+    assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(names, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
-    assert rows[("3", "no_norm")]["cells"][0]["status"] == "not runnable yet: --head_norm none"
-    assert rows[("3", "no_norm")]["cells"][0]["measured"] is None
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
-    assert len(measured) == 7  # λ = 0 (twice: Table 3 and C's two columns), two-stage (Tables 2, 3), kNN, joint
+    # two-stage (four: Tables 2, 3 and C's two columns), kNN, no normalization, k-means, joint
+    assert len(measured) == 8
     for cell in measured:
         assert cell["measured"] == own_number(cell)
-    assert rows[("3", "lambda0")]["cells"][0]["run"] == rows[("C", "lambda0")]["cells"][0]["run"]
-    assert rows[("C", "lambda0")]["cells"][1]["source"] == "eval:head_acc (mean)"
+    assert rows[("3", "two_stage")]["cells"][0]["run"] == rows[("C", "lambda1")]["cells"][0]["run"]
+    assert rows[("C", "lambda1")]["cells"][1]["source"] == "eval:head_acc (mean)"
     assert rows[("2", "super_and")]["cells"][0]["paper"] == 89.2
+    with open(tmp_path / "runs" / "sequential-kmeans" / "eval.json") as f:
+        assert json.load(f)["method"] == "kmeans"
+    assert rows[("3", "kmeans")]["cells"][0]["paper"] == 38.3
+    assert (tmp_path / "runs" / "assign-head_normnone" / "mutual_information.png").exists()
     assert os.path.exists(tmp_path / "tables.md")
 
     # the same command again: every run is skipped, no file in a run folder changes
     before = mtimes(tmp_path / "runs")
     again = harness(tmp_path)
     assert mtimes(tmp_path / "runs") == before
-    assert {n: r["status"] for n, r in again["runs"].items() if n != "assign-head_normnone"} == dict.fromkeys(
-        ("embed", "assign", "assign-lambda_cp0", "joint"), "skipped")
+    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(names, "skipped")
     assert numbers(again) == numbers(result)
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
-    cut = tmp_path / "runs" / "assign-lambda_cp0"
+    cut = tmp_path / "runs" / "assign-head_normnone"
     with open(cut / "eval.json") as f:
         acc = json.load(f)["acc"]
     os.remove(cut / "eval.json")
@@ -171,7 +187,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
     resumed = harness(tmp_path)
-    assert resumed["runs"]["assign-lambda_cp0"]["status"] == "resumed"
+    assert resumed["runs"]["assign-head_normnone"]["status"] == "resumed"
     assert resumed["runs"]["assign"]["status"] == "skipped" and resumed["runs"]["embed"]["status"] == "skipped"
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
     assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
@@ -179,7 +195,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     with open(cut / "eval.json") as f:
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
-    assert new_rows[("3", "lambda0")]["cells"][0]["measured"] == acc
+    assert new_rows[("3", "no_norm")]["cells"][0]["measured"] == acc
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):
