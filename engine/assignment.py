@@ -56,7 +56,8 @@ def check_file(args, path, ckpt):
     saved = ckpt.get("args", {}).get("dataset")
     if args.cluster and saved is not None and not datasets.same_images(saved, args.dataset):
         raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
-    if stage == 2 and ckpt.get("head_norm", args.head_norm) != args.head_norm:
+    if stage == 2 and args.test_only and ckpt.get("head_norm", args.head_norm) != args.head_norm:
+        # evaluated as trained (continuing with another --head_norm is a changed argument, noted on resume)
         raise InputError(f"{path} has heads normalized '{ckpt['head_norm']}': pass --head_norm {ckpt['head_norm']}")
 
 

@@ -39,7 +39,7 @@ LOCK = "run.lock"
 # may name one of them (engine.cli.check_output_file). A script that writes a new file adds its name here.
 RUN_FILES = (LOCK, "ckpt_embed.t7", "log_embed.jsonl",  # stage 1
              "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json", "curves.png", "confusion_matrix.png",
-             "clusters.png",  # stage 2
+             "clusters.png", "mutual_information.png", "per_class_accuracy.png",  # stage 2
              "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json", "labelled_indexes.json",  # semi.py
              "ckpt_joint.t7", "log_joint.jsonl")  # joint.py (with stage 2's eval.json and pictures)
 CACHE = "cache"

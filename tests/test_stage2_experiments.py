@@ -15,7 +15,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 import datasets
 import main as stage2
 import super_and
-from conftest import expect_error, run_main
+from conftest import expect_error, run_main, skip_pictures
 from engine import distributed
 from engine.system import seed_everything
 from lib.checkpoint import load_checkpoint
@@ -67,8 +67,8 @@ def few_pictures(monkeypatch):
 
 @pytest.fixture
 def no_curves(monkeypatch):
-    """Nor, where a test does not look at them, the log's."""
-    monkeypatch.setattr(stage2, "plot_run", lambda *args, **kwargs: None)
+    """Nor, where a test does not look at them, the log's: no picture at all."""
+    skip_pictures(monkeypatch)
 
 
 @pytest.fixture
@@ -140,6 +140,10 @@ def test_contradicting_flags_are_one_line(stage1, tmp_path, capsys, no_curves):
                                          "--model_dir", out], "stage-2", "ckpt_embed.t7")
     expect_error(capsys, stage2, TINY + ["--subset", "16", "--test_only", "--resume", ckpt, "--model_dir", out],
                  "--head_norm none")  # its heads are evaluated as they were trained
+    for name in ("mutual_information.png", "per_class_accuracy.png"):  # the new pictures are the run's files
+        expect_error(capsys, stage2, TINY + ["--subset", "16", "--head_norm", "none", "--test_only", "--resume", ckpt,
+                                             "--model_dir", tmp_path / "r", "--export_predictions",
+                                             tmp_path / "r" / name], "a file this run writes")
     from_encoder = load_checkpoint(ckpt)
     from_encoder["init"] = "encoder"
     torch.save(from_encoder, tmp_path / "enc.t7")
