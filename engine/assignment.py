@@ -29,6 +29,9 @@ def check_flags(args):
     if args.cluster and not args.test_only:
         raise InputError(f"--cluster {args.cluster} clusters a stage-1 embedding once and trains nothing: "
                          "add --test_only (with --resume ckpt_embed.t7)")
+    if args.cluster and (args.export_predictions or args.kmeans_baseline):
+        raise InputError("--cluster writes its scores to eval.json and nothing else: drop "
+                         f"{'--export_predictions' if args.export_predictions else '--kmeans_baseline'}")
     if args.cluster and args.init == "random":
         raise InputError("--cluster clusters the embedding of a stage-1 file, --init random has none: drop one")
     if args.resume:

@@ -130,6 +130,8 @@ def test_contradicting_flags_are_one_line(stage1, tmp_path, capsys, no_curves):
     expect_error(capsys, stage2, TINY + ["--cluster", "kmeans", "--resume", stage1, "--model_dir", out],
                  "--test_only")
     expect_error(capsys, stage2, TINY + ["--cluster", "kmeans", "--test_only", "--model_dir", out], "--resume")
+    expect_error(capsys, stage2, TINY + ["--cluster", "kmeans", "--test_only", "--kmeans_baseline", "--resume", stage1,
+                                         "--model_dir", out], "--kmeans_baseline")
     expect_error(capsys, stage2, TINY + ["--cluster", "kmeans", "--test_only", "--init", "random", "--resume",
                                          stage1, "--model_dir", out], "--init random")
     assert not out.exists()
