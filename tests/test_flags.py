@@ -58,7 +58,9 @@ NOT_MATH = {
         "sync_bn": "one process: nothing to synchronize (test_distributed.py)",
     },
     "main": {"export_predictions": "a CSV of the evaluation (test_outputs.py)",
-             "kmeans_baseline": "a printed baseline on the raw pixels (test_outputs.py)"},
+             "kmeans_baseline": "a printed baseline on the raw pixels (test_outputs.py)",
+             "init": "the start: a random network instead of --resume (test_stage2_experiments.py)",
+             "cluster": "clusters a stage-1 embedding, no training step (test_stage2_experiments.py)"},
     "semi": {"from_scratch": "the start without --resume: the base run of this table (row 'resume' is the other)"},
 }
 
