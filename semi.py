@@ -196,33 +196,35 @@ def test_accuracy(net, loader, device):
     return 100.0 * correct / max(total, 1)
 
 
-def step_losses(method, model, teacher, labelled, unlabelled, weight, amp, device):
-    """One step's named losses (docs/method.md, "Semi-supervised methods (Table 4)").
+def step_losses(state, labelled, unlabelled, weight, args):
+    """One step's named losses for ``args.method`` (docs/method.md, "Semi-supervised methods (Table 4)").
 
     supervised: cross-entropy on the labelled images (``labelled["image"]``); ``unlabelled`` is None.
-    pi_model: view 1 and view 2 of the B_L labelled then the B_U unlabelled images through ``model`` in one
+    pi_model: view 1 and view 2 of the B_L labelled then the B_U unlabelled images through ``state.model`` in one
         pass (rows: view 1 then view 2, (2B, C)); view 2's outputs are the consistency targets, with gradient.
-    mean_teacher: the student ``model`` on view 1, the ``teacher`` on view 2 without gradient.
+    mean_teacher: the student ``state.model`` on view 1, ``state.teacher`` on view 2 without gradient.
     Both: ``lib.semi_supervised.semi_supervised_loss`` with weight w(t) = ``weight``. Of ``unlabelled`` only
     its views are read: its labels never reach the loss.
     """
+    model, device, amp = state.model, state.device, args.amp
+
     def on_device(name):
         parts = [labelled[name]] + ([] if unlabelled is None else [unlabelled[name]])
         return torch.cat(parts).to(device, non_blocking=True)  # (B_L + B_U, 3, H, W)
 
     targets = labelled["target"].to(device, non_blocking=True)  # (B_L,)
-    if method == "supervised":
+    if args.method == "supervised":
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(labelled["image"].to(device, non_blocking=True))
         return {"loss": F.cross_entropy(logits.float(), targets)}
     first, second = on_device("view1"), on_device("view2")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        if method == "pi_model":
+        if args.method == "pi_model":
             logits, target_logits = model(torch.cat([first, second])).chunk(2)  # two stochastic passes
         else:
             logits = model(first)
             with torch.no_grad():
-                target_logits = teacher(second)
+                target_logits = state.teacher(second)
     return semi_supervised_loss(logits.float(), targets, target_logits.float(), weight)
 
 
@@ -252,8 +254,7 @@ def train_epoch(state, epoch, args):
     for i, batch in enumerate(state.train_loader):
         position = epoch + i / max(steps, 1)  # fractional epochs: the ramp-ups move every step
         weight = consistency_weight(position, state.max_weight, args.rampup_epochs)
-        losses = step_losses(args.method, state.model, state.teacher, batch,
-                             None if unlabelled is None else next(unlabelled), weight, args.amp, state.device)
+        losses = step_losses(state, batch, None if unlabelled is None else next(unlabelled), weight, args)
         state.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         state.optimizer.step()

@@ -3,6 +3,7 @@ on the right outputs, unlabelled images' labels never reach it, each method resu
 included), and the augmentation follows the data set's registry entry."""
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,16 +39,25 @@ def batches():
     return labelled, unlabelled
 
 
+def on_cpu(model, teacher=None):
+    """What ``semi.step_losses`` reads of a run's state."""
+    return SimpleNamespace(model=model, teacher=teacher, device=torch.device("cpu"))
+
+
+def method(name):
+    return SimpleNamespace(method=name, amp=False)
+
+
 def test_supervised_step_is_cross_entropy_on_the_labelled_images():
     net, (labelled, _) = tiny_classifier(), batches()
-    losses = semi.step_losses("supervised", net, None, labelled, None, 5.0, False, torch.device("cpu"))
+    losses = semi.step_losses(on_cpu(net), labelled, None, 5.0, method("supervised"))
     assert losses.keys() == {"loss"}
     assert torch.equal(losses["loss"], F.cross_entropy(net(labelled["image"]), labelled["target"]))
 
 
 def test_pi_model_step_is_the_library_loss_on_two_passes_with_gradient_through_both():
     net, (labelled, unlabelled) = tiny_classifier(), batches()
-    losses = semi.step_losses("pi_model", net, None, labelled, unlabelled, 2.5, False, torch.device("cpu"))
+    losses = semi.step_losses(on_cpu(net), labelled, unlabelled, 2.5, method("pi_model"))
     losses["loss"].backward()
     got = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
@@ -72,8 +82,7 @@ def test_mean_teacher_step_uses_the_teacher_on_view_2_without_gradient():
     with torch.no_grad():
         for p in teacher.parameters():
             p.mul_(0.9)  # a teacher that differs from its student
-    losses = semi.step_losses("mean_teacher", student, teacher, labelled, unlabelled, 7.0, False,
-                              torch.device("cpu"))
+    losses = semi.step_losses(on_cpu(student, teacher), labelled, unlabelled, 7.0, method("mean_teacher"))
     losses["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     logits = student(torch.cat([labelled["view1"], unlabelled["view1"]]))
@@ -85,11 +94,11 @@ def test_mean_teacher_step_uses_the_teacher_on_view_2_without_gradient():
 
 def test_unlabelled_labels_are_not_read():
     net, (labelled, unlabelled) = tiny_classifier("resnet18"), batches()
-    for method in ("pi_model", "mean_teacher"):
+    for name in ("pi_model", "mean_teacher"):
         teacher = copy.deepcopy(net)
-        a = semi.step_losses(method, net, teacher, labelled, unlabelled, 1.0, False, torch.device("cpu"))
+        a = semi.step_losses(on_cpu(net, teacher), labelled, unlabelled, 1.0, method(name))
         without = {k: v for k, v in unlabelled.items() if k != "target"}
-        b = semi.step_losses(method, net, teacher, labelled, without, 1.0, False, torch.device("cpu"))
+        b = semi.step_losses(on_cpu(net, teacher), labelled, without, 1.0, method(name))
         assert torch.equal(a["loss"], b["loss"])
 
 
