@@ -216,8 +216,12 @@ def parse_help(text):
 def script_options(script, cache={}):  # noqa: B006 (one --help per script and process)
     """``parse_help`` of ``script --help``, run once per script."""
     if script not in cache:
-        cache[script] = parse_help(subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
-                                                  capture_output=True, text=True, check=True).stdout)
+        done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HarnessError(f"'{script} --help' failed under {sys.executable} ({last}); run the harness with the "
+                               "project's Python (make paper, or .venv/bin/python experiments/paper.py)")
+        cache[script] = parse_help(done.stdout)
     return cache[script]
 
 

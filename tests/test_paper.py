@@ -57,6 +57,16 @@ def test_help_parsing_finds_flags_and_choices(monkeypatch):
         "--head_norm none", "--joint"]
 
 
+def test_a_script_that_cannot_start_is_one_clear_line(monkeypatch):
+    """The harness run by a Python without the project's packages: its scripts' --help fails."""
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nModuleNotFoundError: No module "
+                                                                 "named 'torch'\n")
+    monkeypatch.setattr(paper.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(paper.HarnessError, match=r"'main.py --help' failed under .*No module named 'torch'.*make "
+                                                 r"paper"):
+        paper.script_options("main.py", cache={})
+
+
 def test_tables_share_runs_and_declare_the_papers_numbers():
     runs = {cell.run.name: cell.run for t in paper.TABLES.values() for r in t.rows for cell in r.cells if cell}
     assert set(paper.RUNS) >= set(runs)
