@@ -357,6 +357,9 @@ def default_max_weight(method, labelled, images):
 
 
 def main(args):
+    if args.gpu_augment:
+        raise InputError("--gpu_augment is the batched device augmentation of the two stages and joint.py; semi.py "
+                         "augments its images in its loader: leave --gpu_augment out")
     resolve_defaults(args)
     device = open_script(args)
     path, ckpt = read_start(args)

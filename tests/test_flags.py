@@ -1,6 +1,6 @@
 """Every flag that changes the math reaches its call.
 
-One row per flag of super_and.py, main.py and semi.py: a non-default value and the quantity it must change,
+One row per flag of super_and.py, main.py, semi.py and joint.py: a non-default value and the quantity it must change,
 seen on a tiny run (width 4, 8x8 digits, one step per epoch, one thread) through ``main(args)`` as the command
 line runs it. Each row checks its quantity against a hand computation at the flag's value where there is one
 (the losses recomputed with lib.losses from the step's own features and memory bank, the bank's update, the
@@ -9,13 +9,18 @@ same computation at the default value does not match, or else checks the quantit
 defaults. Flags of equal default value run together at distinct values (``--npc_t 0.07 --batch_t 0.2``), so a
 swap of the two shows.
 
-What a step saw is recorded by a spy on the script's step (``train_step``; semi.py's ``train_one_epoch``): the
-network's input and output (a forward hook), the memory bank before and after, the parameters before and after
-and their gradients; a spy on ``train_and_save`` keeps the state record and the log records. The runs write no
-checkpoint (test_lifecycle.py checks the files) and draw no picture. A flag added to a script without a row here,
-or a place in ``NOT_MATH`` with its reason, fails ``test_every_flag_has_a_row``.
+What a step saw is recorded by a spy on the script's step (``train_step``; semi.py's ``train_epoch``, one step
+each here, and its ``step_losses``): the network's input and output (a forward hook; Mean Teacher's teacher too),
+the memory bank before and after, the parameters before and after and their gradients; a spy on
+``train_and_save`` keeps the state record and the log records. A run that stops on bad input keeps its exit
+status and its standard error instead (the refusals). The runs write no checkpoint (test_lifecycle.py checks the
+files) and draw no picture. A flag added to a script without a row here, or a place in ``NOT_MATH`` with its
+reason, fails ``test_every_flag_has_a_row``; joint.py's flags that are the stages' own (the same parser entry)
+share the stages' rows, and the ones its step combines are tested through it too.
 """
 import contextlib
+import io
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -23,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import joint
 import main as stage2
 import semi
 import super_and
@@ -38,10 +44,14 @@ BASE = {  # one step per epoch: the batch is the whole (sub)set, or all the labe
     "super_and": TINY + ["--subset", "8", "--batch_size", "8", "--rounds", "1", "--epochs", "1"],
     "main": TINY + ["--subset", "8", "--batch_size", "8", "--epochs", "1"],
     "semi": TINY + ["--subset", "40", "--batch_size", "16", "--labels_per_class", "2", "--epochs", "1"],
+    "joint": TINY + ["--subset", "8", "--batch_size", "8", "--rounds", "1", "--epochs", "1"],
 }
 ROUND_1 = ["--rounds", "2"]  # stage 1 with anchors: round 0, then round 1's discovery and step
-MODULES = {"super_and": super_and, "main": stage2, "semi": semi}
-STAGE1_FILE = "STAGE1_FILE"  # in a row's flags: the path of a stage-1 file of the run's --network, --low_dim, --width
+MODULES = {"super_and": super_and, "main": stage2, "semi": semi, "joint": joint}
+# in a row's flags: the path of a stage-1 file of the run's --network, --low_dim, --width, with no data set
+# recorded (STAGE1_FILE), or recorded as trained on CIFAR-10 at 32 pixels (OTHER_STAGE1_FILE: other images)
+STAGE1_FILE, OTHER_STAGE1_FILE = "STAGE1_FILE", "OTHER_STAGE1_FILE"
+STAGE1_FILES = {STAGE1_FILE: ("stage1", None), OTHER_STAGE1_FILE: ("other", {"dataset": "cifar10", "image_size": 32})}
 
 # The flags that change no number of a run on one CPU process, or that no tiny offline run can show, and why.
 NOT_MATH = {
@@ -62,6 +72,8 @@ NOT_MATH = {
              "init": "the start: a random network instead of --resume (test_stage2_experiments.py)",
              "cluster": "clusters a stage-1 embedding, no training step (test_stage2_experiments.py)"},
     "semi": {"from_scratch": "the start without --resume: the base run of this table (row 'resume' is the other)"},
+    "joint": {"export_predictions": "a CSV of the evaluation (test_joint.py)",
+              "kmeans_baseline": "a printed baseline on the raw pixels (main.py's, test_outputs.py)"},
 }
 
 
@@ -70,13 +82,16 @@ NOT_MATH = {
 @dataclass(repr=False)  # a failed assertion shows the run by this name, not by its tensors
 class Observed:
     """What a run did: ``steps`` (one dict per training step, or per epoch for semi.py), the log ``records``,
-    the ``state`` record and ``args`` of the last epoch, the weights before the first epoch."""
+    the ``state`` record and ``args`` of the last epoch, the weights before the first epoch; for a run
+    stopped on bad input, ``error``: (exit status, the lines on standard error), and its ``model_dir``."""
     name: str = ""
     args: object = None
     state: object = None
     records: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     first_weights: dict = None
+    error: tuple = None
+    model_dir: object = None
 
     def __repr__(self):
         return f"<run {self.name}>"
@@ -104,6 +119,43 @@ def watching(model, optimizer, steps):
     steps.append(step)
 
 
+def parameters(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def spy_semi(mp, seen):
+    """semi.py's spies: each epoch (one step here) as ``watching`` records it, with Mean Teacher's teacher's
+    forwards and its parameters before and after, the student's after; each ``step_losses`` call's method,
+    weight w(t), labelled and unlabelled batches and losses into the epoch's ``calls``."""
+    real_epoch, real_losses, now = semi.train_epoch, semi.step_losses, {}
+
+    def train_epoch(state, epoch, args):
+        teacher = state.teacher
+        with watching(state.model, state.optimizer, seen.steps) as step:
+            now["step"] = step
+            step.update(epoch=epoch, calls=[], teacher_outputs=[])
+            hook = None
+            if teacher is not None:
+                step["teacher_before"] = parameters(teacher)
+                hook = teacher.register_forward_hook(lambda m, i, out: step["teacher_outputs"].append(out.detach()))
+            try:
+                step["losses"] = real_epoch(state, epoch, args)
+            finally:
+                if hook is not None:
+                    hook.remove()
+        if teacher is not None:
+            step.update(teacher_after=parameters(teacher), student_after=parameters(state.net))
+        return step["losses"]
+
+    def step_losses(method, model, teacher, labelled, unlabelled, weight, amp, device):
+        losses = real_losses(method, model, teacher, labelled, unlabelled, weight, amp, device)
+        now["step"]["calls"].append({"method": method, "weight": weight, "labelled": labelled,
+                                     "unlabelled": unlabelled, "losses": {k: v.detach() for k, v in losses.items()}})
+        return losses
+    mp.setattr(semi, "train_epoch", train_epoch)
+    mp.setattr(semi, "step_losses", step_losses)
+
+
 def spy(mp, module, seen):
     """Put the spies into ``module``: its step and its epoch function, as its ``main`` calls them."""
     real_epoch = module.train_and_save
@@ -118,13 +170,7 @@ def spy(mp, module, seen):
     mp.setattr(module, "train_and_save", train_and_save)
 
     if module is semi:
-        real_one_epoch = semi.train_one_epoch
-
-        def train_one_epoch(model, loader, optimizer, amp, device):
-            with watching(model, optimizer, seen.steps) as step:
-                step["loss"] = real_one_epoch(model, loader, optimizer, amp, device)
-            return step["loss"]
-        mp.setattr(semi, "train_one_epoch", train_one_epoch)
+        spy_semi(mp, seen)
         return
 
     real_step = module.train_step
@@ -132,24 +178,28 @@ def spy(mp, module, seen):
     def train_step(state, images, *rest):
         with watching(state.model, state.optimizer, seen.steps) as step:
             step["images"] = images
-            if module is super_and:
+            if module in (super_and, joint):
                 indexes, weight = rest[0], rest[1]
                 step.update(round=state.round, indexes=indexes.clone(), weight=weight,
                             memory=state.bank.memory.clone(), lookup=state.neighbourhoods.lookup(indexes))
             losses = real_step(state, images, *rest)
             step["losses"] = {k: v.clone() for k, v in losses.items()}
-            if module is super_and:
+            if module in (super_and, joint):
                 step["memory_after"] = state.bank.memory.clone()
         return losses
     mp.setattr(module, "train_step", train_step)
 
 
-def write_stage1(path, network, low_dim, width, num_samples=16):
-    """A stage-1 file for main.py and semi.py to start from: a freshly drawn network and a memory bank."""
+def write_stage1(path, network, low_dim, width, saved_args=None, num_samples=16):
+    """A stage-1 file for main.py and semi.py to start from: a freshly drawn network and a memory bank, and
+    ``saved_args`` (the flags it records) where given."""
     torch.manual_seed(0)
     net = NETWORKS[network](low_dim=low_dim, width=width)
     memory = F.normalize(torch.randn(num_samples, low_dim), dim=1)
-    torch.save({"net": net.state_dict(), "npc": {"memory": memory, "params": torch.tensor([0.1, 0.5])}}, path)
+    saved = {} if saved_args is None else {"args": {**saved_args, "network": network, "low_dim": low_dim,
+                                                     "width": width}}
+    torch.save({"net": net.state_dict(), "npc": {"memory": memory, "params": torch.tensor([0.1, 0.5])}, **saved},
+               path)
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +214,25 @@ def observe(tmp_path_factory):
             return runs[key]
         module, flags = MODULES[script], list(BASE[script]) + list(flags)
         args = module.get_args_parser().parse_args(flags)
-        start = folder / f"stage1-{args.network}-{args.low_dim}-{args.width}.t7"
-        if (script == "main" or STAGE1_FILE in flags) and not start.exists():
-            write_stage1(start, args.network, args.low_dim, args.width)
         if script == "main":
             flags += ["--resume", STAGE1_FILE]
         if script == "semi" and "--resume" not in flags:
             flags.append("--from_scratch")
-        flags = [str(start) if f == STAGE1_FILE else f for f in flags] + ["--model_dir", folder / f"run{len(runs)}"]
-        seen = Observed(" ".join(map(str, [script, *key[1]])))
-        with pytest.MonkeyPatch.context() as mp:
+        files = {}
+        for token, (name, saved_args) in STAGE1_FILES.items():
+            files[token] = folder / f"{name}-{args.network}-{args.low_dim}-{args.width}.t7"
+            if token in flags and not files[token].exists():
+                write_stage1(files[token], args.network, args.low_dim, args.width, saved_args)
+        seen = Observed(" ".join(map(str, [script, *key[1]])), model_dir=folder / f"run{len(runs)}")
+        flags = [str(files.get(f, f)) for f in flags] + ["--model_dir", seen.model_dir]
+        stderr = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
             spy(mp, module, seen)
             mp.setattr(lifecycle, "save_checkpoint", lambda *args, **kwargs: None)  # the files: test_lifecycle.py
-            run_main(module, flags)
+            try:
+                run_main(module, flags)
+            except SystemExit as stop:  # a refusal: what the command line would show
+                seen.error = (stop.code, stderr.getvalue().strip().splitlines())
         runs[key] = seen
         return seen
     return run
@@ -186,12 +242,14 @@ def observe(tmp_path_factory):
 
 def stage1_losses(step, npc_t, batch_t, batch_m):
     """Eq. 1-3 of one stage-1 step from its features and the bank before it: {loss, loss_and, loss_aug,
-    loss_ue}, at these τ, T_b, m_b."""
+    loss_ue}, at these τ, T_b, m_b; a step of weight None (AND, Lemniscate: one view) has the AND loss alone."""
     features, indexes = step["outputs"][0].float(), step["indexes"]
     logits = features @ step["memory"].T / npc_t
     neighbours, is_anchor = step["lookup"]
-    parts = {"loss_and": and_loss(logits, indexes, neighbours, is_anchor),
-             "loss_aug": aug_loss(logits, batch_t, batch_m), "loss_ue": ue_loss(logits, indexes)}
+    parts = {"loss_and": and_loss(logits, indexes, neighbours, is_anchor)}
+    if step["weight"] is None:
+        return {"loss": parts["loss_and"], **parts}
+    parts.update(loss_aug=aug_loss(logits, batch_t, batch_m), loss_ue=ue_loss(logits, indexes))
     return {"loss": parts["loss_and"] + parts["loss_aug"] + step["weight"] * parts["loss_ue"], **parts}
 
 
@@ -209,6 +267,37 @@ def stage2_losses(step, heads, tau_c, head_norm, batch_t, batch_m, lambda_cp):
     cp = aug_loss(features, batch_t, batch_m)
     return {"loss": head_losses.mean() + lambda_cp * cp, "loss_assign": head_losses.mean(), "loss_cp": cp,
             "head_losses": head_losses}
+
+
+def joint_losses(step, heads, npc_t=0.1, tau_c=0.1, batch_t=0.1, batch_m=1.0, lambda_cp=1.0):
+    """joint.py's step by hand: stage 1's losses on the bank's logits plus stage 2's on the same features."""
+    one = stage1_losses(step, npc_t, batch_t, batch_m)
+    two = stage2_losses(step, heads, tau_c, "released", batch_t, batch_m, lambda_cp)
+    return {**one, **two, "loss": one["loss"] + two["loss"]}
+
+
+def ramp(epoch, length):
+    """exp(−5 (1 − t)²), t = epoch / length clipped to 1; 1 without a ramp-up."""
+    return 1.0 if length == 0 else math.exp(-5 * (1 - min(epoch / length, 1.0)) ** 2)
+
+
+def semi_losses(step, method, weight):
+    """One semi.py step by hand from the network's outputs (and the teacher's): supervised, the mean
+    cross-entropy of the labelled rows; the semi-supervised methods, the labelled rows' summed cross-entropy
+    over all B rows + w · mean squared difference of the softmax outputs of the two passes (Π-model: the
+    network's one output on [view 1; view 2], halved; Mean Teacher: the student's and the teacher's)."""
+    logits, labels = step["outputs"][0].float(), step["calls"][0]["labelled"]["target"]
+    if method == "pi_model":
+        logits, target = logits.chunk(2)
+    elif method == "mean_teacher":
+        target = step["teacher_outputs"][0].float()
+    log_probs = logits.log_softmax(1)
+    nll = -log_probs[torch.arange(len(labels)), labels]
+    if method == "supervised":
+        return {"loss": nll.mean()}
+    classification = nll.sum() / len(logits)
+    consistency = (log_probs.exp() - target.softmax(1)).pow(2).mean()
+    return {"loss": classification + weight * consistency, "class": classification, "consistency": consistency}
 
 
 def sgd_error(steps, lrs, momentum, weight_decay):
@@ -236,8 +325,9 @@ def bank_error(step, momentum):
     """The largest distance of the bank after a step from the update by hand: each image's slot becomes
     normalize(m · slot + (1 − m) · its view-2 feature); the other slots stay."""
     indexes, features = step["indexes"], step["outputs"][0].float()
+    written = features[len(indexes):] if len(features) == 2 * len(indexes) else features  # one view: itself
     want = step["memory"].clone()
-    want[indexes] = F.normalize(momentum * want[indexes] + (1 - momentum) * features[len(indexes):], dim=1)
+    want[indexes] = F.normalize(momentum * want[indexes] + (1 - momentum) * written, dim=1)
     return (step["memory_after"] - want).abs().max().item()
 
 
@@ -302,6 +392,27 @@ def s1_ans_size(run, default, k=3):
     close(record, stage1_losses(step, 0.1, 0.1, 1.0), ["loss_and"])
 
 
+def s1_variant(variant, anchors):
+    """--variant and|lemniscate: the network sees view 1 alone (B rows); the loss is the AND loss by hand
+    alone, AUG, UE and w logged as null; the bank takes the one view; AND discovers round 1's anchors,
+    Lemniscate none. The default run trains on both views with all three losses."""
+    def check(run, default):
+        assert [r["anchors"] for r in run.records] == anchors
+        assert len(run.state.neighbourhoods.anchor_indexes) == anchors[-1]
+        for step, record in zip(run.steps, run.records, strict=True):
+            batch = len(step["indexes"])
+            assert [x.shape[0] for x in step["inputs"]] == [batch]
+            assert torch.equal(step["inputs"][0], step["images"][:batch])
+            assert record["loss_aug"] is None and record["loss_ue"] is None and record["ue_weight"] is None
+            close(record, stage1_losses(step, 0.1, 0.1, 1.0), ["loss", "loss_and"])
+            assert bank_error(step, 0.5) < 1e-6
+        assert bool(run.steps[-1]["lookup"][1].any()) == (anchors[-1] > 0)
+        assert [x.shape[0] for x in default.steps[0]["inputs"]] == [16]
+        assert default.records[0]["loss_aug"] is not None and default.records[0]["loss"] != default.records[0][
+            "loss_and"]
+    return check
+
+
 def s1_rounds(run, default):
     assert [(r["round"], r["epoch"]) for r in run.records] == [(0, 0), (1, 0), (2, 0)]
     assert [r["anchors"] for r in run.records] == [0, 2, 4]  # floor(8 · 0.25 · round)
@@ -342,6 +453,29 @@ def s2_epochs(run, default):
     assert [r["epoch"] for r in run.records] == [0, 1] and [r["epoch"] for r in default.records] == [0]
 
 
+# ------------------------------------------------------------------------------------------- the rows: joint.py
+
+def joint_row(wrong):
+    """joint.py's step: every logged loss equals stage 1's + stage 2's by hand at the run's JOINT values,
+    τ for the bank's logits and round 1's anchors, τ_c for the heads, T_b and m_b for both AUG losses (on the
+    logits and on the features), λ for the second; each of ``wrong`` (a flag at another value) misses."""
+    values = dict(npc_t=0.07, tau_c=0.2, batch_t=0.15, batch_m=1.5, lambda_cp=0.3)
+
+    def check(run, default):
+        assert [r["anchors"] for r in run.records] == [0, 2]
+        for step, record in zip(run.steps, run.records, strict=True):
+            close(record, joint_losses(step, run.state.heads, **values),
+                  ["loss", "loss_and", "loss_aug", "loss_ue", "loss_assign", "loss_cp", "head_losses"])
+            for other in wrong:
+                assert record["loss"] != pytest.approx(
+                    joint_losses(step, run.state.heads, **{**values, **other})["loss"].item(), rel=1e-4), other
+        round_start = run.steps[0]["memory_after"]
+        torch.testing.assert_close(run.state.neighbourhoods.entropy, entropy(round_start, 0.07), rtol=1e-4,
+                                   atol=1e-5)
+        assert run.records[0]["loss"] != default.records[0]["loss"]
+    return check
+
+
 # ------------------------------------------------------------------------------------------- the rows: semi.py
 
 def semi_labels_per_class(run, default):
@@ -375,10 +509,124 @@ def semi_epochs(run, default):
     assert [r["epoch"] for r in run.records] == [0, 1] and len(run.steps) == 2 and len(default.steps) == 1
 
 
-def semi_gpu_augment(run, default):
-    """--gpu_augment: the labelled images are augmented another way than by the default loader."""
-    loader, default_loader = run.state.train_loader, default.state.train_loader
-    assert type(loader) is not type(default_loader)
+def semi_pi_model(run, default):
+    """--method pi_model: one pass of the network over [view 1; view 2] of the B_L = 16 labelled then the
+    B_U = 8 unlabelled images; the step's loss is the Π-model's by hand at w(t) = 3000 · ramp(epoch / 4), not
+    the cross-entropy alone. The default (supervised) passes the 16 labelled images once, its loss their mean
+    cross-entropy."""
+    for step, record in zip(run.steps, run.records, strict=True):
+        (call,) = step["calls"]
+        labelled, unlabelled = call["labelled"], call["unlabelled"]
+        assert call["method"] == "pi_model"
+        assert torch.equal(step["inputs"][0], torch.cat([labelled["view1"], unlabelled["view1"], labelled["view2"],
+                                                         unlabelled["view2"]]))
+        want = semi_losses(step, "pi_model", 3000 * ramp(step["epoch"], 4))
+        close(record, want, ["loss", "class", "consistency"])
+        assert record["loss"] != pytest.approx(want["class"].item(), rel=1e-3)
+    (call,) = default.steps[0]["calls"]
+    assert call["method"] == "supervised" and call["unlabelled"] is None and "consistency" not in default.records[0]
+    assert torch.equal(default.steps[0]["inputs"][0], call["labelled"]["image"])
+    close(default.records[0], semi_losses(default.steps[0], "supervised", 0.0), ["loss"])
+
+
+def semi_mean_teacher(run, default):
+    """--method mean_teacher: the student sees view 1 and the teacher view 2 of the labelled and unlabelled
+    images; the loss is Mean Teacher's by hand at w(t) = 2000 · ramp(epoch / 2); the teacher starts as the
+    student."""
+    assert all(torch.equal(a, b) for a, b in zip(run.steps[0]["teacher_before"],
+                                                 [run.first_weights[k] for k, _ in run.state.net.named_parameters()]))
+    for step, record in zip(run.steps, run.records, strict=True):
+        (call,) = step["calls"]
+        labelled, unlabelled = call["labelled"], call["unlabelled"]
+        assert call["method"] == "mean_teacher" and len(step["teacher_outputs"]) == 1
+        assert torch.equal(step["inputs"][0], torch.cat([labelled["view1"], unlabelled["view1"]]))
+        want = semi_losses(step, "mean_teacher", 2000 * ramp(step["epoch"], 2))
+        close(record, want, ["loss", "class", "consistency"])
+        assert record["loss"] != pytest.approx(want["class"].item(), rel=1e-3)
+    assert default.steps[0]["calls"][0]["method"] == "supervised" and default.state.teacher is None
+
+
+def teacher_error(run, alphas):
+    """The largest distance of the teacher after each step from α·teacher before + (1 − α)·student after."""
+    worst = 0.0
+    for step, alpha in zip(run.steps, alphas, strict=True):
+        for before, after, student in zip(step["teacher_before"], step["teacher_after"], step["student_after"],
+                                          strict=True):
+            worst = max(worst, (after - (alpha * before + (1 - alpha) * student)).abs().max().item())
+    return worst
+
+
+def semi_ema(run, default):
+    """--ema_decay_rampup 0.3, --ema_decay 0.4 (--rampup_epochs 2, one step per epoch): the teacher follows
+    the student's EMA with α = min(1 − 1/(step + 1), decay) = 0, 0.3 (in the ramp-up), 0.4 (after it); not
+    with the defaults' 0, 0.5, 2/3 nor with the two swapped."""
+    assert teacher_error(run, [0.0, 0.3, 0.4]) < 1e-6
+    for wrong in ([0.0, 0.5, 2 / 3], [0.0, 0.4, 0.3], [0.0, 0.3, 0.3]):
+        assert teacher_error(run, wrong) > 1e-4, wrong
+
+
+def semi_consistency_weight(run, default):
+    """--consistency_weight 3000: w(t) logged and used is 3000 · ramp(epoch / 4), not the Π-model's default
+    100 · M/N = 100 · 20/40."""
+    for step, record in zip(run.steps, run.records, strict=True):
+        want = 3000 * ramp(step["epoch"], 4)
+        assert record["weight"] == pytest.approx(want, rel=1e-12) == step["calls"][0]["weight"]
+        assert record["weight"] != pytest.approx(50 * ramp(step["epoch"], 4), rel=1e-3)
+        close(record, semi_losses(step, "pi_model", want), ["loss"])
+        assert record["loss"] != pytest.approx(semi_losses(step, "pi_model", 50 * ramp(step["epoch"], 4))[
+            "loss"].item(), rel=1e-6)
+
+
+def semi_rampup_epochs(run, default):
+    """--rampup_epochs 4: at epoch 1 w = 3000 · exp(−5 · 0.75²), not the 80 epochs' 3000 · exp(−5 · (79/80)²);
+    epoch 0 is exp(−5) for both."""
+    assert [r["weight"] for r in run.records] == pytest.approx([3000 * math.exp(-5), 3000 * math.exp(-5 * 0.75 ** 2)],
+                                                               rel=1e-12)
+    assert run.records[1]["weight"] != pytest.approx(3000 * ramp(1, 80), rel=1e-3)
+    close(run.records[1], semi_losses(run.steps[1], "pi_model", 3000 * ramp(1, 4)), ["loss"])
+
+
+def semi_unlabelled_batch_size(run, default):
+    """--unlabelled_batch_size 8: each step's unlabelled batch has 8 images (not --batch_size's 16), none of
+    them labelled; the network's pass has 2 · (16 + 8) rows."""
+    for step in run.steps:
+        (call,) = step["calls"]
+        unlabelled = call["unlabelled"]
+        assert len(unlabelled["index"]) == 8 == len(unlabelled["view1"]) and len(call["labelled"]["index"]) == 16
+        assert not set(unlabelled["index"].tolist()) & set(run.state.labelled)
+        assert [x.shape[0] for x in step["inputs"]] == [48]
+
+
+def semi_transfer(run, default):
+    """--transfer: an encoder recorded as trained on CIFAR-10 at 32 pixels starts the digits run (its
+    weights); without the flag the same command stops with one line naming --transfer."""
+    code, lines = default.error
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--transfer" in lines[0], lines
+    start = torch.load(run.args.resume, weights_only=True)
+    assert start["args"]["dataset"] == "cifar10"
+    weights = {k[len("encoder."):]: v for k, v in run.first_weights.items() if k.startswith("encoder.")}
+    assert set(weights) == set(start["net"]) and all(torch.equal(weights[k], v) for k, v in start["net"].items())
+
+
+def refuses(*fragments):
+    """A refusal: exit status 2 and one line on standard error, 'error: ' and each fragment, before the run
+    made its folder; the default run trains."""
+    def check(run, default):
+        assert run.error is not None, "the run was not refused"
+        code, lines = run.error
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.error
+        assert all(f in lines[0] for f in fragments), lines[0]
+        assert not run.model_dir.exists() and default.error is None and default.records
+    check.refusal = True
+    return check
+
+
+def against(flags, check):
+    """``check`` compared with the run of ``flags`` instead of the base run."""
+    def compared(run, default):
+        check(run, default)
+    compared.baseline = tuple(flags)
+    return compared
 
 
 # ------------------------------------------------------------------------------------------- the rows: all three
@@ -503,10 +751,12 @@ TEMPERATURES_2 = ["--tau_c", "0.07", "--batch_t", "0.2"]
 WEIGHTS_2 = ["--batch_m", "1.5", "--lambda_cp", "0.3"]
 DECAY = ["--epochs", "4", "--lr_decay_start", "1", "--lr_decay_every", "2"]
 SPEED = ["--amp", "--channels_last", "--gpu_augment"]  # each changes its own quantity only
-KNOWN_BUGS = {
-    ("semi", "gpu_augment"): "semi.py accepts --gpu_augment and ignores it: its labelled images go through the "
-                             "same worker-process DataLoader either way (no error, no device augmentation)",
-}
+# joint.py: the flags its step uses in both stages' losses, equal defaults at distinct values, one run
+JOINT = ROUND_1 + ["--npc_t", "0.07", "--tau_c", "0.2", "--batch_t", "0.15", "--batch_m", "1.5", "--lambda_cp", "0.3"]
+PI = ["--method", "pi_model", "--consistency_weight", "3000", "--rampup_epochs", "4", "--unlabelled_batch_size", "8",
+      "--epochs", "2"]
+MEAN_TEACHER = ["--method", "mean_teacher", "--consistency_weight", "2000", "--rampup_epochs", "2",
+                "--ema_decay_rampup", "0.3", "--ema_decay", "0.4", "--epochs", "3"]
 
 
 def table():
@@ -520,6 +770,8 @@ def table():
         ("super_and", "ANs_size", ROUND_1 + ["--ANs_size", "3"], s1_ans_size),
         ("super_and", "rounds", ["--rounds", "3"], s1_rounds),
         ("super_and", "epochs", ["--epochs", "2"], s1_epochs),
+        ("super_and", "variant:and", ROUND_1 + ["--variant", "and"], s1_variant("and", [0, 2])),
+        ("super_and", "variant:lemniscate", ROUND_1 + ["--variant", "lemniscate"], s1_variant("lemniscate", [0, 0])),
         ("main", "tau_c", TEMPERATURES_2, s2_loss_row({"tau_c": 0.2}, tau_c=0.07, batch_t=0.2)),
         ("main", "batch_t", TEMPERATURES_2, s2_loss_row({"batch_t": 0.07}, tau_c=0.07, batch_t=0.2)),
         ("main", "batch_m", WEIGHTS_2, s2_loss_row({"batch_m": 1.0}, batch_m=1.5, lambda_cp=0.3)),
@@ -532,15 +784,32 @@ def table():
         ("semi", "lr_decay_every", DECAY, semi_decay),
         ("semi", "resume", ["--resume", STAGE1_FILE], semi_resume),
         ("semi", "epochs", ["--epochs", "2"], semi_epochs),
-        ("semi", "gpu_augment", SPEED, semi_gpu_augment),
+        ("semi", "method:pi_model", PI, semi_pi_model),
+        ("semi", "method:mean_teacher", MEAN_TEACHER, semi_mean_teacher),
+        ("semi", "consistency_weight", PI, semi_consistency_weight),
+        ("semi", "rampup_epochs", PI, semi_rampup_epochs),
+        ("semi", "unlabelled_batch_size", PI, semi_unlabelled_batch_size),
+        ("semi", "ema_decay_rampup", MEAN_TEACHER, semi_ema),
+        ("semi", "ema_decay", MEAN_TEACHER, semi_ema),
+        ("semi", "transfer", ["--resume", OTHER_STAGE1_FILE, "--transfer"],
+         against(["--resume", OTHER_STAGE1_FILE], semi_transfer)),
+        ("semi", "gpu_augment", ["--gpu_augment"], refuses("--gpu_augment", "joint.py")),
+        ("joint", "npc_t", JOINT, joint_row([{"npc_t": 0.1}, {"npc_t": 0.2}, {"npc_t": 0.15}])),
+        ("joint", "tau_c", JOINT, joint_row([{"tau_c": 0.1}, {"tau_c": 0.07}, {"tau_c": 0.15}])),
+        ("joint", "batch_t", JOINT, joint_row([{"batch_t": 0.1}, {"batch_t": 0.07}, {"batch_t": 0.2}])),
+        ("joint", "batch_m", JOINT, joint_row([{"batch_m": 1.0}, {"batch_m": 0.3}])),
+        ("joint", "lambda_cp", JOINT, joint_row([{"lambda_cp": 1.0}, {"lambda_cp": 1.5}])),
+        ("joint", "amp", SPEED, amp_row), ("joint", "channels_last", SPEED, channels_last_row),
+        ("joint", "gpu_augment", SPEED, gpu_augment_row),
     ]
     for script, base_lr in (("super_and", 0.03), ("main", 0.01), ("semi", 0.005)):
         rows += [(script, "lr", ["--lr", "0.05"], optimizer_row("lr", 0.05, base_lr, base_lr)),
                  (script, "momentum", ["--momentum", "0.5"], optimizer_row("momentum", 0.5, 0.9, base_lr)),
                  (script, "weight_decay", ["--weight_decay", "0.1"], optimizer_row("weight_decay", 0.1, 5e-4, base_lr))]
         rows += [(script, flag, flags, check) for flag, flags, check in shape_rows(script)]
-        rows += [(script, "seed", ["--seed", "1"], seed_row(script)), (script, "amp", SPEED, amp_row),
-                 (script, "channels_last", SPEED, channels_last_row)]
+        speed = SPEED if script != "semi" else SPEED[:2]  # semi.py refuses --gpu_augment (its row above)
+        rows += [(script, "seed", ["--seed", "1"], seed_row(script)), (script, "amp", speed, amp_row),
+                 (script, "channels_last", speed, channels_last_row)]
         if script != "semi":
             rows.append((script, "gpu_augment", SPEED, gpu_augment_row))
     return rows
@@ -549,26 +818,51 @@ def table():
 ROWS = table()
 
 
-def as_param(script, flag, flags, check):
-    bug = KNOWN_BUGS.get((script, flag))
-    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-    return pytest.param(script, flags, check, id=f"{script}--{flag}", marks=marks)
+def flag_of(row):
+    """The flag a row tests: 'method' of the row named 'method:pi_model'."""
+    return row[1].split(":")[0]
 
 
-@pytest.mark.parametrize("script, flags, check", [as_param(*row) for row in ROWS])
+def same_flag(a, b):
+    """Two parser entries define the same flag: its spelling, default, type (a range check: the same function
+    of the same bounds), choices and kind."""
+    def kind(action):
+        parse = action.type
+        bounds = tuple(cell.cell_contents for cell in getattr(parse, "__closure__", None) or ())
+        return (action.option_strings, action.default, action.choices, action.nargs, action.const,
+                getattr(parse, "__qualname__", parse), bounds)
+    return kind(a) == kind(b)
+
+
+def actions(script):
+    return {a.dest: a for a in MODULES[script].get_args_parser()._actions if a.dest != "help"}
+
+
+@pytest.mark.parametrize("script, flags, check",
+                         [pytest.param(script, flags, check, id=f"{script}--{flag}") for script, flag, flags, check
+                          in ROWS])
 def test_flag_changes_its_quantity(observe, script, flags, check):
-    check(observe(script, flags), observe(script))
+    run, default = observe(script, flags), observe(script, getattr(check, "baseline", ()))
+    if not getattr(check, "refusal", False):
+        assert run.error is None, run.error
+    check(run, default)
 
 
 @pytest.mark.parametrize("script", list(MODULES))
 def test_every_flag_has_a_row(script):
-    """Each flag of the script's parser has a row above or a reason in NOT_MATH; the table names no other."""
-    parser = MODULES[script].get_args_parser()
-    flags = {action.dest for action in parser._actions if action.dest != "help"}
-    rows = {flag for s, flag, _, _ in ROWS if s == script}
+    """Each flag of the script's parser has a row above or a reason in NOT_MATH; the table names no other.
+    joint.py's other flags are the stages' own (the same parser entry: spelling, default, type, choices) and
+    share the row of the stage that has one."""
+    flags = actions(script)
+    rows = {flag_of(row) for row in ROWS if row[0] == script}
     reasons = set(NOT_MATH["all"]) | set(NOT_MATH.get(script, {}))
-    assert flags - rows - reasons == set(), "flags without a row"
-    assert rows - flags == set(), "rows of flags the script does not have"
+    shared = set()
+    if script == "joint":
+        for stage in ("super_and", "main"):
+            theirs, covered = actions(stage), {flag_of(row) for row in ROWS if row[0] == stage}
+            shared |= {f for f in covered if f in flags and f in theirs and same_flag(flags[f], theirs[f])}
+    assert set(flags) - rows - reasons - shared == set(), "flags without a row"
+    assert rows - set(flags) == set(), "rows of flags the script does not have"
 
 
 @pytest.mark.parametrize("script", list(MODULES))
