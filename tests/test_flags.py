@@ -24,18 +24,21 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import datasets
 import joint
 import main as stage2
 import semi
 import super_and
 from conftest import run_main
-from engine import lifecycle
+from engine import assignment, lifecycle
+from engine.system import seed_everything
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
-from models import NETWORKS
+from models import NETWORKS, MultiHeadNormFC
 
 pytestmark = pytest.mark.usefixtures("one_thread", "digits_read_once", "no_pictures")
 
@@ -68,9 +71,7 @@ NOT_MATH = {
         "sync_bn": "one process: nothing to synchronize (test_distributed.py)",
     },
     "main": {"export_predictions": "a CSV of the evaluation (test_outputs.py)",
-             "kmeans_baseline": "a printed baseline on the raw pixels (test_outputs.py)",
-             "init": "the start: a random network instead of --resume (test_stage2_experiments.py)",
-             "cluster": "clusters a stage-1 embedding, no training step (test_stage2_experiments.py)"},
+             "kmeans_baseline": "a printed baseline on the raw pixels (test_outputs.py)"},
     "semi": {"from_scratch": "the start without --resume: the base run of this table (row 'resume' is the other)"},
     "joint": {"export_predictions": "a CSV of the evaluation (test_joint.py)",
               "kmeans_baseline": "a printed baseline on the raw pixels (main.py's, test_outputs.py)"},
@@ -92,6 +93,8 @@ class Observed:
     first_weights: dict = None
     error: tuple = None
     model_dir: object = None
+    result: object = None  # what ``main`` returned
+    clusterings: list = field(default_factory=list)  # main.py --cluster: (features, labels) of each clustering
 
     def __repr__(self):
         return f"<run {self.name}>"
@@ -172,6 +175,14 @@ def spy(mp, module, seen):
     if module is semi:
         spy_semi(mp, seen)
         return
+    if module is stage2:
+        real_cluster = assignment.cluster_embedding
+
+        def cluster_embedding(features, *args, **kwargs):
+            labels, connected = real_cluster(features, *args, **kwargs)
+            seen.clusterings.append((features.detach().clone(), labels.copy()))
+            return labels, connected
+        mp.setattr(assignment, "cluster_embedding", cluster_embedding)
 
     real_step = module.train_step
 
@@ -214,7 +225,7 @@ def observe(tmp_path_factory):
             return runs[key]
         module, flags = MODULES[script], list(BASE[script]) + list(flags)
         args = module.get_args_parser().parse_args(flags)
-        if script == "main":
+        if script == "main" and "random" not in flags:  # --init random: no file
             flags += ["--resume", STAGE1_FILE]
         if script == "semi" and "--resume" not in flags:
             flags.append("--from_scratch")
@@ -230,9 +241,11 @@ def observe(tmp_path_factory):
             spy(mp, module, seen)
             mp.setattr(lifecycle, "save_checkpoint", lambda *args, **kwargs: None)  # the files: test_lifecycle.py
             try:
-                run_main(module, flags)
+                seen.result = run_main(module, flags)
             except SystemExit as stop:  # a refusal: what the command line would show
                 seen.error = (stop.code, stderr.getvalue().strip().splitlines())
+        if seen.args is None:  # no epoch ran (--test_only, a refusal): the flags as parsed
+            seen.args = module.get_args_parser().parse_args([str(f) for f in flags])
         runs[key] = seen
         return seen
     return run
@@ -255,12 +268,14 @@ def stage1_losses(step, npc_t, batch_t, batch_m):
 
 def stage2_losses(step, heads, tau_c, head_norm, batch_t, batch_m, lambda_cp):
     """Eq. 9 per head, Eq. 11 and their sum of one stage-2 step from its features and the frozen heads' W:
-    softmax(v · Ŵ / τ_c), Ŵ normalized per feature row (released) or per class column (paper)."""
+    softmax(v · Ŵ / τ_c), Ŵ normalized per feature row (released) or per class column (paper), or W as drawn
+    (none)."""
     features = step["outputs"][0].float()
     batch = features.shape[0] // 2
     head_losses = []
     for head in heads.heads:
-        weight = F.normalize(head.weight, dim=1 if head_norm == "released" else 0)
+        weight = head.weight if head_norm == "none" else F.normalize(head.weight, dim=1 if head_norm == "released"
+                                                                      else 0)
         probs = F.softmax(features @ weight / tau_c, dim=1)
         head_losses.append(iic_loss(probs[:batch], probs[batch:]))
     head_losses = torch.stack(head_losses)
@@ -447,6 +462,57 @@ def s2_num_heads(run, default):
     assert len(default.records[0]["head_losses"]) == 5
     close(run.records[0], stage2_losses(run.steps[0], run.state.heads, 0.1, "released", 0.1, 1.0, 1.0),
           ["head_losses", "loss"])
+
+
+def s2_init(run, default):
+    """--init random (no --resume): the network is the one drawn under the seed, then the heads drawn after
+    it, not the stage-1 file's (the default run's start); the step's losses are Eq. 9 / 11 by hand."""
+    seed_everything(run.args.seed)
+    drawn = NETWORKS[run.args.network](low_dim=8, width=4).state_dict()
+    heads = MultiHeadNormFC(8, 10, 5, 0.1, "released").state_dict()
+    assert run.first_weights.keys() == drawn.keys()
+    assert all(torch.equal(run.first_weights[k], v) for k, v in drawn.items())
+    assert all(torch.equal(run.state.heads.state_dict()[k], v) for k, v in heads.items())  # frozen: as drawn
+    start = torch.load(default.args.resume, weights_only=True)["net"]
+    assert all(torch.equal(default.first_weights[k], v) for k, v in start.items())
+    assert not torch.equal(start["conv1.weight"], drawn["conv1.weight"])
+    close(run.records[0], stage2_losses(run.steps[0], run.state.heads, 0.1, "released", 0.1, 1.0, 1.0),
+          ["loss", "head_losses"])
+
+
+def hungarian_accuracy(labels, targets, classes=10):
+    """The share of images whose cluster is matched to their class, the one-to-one matching of most hits."""
+    from scipy.optimize import linear_sum_assignment
+    hits = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(hits, (labels, targets), 1)
+    rows, cols = linear_sum_assignment(-hits)
+    return hits[rows, cols].sum() / len(labels)
+
+
+def s2_cluster(method):
+    """--test_only --cluster METHOD on the stage-1 file: one clustering of the embedding of the evaluation
+    images, scikit-learn's METHOD's (k-means: 10 starts from the seed; agglomerative: Ward), scored by hand
+    (Hungarian ACC, NMI, ARI, in %); no training step. The same command without --cluster is refused in one
+    line (a stage-1 file has no heads to evaluate)."""
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    def check(run, default):
+        (features, labels), = run.clusterings
+        assert features.shape == (12, 8) and not run.steps and not run.records
+        x = features.double().numpy()
+        model = (KMeans(10, n_init=10, random_state=run.args.seed % 2**32) if method == "kmeans"
+                 else AgglomerativeClustering(10, linkage="ward"))
+        assert labels.tolist() == model.fit_predict(x).tolist()
+        targets = np.asarray(datasets.from_args(run.args, "train").targets)
+        summary = run.result
+        assert summary["method"] == method and summary["images"] == len(targets) == 12
+        assert summary["acc"] == pytest.approx(100 * hungarian_accuracy(labels, targets), rel=1e-12)
+        assert summary["nmi"] == pytest.approx(100 * normalized_mutual_info_score(targets, labels), rel=1e-9)
+        assert summary["ari"] == pytest.approx(100 * adjusted_rand_score(targets, labels), rel=1e-9, abs=1e-9)
+        code, lines = default.error  # without --cluster a stage-1 file has no heads to evaluate
+        assert code == 2 and len(lines) == 1 and "stage-1" in lines[0] and not default.clusterings, lines
+    return check
 
 
 def s2_epochs(run, default):
@@ -753,6 +819,7 @@ DECAY = ["--epochs", "4", "--lr_decay_start", "1", "--lr_decay_every", "2"]
 SPEED = ["--amp", "--channels_last", "--gpu_augment"]  # each changes its own quantity only
 # joint.py: the flags its step uses in both stages' losses, equal defaults at distinct values, one run
 JOINT = ROUND_1 + ["--npc_t", "0.07", "--tau_c", "0.2", "--batch_t", "0.15", "--batch_m", "1.5", "--lambda_cp", "0.3"]
+CLUSTER = ["--test_only", "--subset", "12"]  # more images than the 10 clusters
 PI = ["--method", "pi_model", "--consistency_weight", "3000", "--rampup_epochs", "4", "--unlabelled_batch_size", "8",
       "--epochs", "2"]
 MEAN_TEACHER = ["--method", "mean_teacher", "--consistency_weight", "2000", "--rampup_epochs", "2",
@@ -776,7 +843,13 @@ def table():
         ("main", "batch_t", TEMPERATURES_2, s2_loss_row({"batch_t": 0.07}, tau_c=0.07, batch_t=0.2)),
         ("main", "batch_m", WEIGHTS_2, s2_loss_row({"batch_m": 1.0}, batch_m=1.5, lambda_cp=0.3)),
         ("main", "lambda_cp", WEIGHTS_2, s2_loss_row({"lambda_cp": 1.0}, batch_m=1.5, lambda_cp=0.3)),
-        ("main", "head_norm", ["--head_norm", "paper"], s2_loss_row({"head_norm": "released"}, head_norm="paper")),
+        ("main", "head_norm:paper", ["--head_norm", "paper"],
+         s2_loss_row({"head_norm": "released"}, head_norm="paper")),
+        ("main", "head_norm:none", ["--head_norm", "none"], s2_loss_row({"head_norm": "released"}, head_norm="none")),
+        ("main", "init", ["--init", "random"], s2_init),
+        ("main", "cluster:kmeans", CLUSTER + ["--cluster", "kmeans"], against(CLUSTER, s2_cluster("kmeans"))),
+        ("main", "cluster:agglomerative", CLUSTER + ["--cluster", "agglomerative"],
+         against(CLUSTER, s2_cluster("agglomerative"))),
         ("main", "num_heads", ["--num_heads", "3"], s2_num_heads),
         ("main", "epochs", ["--epochs", "2"], s2_epochs),
         ("semi", "labels_per_class", ["--labels_per_class", "3"], semi_labels_per_class),
