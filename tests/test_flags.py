@@ -1,13 +1,14 @@
 """Every flag that changes the math reaches its call.
 
-One row per flag of super_and.py, main.py, semi.py and joint.py: a non-default value and the quantity it must change,
-seen on a tiny run (width 4, 8x8 digits, one step per epoch, one thread) through ``main(args)`` as the command
-line runs it. Each row checks its quantity against a hand computation at the flag's value where there is one
-(the losses recomputed with lib.losses from the step's own features and memory bank, the bank's update, the
-heads' softmax, the SGD update, the learning-rate schedule, the anchors and their neighbours) and shows that the
-same computation at the default value does not match, or else checks the quantity against the same run at the
-defaults. Flags of equal default value run together at distinct values (``--npc_t 0.07 --batch_t 0.2``), so a
-swap of the two shows.
+One row per flag of super_and.py, main.py, semi.py and joint.py (per non-default choice of a flag of choices:
+``method:pi_model``): a non-default value and the quantity it must change, seen on a tiny run (width 4, 8x8
+digits, one step per epoch, one thread) through ``main(args)`` as the command line runs it. Each row checks its
+quantity against a hand computation at the flag's value where there is one (the losses recomputed with
+lib.losses from the step's own features and memory bank, the bank's update, the heads' softmax, the SGD update,
+the learning-rate schedule, the anchors and their neighbours, semi.py's losses, ramp-up and teacher, the
+clusterings' scores) and shows that the same computation at the default value does not match, or else checks
+the quantity against the same run at the defaults (or, ``against``, without the flag). Flags of equal default
+value run together at distinct values (``--npc_t 0.07 --batch_t 0.2``), so a swap of the two shows.
 
 What a step saw is recorded by a spy on the script's step (``train_step``; semi.py's ``train_epoch``, one step
 each here, and its ``step_losses``): the network's input and output (a forward hook; Mean Teacher's teacher too),
