@@ -151,9 +151,9 @@ def spy_semi(mp, seen):
             step.update(teacher_after=parameters(teacher), student_after=parameters(state.net))
         return step["losses"]
 
-    def step_losses(method, model, teacher, labelled, unlabelled, weight, amp, device):
-        losses = real_losses(method, model, teacher, labelled, unlabelled, weight, amp, device)
-        now["step"]["calls"].append({"method": method, "weight": weight, "labelled": labelled,
+    def step_losses(state, labelled, unlabelled, weight, args):
+        losses = real_losses(state, labelled, unlabelled, weight, args)
+        now["step"]["calls"].append({"method": args.method, "weight": weight, "labelled": labelled,
                                      "unlabelled": unlabelled, "losses": {k: v.detach() for k, v in losses.items()}})
         return losses
     mp.setattr(semi, "train_epoch", train_epoch)
