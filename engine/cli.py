@@ -81,10 +81,13 @@ def common_parser(dataset_names, network_names):
     p = ArgumentParser(add_help=False)
     p.add_argument("--dataset", default="cifar10", choices=list(dataset_names),
                    help="data set; 'folder' reads your own images from --data_dir")
-    p.add_argument("--network", default="resnet18", choices=list(network_names), help="two-trunk backbone")
+    p.add_argument("--network", default="resnet18", choices=list(network_names),
+                   help="backbone: resnet18/resnet101 (two trunks, RGB and Sobel, as released) or wrn28_2 "
+                        "(WideResNet-28-2 on RGB, the semi-supervised literature's)")
     p.add_argument("--low_dim", default=128, type=positive_int, help="d, embedding dimension (>= 1)")
     p.add_argument("--width", default=64, type=positive_int,
-                   help="channels of the first ResNet stage (>= 1; 64 as released, smaller only for quick CPU runs)")
+                   help="channels of the first stage (>= 1; 64 as released; wrn28_2 scales its widths by "
+                        "width/64); smaller only for quick CPU runs")
     p.add_argument("--lr", default=0.03, type=non_negative_float, help="base learning rate (>= 0)")
     p.add_argument("--momentum", default=0.9, type=half_open_unit, help="SGD momentum, Nesterov (in [0, 1))")
     p.add_argument("--weight_decay", "--wd", default=5e-4, type=non_negative_float, help="weight decay (>= 0)")
@@ -108,15 +111,16 @@ def common_parser(dataset_names, network_names):
                       help="clusters to make of an unlabelled folder in stage 2 (>= 2); stage 1 ignores it")
     data.add_argument("--workers", default=4, type=non_negative_int, help="data-loading processes (>= 0)")
     data.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
-    speed = p.add_argument_group("speed (off by default; README gives their measured effect)")
+    speed = p.add_argument_group("speed (off by default; bench/README.md gives their measured effect)")
     speed.add_argument("--amp", action="store_true",
                        help="bfloat16 autocast for the network (losses and memory bank stay float32)")
     speed.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     speed.add_argument("--compile", action="store_true", help="torch.compile the network")
     speed.add_argument("--gpu_augment", action="store_true",
                        help="augment whole batches on the device from uint8 images held there "
-                            "(same transforms and parameter distributions, another random stream)")
-    several = p.add_argument_group("several processes (torchrun; README, 'Several GPUs and machines')")
+                            "(same transforms and parameter distributions, another random stream; the two "
+                            "stages and joint.py)")
+    several = p.add_argument_group("several processes (torchrun; docs/distributed.md)")
     several.add_argument("--sync_bn", action="store_true",
                          help="GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm), as one "
                               "device computes them, instead of over each process's own rows (as the released "
