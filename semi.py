@@ -19,6 +19,7 @@ Under torchrun each process trains on its share of every batch (the mean loss is
 tests its share of the test images, the counts summed (engine/distributed.py); the code below reads as one
 process.
 """
+import argparse
 import copy
 import json
 import os
@@ -110,14 +111,24 @@ def get_args_parser():
     return p
 
 
+# the flags each method reads beyond those of supervised training: given to another method, they contradict it
+SEMI_SUPERVISED = ("pi_model", "mean_teacher")
+METHOD_FLAGS = {"unlabelled_batch_size": SEMI_SUPERVISED, "consistency_weight": SEMI_SUPERVISED,
+                "rampup_epochs": SEMI_SUPERVISED, "ema_decay_rampup": ("mean_teacher",), "ema_decay": ("mean_teacher",)}
+
+
 def resolve_defaults(args):
-    """--labels_per_class and --lr left out: the data set's values (PAPER_DEFAULTS); ``args`` is changed."""
+    """A copy of ``args`` with --labels_per_class and --lr, where left out, the data set's (PAPER_DEFAULTS);
+    when training, a flag of another --method than the one given is one error line (--test_only evaluates
+    the file's own method)."""
+    defaults = get_args_parser()
+    for flag, methods in METHOD_FLAGS.items():
+        if args.method not in methods and getattr(args, flag) != defaults.get_default(flag) and not args.test_only:
+            raise InputError(f"--{flag} is a flag of {' and '.join(methods)}, not of --method {args.method}: "
+                             "leave it out or choose that method")
     per_class, lr = PAPER_DEFAULTS.get(args.dataset, OTHER_DEFAULTS)
-    if args.labels_per_class is None:
-        args.labels_per_class = per_class
-    if args.lr is None:
-        args.lr = lr
-    return args
+    return argparse.Namespace(**{**vars(args), "labels_per_class": args.labels_per_class or per_class,
+                                 "lr": lr if args.lr is None else args.lr})
 
 
 def semi_lr(epoch, base_lr, start=80, every=40):
@@ -360,7 +371,7 @@ def main(args):
     if args.gpu_augment:
         raise InputError("--gpu_augment is the batched device augmentation of the two stages and joint.py; semi.py "
                          "augments its images in its loader: leave --gpu_augment out")
-    resolve_defaults(args)
+    args = resolve_defaults(args)
     device = open_script(args)
     path, ckpt = read_start(args)
     # --test_only at the size the file was trained at; the memory that size costs, before any data is read

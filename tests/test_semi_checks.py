@@ -124,6 +124,21 @@ def test_defaults_per_data_set(flags, expected):
     assert (args.epochs, args.lr_decay_start, args.lr_decay_every, args.method) == (180, 80, 40, "supervised")
 
 
+def test_defaults_come_in_a_copy():
+    args = semi.get_args_parser().parse_args(["--dataset", "svhn"])
+    before = dict(vars(args))
+    assert semi.resolve_defaults(args).lr == 0.001 and vars(args) == before
+
+
+@pytest.mark.parametrize("flags", [["--consistency_weight", "5"], ["--rampup_epochs", "3"],
+                                   ["--unlabelled_batch_size", "8"], ["--ema_decay", "0.9"],
+                                   ["--method", "pi_model", "--ema_decay_rampup", "0.9"]])
+def test_a_flag_of_another_method_is_refused(flags, tmp_path, capsys):
+    expect_error(capsys, semi, ["--dataset", "digits", "--from_scratch", "--model_dir", tmp_path / "o", *flags],
+                 "not of --method")
+    assert not (tmp_path / "o").exists()
+
+
 def test_help_shows_methods_and_defaults():
     text = " ".join(semi.get_args_parser().format_help().split())
     assert "{supervised,pi_model,mean_teacher}" in text
