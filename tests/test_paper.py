@@ -123,13 +123,15 @@ def test_stage2_rows_are_runnable_with_todays_flags(monkeypatch):
 
 # ---- the harness end to end ----
 
-ROWS = ["3:no_norm", "3:kmeans", "3:two_stage", "C:lambda1", "2:super_and", "3:joint"]  # stage 1, main.py x 3, joint
+# two rows of each table, four runs: stage 1, stage 2 from it and from a random encoder, k-means on its embedding
+ROWS = ["2:super_and", "2:random", "3:kmeans", "3:two_stage", "C:lambda1", "C:tau0.1", "D:random", "D:two_stage"]
 
 
 def harness(out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"), "--tables", "2", "3", "C",
-                           "--rows", *ROWS, "--scale", "tiny", "--dataset", "digits", "--out", str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"),
+                           "--tables", "2", "3", "C", "D", "--rows", *ROWS, "--scale", "tiny", "--dataset", "digits",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "tables.json") as f:
@@ -163,21 +165,23 @@ def numbers(result):
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
     result = harness(tmp_path)
-    names = ("embed", "assign", "assign-head_normnone", "sequential-kmeans", "joint")
+    names = ("embed", "assign", "assign-random", "sequential-kmeans")
     assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(names, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
-    # two-stage (four: Tables 2, 3 and C's two columns), kNN, no normalization, k-means, joint
-    assert len(measured) == 8
+    # two-stage (Tables 2, 3, D and C's two columns for each of its two rows: 7), kNN, random (2), k-means
+    assert len(measured) == 11
     for cell in measured:
         assert cell["measured"] == own_number(cell)
-    assert rows[("3", "two_stage")]["cells"][0]["run"] == rows[("C", "lambda1")]["cells"][0]["run"]
+    assert rows[("3", "two_stage")]["cells"][0]["run"] == rows[("C", "lambda1")]["cells"][0]["run"] \
+        == rows[("C", "tau0.1")]["cells"][0]["run"] == rows[("D", "two_stage")]["cells"][0]["run"]
+    assert rows[("2", "random")]["cells"][-1]["run"] == rows[("D", "random")]["cells"][0]["run"]
     assert rows[("C", "lambda1")]["cells"][1]["source"] == "eval:head_acc (mean)"
     assert rows[("2", "super_and")]["cells"][0]["paper"] == 89.2
     with open(tmp_path / "runs" / "sequential-kmeans" / "eval.json") as f:
         assert json.load(f)["method"] == "kmeans"
     assert rows[("3", "kmeans")]["cells"][0]["paper"] == 38.3
-    assert (tmp_path / "runs" / "assign-head_normnone" / "mutual_information.png").exists()
+    assert (tmp_path / "runs" / "assign-random" / "mutual_information.png").exists()
     assert os.path.exists(tmp_path / "tables.md")
 
     # the same command again: every run is skipped, no file in a run folder changes
@@ -188,7 +192,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     assert numbers(again) == numbers(result)
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
-    cut = tmp_path / "runs" / "assign-head_normnone"
+    cut = tmp_path / "runs" / "assign-random"
     with open(cut / "eval.json") as f:
         acc = json.load(f)["acc"]
     os.remove(cut / "eval.json")
@@ -197,7 +201,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
     resumed = harness(tmp_path)
-    assert resumed["runs"]["assign-head_normnone"]["status"] == "resumed"
+    assert resumed["runs"]["assign-random"]["status"] == "resumed"
     assert resumed["runs"]["assign"]["status"] == "skipped" and resumed["runs"]["embed"]["status"] == "skipped"
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
     assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
@@ -205,7 +209,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     with open(cut / "eval.json") as f:
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
-    assert new_rows[("3", "no_norm")]["cells"][0]["measured"] == acc
+    assert new_rows[("D", "random")]["cells"][0]["measured"] == acc
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):
