@@ -35,7 +35,7 @@ test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms
 
 import datasets
-from datasets.transforms import AFFINE_DEGREES, AFFINE_TRANSLATE
+from datasets.transforms import geometric
 from engine import checks, distributed
 from engine.cli import (
     ArgumentParser,
@@ -153,13 +152,10 @@ def weak_augmentation(size, mean, std, augmentation="flip"):
     """The standard weak augmentation of few-label training: a random crop of the image padded by 1/8 of its
     side (reflected), then a horizontal flip, or for a data set whose registry entry says "affine" (SVHN: a
     mirrored digit is another symbol) the small affine transform of datasets/transforms.py in its place."""
-    if augmentation == "flip":
-        geometric = transforms.RandomHorizontalFlip()
-    else:
-        geometric = transforms.RandomAffine(AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
-                                            interpolation=transforms.InterpolationMode.BILINEAR)
+    from torchvision import transforms  # here, not at import: torchvision costs a second or two to import
+
     return transforms.Compose([transforms.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-                               geometric, transforms.ToTensor(), transforms.Normalize(mean, std)])
+                               geometric(augmentation), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class Classifier(nn.Module):

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
-from torchvision import transforms
 from tqdm import tqdm
 
 from lib.errors import InputError
@@ -181,6 +180,8 @@ def signature(folder, files, image_size):
 
 @functools.lru_cache(maxsize=4)
 def _resize(image_size):
+    from torchvision import transforms  # here, not at import: torchvision costs a second or two to import
+
     return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
 
 

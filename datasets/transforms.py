@@ -7,8 +7,6 @@ The training augmentation has one per-data-set variant, named by the registry en
 "affine" (SVHN, paper §4.4) replaces the flip by a small random affine transform, since a mirrored digit
 is another symbol or none.
 """
-from torchvision import transforms
-
 from lib.errors import InputError
 
 AUGMENTATIONS = ("flip", "affine")
@@ -20,23 +18,32 @@ AFFINE_DEGREES = 10.0
 AFFINE_TRANSLATE = 2.0 / 32.0
 
 
+def geometric(augmentation="flip"):
+    """The per-data-set geometric step: "flip" (released) a random horizontal flip, "affine" (SVHN)
+    ``RandomAffine`` in its place."""
+    from torchvision import transforms  # here, not at import: torchvision costs a second or two to import
+
+    if augmentation not in AUGMENTATIONS:
+        raise InputError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if augmentation == "flip":
+        return transforms.RandomHorizontalFlip()
+    return transforms.RandomAffine(AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+                                   interpolation=transforms.InterpolationMode.BILINEAR)
+
+
 def train_transform(mean, std, image_size=32, augmentation="flip"):
     """The training augmentation, drawn independently for each view (docs/method.md, "Data and augmentation").
 
     augmentation: "flip" (released) or "affine" (SVHN: ``RandomAffine`` in the flip's place, no flip).
     """
-    if augmentation not in AUGMENTATIONS:
-        raise InputError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
-    if augmentation == "flip":
-        geometric = transforms.RandomHorizontalFlip()
-    else:
-        geometric = transforms.RandomAffine(AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
-                                            interpolation=transforms.InterpolationMode.BILINEAR)
+    from torchvision import transforms
+
+    step = geometric(augmentation)
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
         transforms.RandomGrayscale(p=0.2),
-        geometric,
+        step,
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
@@ -44,6 +51,8 @@ def train_transform(mean, std, image_size=32, augmentation="flip"):
 
 def eval_transform(mean, std, image_size=32):
     """The evaluation transform: shorter side to image_size, central square, ToTensor, Normalize."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
         transforms.Normalize(mean, std)])

@@ -3,8 +3,6 @@
 ACC, NMI, ARI")."""
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 @torch.no_grad()
@@ -81,6 +79,8 @@ def confusion_matrix(preds, targets, num_classes):
 def hungarian_match(preds, targets, num_classes):
     """The one-to-one cluster -> class map maximizing matches. Returns (mapping (C,), confusion)."""
     confusion = confusion_matrix(preds, targets, num_classes)
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize takes a second to import
+
     clusters, classes = linear_sum_assignment(confusion, maximize=True)
     mapping = np.empty(num_classes, dtype=np.int64)
     mapping[clusters] = classes
@@ -95,6 +95,8 @@ def cluster_accuracy(preds, targets, num_classes):
 
 def clustering_metrics(preds, targets, num_classes):
     """{'acc', 'nmi', 'ari'} as fractions: Hungarian accuracy and scikit-learn's NMI and ARI."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # a second to import
+
     preds, targets = np.asarray(preds), np.asarray(targets)
     return {"acc": cluster_accuracy(preds, targets, num_classes),
             "nmi": float(normalized_mutual_info_score(targets, preds)),
