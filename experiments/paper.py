@@ -473,7 +473,9 @@ def main(args):
         raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
                            f"(rows: {' '.join(sorted(known))})")
     rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()))
-    blocked = {name: not_runnable(run, flags) for name, (run, flags) in runs.items()}
+    # a finished run needs no check of its flags (each check starts a script: seconds)
+    blocked = {name: None if finished(run, flags, folder(args.out, run)) else not_runnable(run, flags)
+               for name, (run, flags) in runs.items()}
     step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
     steps, hours = estimate(runs, args.dataset, args.scale, step or 0)
     today, _ = estimate({n: r for n, r in runs.items() if not blocked[n]}, args.dataset, args.scale, 0)
