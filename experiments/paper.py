@@ -343,6 +343,8 @@ def run_one(run, flags, out):
             os.path.join(path, own)):
         # killed after its last epoch's checkpoint but before eval.json: evaluate that checkpoint
         status = execute(command(run, flags + ["--test_only"], out, resume=own), path)
+    if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
+        raise KeyboardInterrupt
     if status != 0:
         return f"failed (exit {status})"
     return "resumed" if resumable else "ran"

@@ -221,3 +221,16 @@ def test_a_folder_of_another_command_is_refused(tmp_path):
     paper.check_folder(run, paper.run_flags(run, "tiny", "digits", ["--device", "cpu"]), str(tmp_path / "f"))
     with pytest.raises(paper.HarnessError, match="another command"):
         paper.check_folder(run, paper.run_flags(run, "cpu", "digits", []), str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("status", [130, 143])
+def test_a_run_stopped_by_ctrl_c_or_sigterm_stops_the_harness(tmp_path, monkeypatch, status):
+    """A Ctrl-C or SIGTERM that reached the run but not the harness (a harness started in the background
+    ignores SIGINT) still ends the harness, instead of its going on to the next run."""
+    run = paper.RUNS["assign-lambda_cp0"]
+    flags = paper.run_flags(run, "tiny", "digits", [])
+    monkeypatch.setattr(paper, "execute", lambda argv, path: status)
+    with pytest.raises(KeyboardInterrupt):
+        paper.run_one(run, flags, str(tmp_path))
+    monkeypatch.setattr(paper, "execute", lambda argv, path: 1)
+    assert paper.run_one(run, flags, str(tmp_path)) == "failed (exit 1)"
