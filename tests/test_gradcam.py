@@ -216,3 +216,12 @@ def test_tool_bad_input(stage2_checkpoint, tmp_path, capsys):
     expect_error(capsys, tool, ["--resume", stage2_checkpoint / "ckpt_ul.t7", "--dataset", "folder", "--data_dir",
                                 two_classes, "--model_dir", tmp_path / "run", "--out", tmp_path / "a.png"],
                  "10 clusters", "2 classes")
+
+
+def test_a_network_without_the_sobel_trunk_is_one_line():
+    from lib.errors import InputError
+    from models import NETWORKS
+    tool = load_tool()
+    with pytest.raises(InputError, match="no Sobel trunk"):
+        tool.architecture(NETWORKS["wrn28_2"](low_dim=8, width=8).state_dict())
+    assert tool.architecture(resnet18(low_dim=8, width=4).state_dict()) == ("resnet18", 4, 8)

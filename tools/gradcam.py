@@ -57,6 +57,9 @@ def get_args_parser():
 
 def architecture(state):
     """(network name, width, low_dim) of a backbone state dict: bottleneck blocks (``conv3``) are ResNet-101's."""
+    if "conv1_sobel.weight" not in state:  # e.g. wrn28_2, on RGB alone
+        raise InputError("the checkpoint's network has no Sobel trunk: Fig. 3's maps over both trunks need the "
+                         "two-trunk ResNet (--network resnet18 or resnet101)")
     network = "resnet101" if "layer1.0.conv3.weight" in state else "resnet18"
     try:
         return network, state["conv1.weight"].shape[0], state["linear.weight"].shape[0]
