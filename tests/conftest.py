@@ -81,9 +81,10 @@ def write_released_ul(path, num_classes=10, low_dim=128):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tiny_work_on_one_thread():
+def one_thread():
     """The tests' networks and tensors are tiny: one thread is faster than two OpenMP threads waiting on
-    each other, and far faster when the cores are shared (two threads on one free core spin)."""
+    each other, and far faster when the cores are shared (two threads on one free core spin). Every test
+    has it; fixtures and modules that name it say that their numbers depend on it (the golden runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -98,15 +99,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two OpenMP threads waiting on each other; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
