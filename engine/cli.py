@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -206,7 +207,12 @@ def run_cli(main, parser, argv=None):
     stdout = sys.stdout = WatchedStream(sys.stdout)
     try:
         with handle_signals():
-            return main(args)
+            result = main(args)
+        if argv is None:  # the command line's process: its work is done and saved, so a signal while the
+            for stop in (signal.SIGINT, signal.SIGTERM):  # interpreter shuts down ends nothing (exit stays 0)
+                with contextlib.suppress(ValueError):
+                    signal.signal(stop, signal.SIG_IGN)
+        return result
     except InputError as err:
         _stop(2, f"error: {err}")
     except Diverged as err:

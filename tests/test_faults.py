@@ -367,13 +367,14 @@ def test_checkpoint_with_other_parameter_groups_is_one_line(stage1_ckpt, capsys,
 
 # ---- 3. SIGTERM as Ctrl-C ----
 
-def terminate_at_a_random_moment(script, args, folder, log_name, epochs):
+def terminate_at_a_random_moment(script, args, folder, log_name, epochs, max_extra=0.5):
     """Start ``script``, wait until it holds ``folder`` and has logged a random number of its ``epochs`` (at
-    most ``epochs - 2``), a random fraction of a second more, then SIGTERM it. Returns (status, stderr,
-    the moment drawn: its seed, the lines and the seconds, for the assertion messages)."""
+    most ``epochs - 2``), a random fraction of ``max_extra`` seconds more (less than two epochs take), then
+    SIGTERM it. Returns (status, stderr, the moment drawn: its seed, the lines and the seconds, for the
+    assertion messages)."""
     seed = int.from_bytes(os.urandom(4), "little")  # every run of the test draws another moment
     rng = random.Random(seed)
-    lines, extra = rng.randrange(epochs - 1), rng.uniform(0, 0.5)
+    lines, extra = rng.randrange(epochs - 1), rng.uniform(0, max_extra)
     proc = start_script(script, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lock, log, deadline = folder / "run.lock", folder / log_name, time.time() + 300
 
@@ -430,11 +431,12 @@ def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt
 
 @pytest.mark.slow
 def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path):
-    command = SEMI + ["--epochs", "3"]
+    command = SEMI + ["--epochs", "12"]  # a few hundredths of a second an epoch: the moment within 0.02 s
     run_main(semi, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
     status, err, moment = terminate_at_a_random_moment(
-        "semi.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_semi.jsonl", 3)
+        "semi.py", command + ["--resume", stage1_ckpt, "--model_dir", folder], folder, "log_semi.jsonl", 12,
+        max_extra=0.02)
     check_terminated(status, err, moment, folder)
     resume = "ckpt_semi.t7" if (folder / "ckpt_semi.t7").exists() else stage1_ckpt
     run_main(semi, command + ["--resume", resume, "--model_dir", folder])
