@@ -1,13 +1,14 @@
-"""The paper's experiments section (Tables 2 and 3, supplementary C and D) as data, run by the real scripts
+"""The paper's experiments section (Tables 2, 3 and 4, supplementary C and D) as data, run by the real scripts
 (docs/method.md, "The paper's experiments").
 
     python experiments/paper.py --tables 2 3 C D --scale cpu --dataset fashion-mnist --out runs/paper
     python experiments/paper.py --tables 3 --scale paper --dataset cifar10 --out runs/paper --dry_run
+    python experiments/paper.py --tables 4 --scale paper --dataset svhn --out runs/paper-svhn
 
-Each table is a list of rows; each row's numbers come from runs of ``super_and.py``, ``main.py`` and
-``joint.py``, started as a user starts them (one subprocess each, in ``<out>/runs/<run>``), and read from the
-run folder (its ``eval.json`` or the last record of its log). A run several rows share (the one stage-1
-encoder) runs once.
+Each table is a list of rows; each row's numbers come from runs of ``super_and.py``, ``main.py``,
+``joint.py`` and ``semi.py``, started as a user starts them (one subprocess each, in ``<out>/runs/<run>``),
+and read from the run folder (its ``eval.json``, ``eval_semi.json`` or the last record of its log). A run
+several rows share (the one stage-1 encoder, Table 4's stage-2 model) runs once.
 Running the same command again skips every finished run, resumes a killed one from its last checkpoint and
 rewrites ``<out>/tables.md`` and ``<out>/tables.json`` (each row: the paper's number, the measured one, the
 run folder). A row whose flags the scripts do not offer yet is listed as "not runnable yet".
@@ -23,11 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE1, STAGE2, JOINT_SCRIPT = "super_and.py", "main.py", "joint.py"
-LOGS = {STAGE1: "log_embed.jsonl", STAGE2: "log_ul.jsonl", JOINT_SCRIPT: "log_joint.jsonl"}
+STAGE1, STAGE2, JOINT_SCRIPT, SEMI = "super_and.py", "main.py", "joint.py", "semi.py"
+LOGS = {STAGE1: "log_embed.jsonl", STAGE2: "log_ul.jsonl", JOINT_SCRIPT: "log_joint.jsonl", SEMI: "log_semi.jsonl"}
 ENCODER = "ckpt_embed.t7"  # stage 1's checkpoint, written every epoch
 LAST = "ckpt_ul_last.t7"  # stage 2's resumable checkpoint, written every epoch
 JOINT_LAST = "ckpt_joint.t7"  # the joint model's, likewise
+SEMI_LAST = "ckpt_semi.t7"  # semi.py's, likewise
+# the file a run of each kind hands to the runs it encodes for: stage 1's last, stage 2's lowest-loss epoch
+ENCODER_FILES = {"embed": ENCODER, "assign": "ckpt_ul.t7"}
+EVALS = {"semi": "eval_semi.json"}  # the file a finished run writes, by kind (others: eval.json)
 COMMAND = "command.json"  # what the harness ran in a folder: a folder of another command is refused
 OUTPUT = "output.log"  # the scripts' console output, appended
 
@@ -36,9 +41,10 @@ OUTPUT = "output.log"  # the scripts' console output, appended
 
 @dataclass(frozen=True)
 class Run:
-    """One script invocation. kind: 'embed' (stage 1 training), 'assign' (stage 2 training), 'joint' (joint.py)
-    or 'evaluate' (main.py --test_only on an encoder: the sequential clusterings). ``encoder``: the run whose
-    ckpt_embed.t7 it starts from (None: none). ``epochs``: which entry of the scale recipe gives its length."""
+    """One script invocation. kind: 'embed' (stage 1 training), 'assign' (stage 2 training), 'joint' (joint.py),
+    'evaluate' (main.py --test_only on an encoder: the sequential clusterings) or 'semi' (semi.py). ``encoder``:
+    the run whose file it starts from (None: none): a stage-1 run's ckpt_embed.t7, a stage-2 run's ckpt_ul.t7.
+    ``epochs``: which entry of the scale recipe gives its length."""
     name: str
     script: str
     kind: str
@@ -78,14 +84,28 @@ def sequential(method):
 
 JOINT = Run("joint", JOINT_SCRIPT, "joint", epochs="joint")  # from a random network, rounds as stage 1
 
+# Table 4: every run on a WideResNet-28-2; "our model" is both stages trained on it, one pair for three rows
+WRN = ("--network", "wrn28_2")
+EMBED_WRN = Run("embed-wrn28_2", STAGE1, "embed", WRN, epochs="stage1")
+ASSIGN_WRN = Run("assign-wrn28_2", STAGE2, "assign", WRN, EMBED_WRN.name, "stage2")
+
+
+def semi(method, encoder=None):
+    """semi.py with ``method`` from scratch (``encoder`` None) or from ``encoder``'s file."""
+    flags = WRN + (("--method", method) if method != "supervised" else ()) + (("--from_scratch",) if encoder is None
+                                                                              else ())
+    name = "semi-" + ("ours-" if encoder else "") + method
+    return Run(name, SEMI, "semi", flags, encoder, "semi")
+
 # ---- the tables --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One number: the paper's (CIFAR-10, %; None: the paper gives none) and where ours is read from:
-    source 'eval' (the run's eval.json) or 'log' (its log's last record), ``key`` in it; reduce 'mean' for
-    the mean of a list (the five heads')."""
+    """One number: the paper's (CIFAR-10, %; None: the paper gives none; ((data set, number), ...) where the
+    paper gives one per data set) and where ours is read from: source 'eval' (the run's eval.json, a semi.py
+    run's eval_semi.json) or 'log' (its log's last record), ``key`` in it; reduce 'mean' for the mean of a list
+    (the five heads')."""
     paper: float
     run: Run
     source: str
@@ -110,6 +130,25 @@ class Table:
 
 def acc(paper, run):
     return Cell(paper, run, "eval", "acc")
+
+
+def paper_number(paper, dataset):
+    """The paper's number for ``dataset``: its own where the paper has one, else CIFAR-10's (for orientation)."""
+    if not isinstance(paper, tuple):
+        return paper
+    by_dataset = dict(paper)
+    return by_dataset.get(dataset, by_dataset["cifar10"])
+
+
+def paper_dataset(table, dataset):
+    """The data set whose numbers ``table`` shows as the paper's: ``dataset`` where the paper has them."""
+    given = {d for r in table.rows for c in r.cells if c is not None and isinstance(c.paper, tuple)
+             for d, _ in c.paper}
+    return dataset if dataset in given else "cifar10"
+
+
+def semi_acc(cifar10, svhn, run):
+    return Cell((("cifar10", cifar10), ("svhn", svhn)), run, "eval", "test_acc")
 
 
 LAMBDAS = (0, 0.25, 0.5, 1, 2, 4)  # the paper plots a range without listing it: our grid around λ = 1
@@ -145,31 +184,50 @@ TABLES = {t.id: t for t in (
         Row("random_long", "random encoder, 1,300 epochs instead of 300 (scaled alike)",
             (acc(59.1, assign(None, "stage2_long")),)),
         Row("two_stage", "two-stage model", (acc(81.0, assign()),)))),
+    Table("4", "Table 4: few labels (CIFAR-10 4,000, SVHN 1,000 in the paper), WideResNet-28-2 (test accuracy %)",
+          ("accuracy",), (
+              Row("supervised", "Supervised", (semi_acc(79.7, 87.7, semi("supervised")),)),
+              Row("pi_model", "Π-model", (semi_acc(83.8, 92.2, semi("pi_model")),)),
+              Row("mean_teacher", "Mean Teacher", (semi_acc(84.2, 93.5, semi("mean_teacher")),)),
+              Row("ours_supervised", "Our model + supervised",
+                  (semi_acc(85.4, 93.4, semi("supervised", ASSIGN_WRN.name)),)),
+              Row("ours_pi_model", "Our model + Π-model", (semi_acc(85.8, 93.6, semi("pi_model", ASSIGN_WRN.name)),)),
+              Row("ours_mean_teacher", "Our model + Mean Teacher",
+                  (semi_acc(88.0, 94.2, semi("mean_teacher", ASSIGN_WRN.name)),)))),
 )}
 
 # ---- the scales --------------------------------------------------------------------------------------
 
 # the paper's: 5 rounds x 200 epochs of stage 1, 300 of stage 2, 1,300 for supplementary D; the joint model's
 # length is not given: stage 1's rounds, so that its anchors are discovered as stage 1's (docs/method.md)
-PAPER_EPOCHS = {"stage1": (5, 200), "stage2": 300, "stage2_long": 1300, "joint": (5, 200)}
+# Table 4's semi.py runs: 180 epochs (semi.py's default, the learning rate x0.1 at 80, 120 and 160)
+PAPER_EPOCHS = {"stage1": (5, 200), "stage2": 300, "stage2_long": 1300, "joint": (5, 200), "semi": 180}
 # meant to fit on 2 CPU cores in about two hours (to be tuned: not yet timed as a whole)
-CPU_EPOCHS = {"stage1": (2, 3), "stage2": 3, "stage2_long": 13, "joint": (2, 3)}
-TINY_EPOCHS = {"stage1": (1, 1), "stage2": 1, "stage2_long": 2, "joint": (1, 1)}
+CPU_EPOCHS = {"stage1": (2, 3), "stage2": 3, "stage2_long": 13, "joint": (2, 3), "semi": 18}
+TINY_EPOCHS = {"stage1": (1, 1), "stage2": 1, "stage2_long": 2, "joint": (1, 1), "semi": 1}
 SCALES = {
-    # the released network and batch, the released learning rates (the scripts' defaults)
-    "paper": {"epochs": PAPER_EPOCHS, "common": [], STAGE1: [], STAGE2: [], JOINT_SCRIPT: []},
-    # a narrow network on 2,000 images, batch 32 with the released learning rates scaled by 32/128
+    # the released network and batch, the released learning rates (the scripts' defaults); semi.py: the
+    # paper's Table 4 recipe (its per-data-set labels and learning rate)
+    "paper": {"epochs": PAPER_EPOCHS, "common": [], STAGE1: [], STAGE2: [], JOINT_SCRIPT: [], SEMI: []},
+    # a narrow network on 2,000 images, batch 32 with the released learning rates scaled by 32/128.
+    # semi.py (Table 4): meant for --dataset fashion-mnist (as make paper), its default 25 labels per class
+    # (250 labelled images of the 2,000), semi.py's learning rate, 18 epochs with the schedule and (Π-model,
+    # Mean Teacher) the consistency ramp-up scaled by 1/10 (x0.1 at 8, 12, 16); never measured yet
     "cpu": {"epochs": CPU_EPOCHS, "common": ["--width", "8", "--batch_size", "32", "--subset", "2000",
                                              "--workers", "2"],
-            STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"]},
-    # the test's: the smallest network that runs
+            STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"],
+            SEMI: ["--lr_decay_start", "8", "--lr_decay_every", "4"], "consistency": ["--rampup_epochs", "8"]},
+    # the test's: the smallest network that runs; semi.py on 4 labels per class (40: one batch)
     "tiny": {"epochs": TINY_EPOCHS, "common": ["--width", "4", "--low_dim", "16", "--batch_size", "32",
                                               "--subset", "320", "--workers", "0"],
-             STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"]},
+             STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"],
+             SEMI: ["--labels_per_class", "4"]},
 }
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "cifar20": 50_000, "stl10": 105_000,
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "cifar20": 50_000, "stl10": 105_000, "svhn": 73_257,
                 "fashion-mnist": 60_000, "digits": 1_497}  # stage 1's training images; stage 2's below
 CLUSTER_IMAGES = {"stl10": 13_000}
+SEMI_LABELS = {"cifar10": 400, "svhn": 100}  # semi.py's labels per class (others: 25)
+CLASSES = {"cifar100": 100, "cifar20": 20}  # others: 10
 
 
 class HarnessError(Exception):
@@ -182,6 +240,8 @@ def run_flags(run, scale, dataset, extra):
     """The flags of ``run`` at ``scale`` (no --model_dir or --resume: those come from the folder layout)."""
     recipe = SCALES[scale]
     flags = ["--dataset", dataset, *recipe["common"], *recipe[run.script], *extra]
+    if run.kind == "semi" and "--method" in run.flags:  # semi.py refuses these with --method supervised
+        flags += recipe.get("consistency", [])
     length = recipe["epochs"].get(run.epochs)
     if isinstance(length, tuple):  # rounds x epochs
         flags += ["--rounds", str(length[0]), "--epochs", str(length[1])]
@@ -195,10 +255,14 @@ def folder(out, run):
 
 
 def command(run, flags, out, resume=None):
-    """The argv of ``run``: python script flags --model_dir <folder> [--resume ...]."""
+    """The argv of ``run``: python script flags --model_dir <folder> [--resume ...] (a semi.py run resumed
+    from its own checkpoint: without --from_scratch, which semi.py refuses beside --resume)."""
+    if resume is not None and run.kind == "semi":
+        flags = [f for f in flags if f != "--from_scratch"]
     argv = [sys.executable, os.path.join(ROOT, run.script), *flags, "--model_dir", folder(out, run)]
     if resume is None and run.encoder is not None:
-        resume = os.path.join(folder(out, RUNS[run.encoder]), ENCODER)
+        encoder = RUNS[run.encoder]
+        resume = os.path.join(folder(out, encoder), ENCODER_FILES[encoder.kind])
     return argv + (["--resume", resume] if resume else [])
 
 
@@ -263,13 +327,14 @@ def _flag_value(flags, name):
 
 def finished(run, flags, path):
     """A stage-1 run: its checkpoint exists and its log's last record is the last epoch of the last round;
-    stage 2 (training or evaluating): its eval.json exists (written when the run ends)."""
+    stage 2 (training or evaluating) and the joint model: its eval.json exists (written when the run ends);
+    semi.py: its eval_semi.json, likewise."""
     if run.kind == "embed":
         records = read_log(os.path.join(path, LOGS[STAGE1]))
         rounds, epochs = int(_flag_value(flags, "--rounds")), int(_flag_value(flags, "--epochs"))
         return (os.path.exists(os.path.join(path, ENCODER)) and bool(records)
                 and (records[-1].get("round"), records[-1].get("epoch")) == (rounds - 1, epochs - 1))
-    return os.path.exists(os.path.join(path, "eval.json"))
+    return os.path.exists(os.path.join(path, EVALS.get(run.kind, "eval.json")))
 
 
 UNMATCHED = ("--data_dir", "--device")  # where the data are and what runs it: the same run either way
@@ -302,7 +367,7 @@ def read_number(cell, out):
     path = folder(out, cell.run)
     if cell.source == "eval":
         try:
-            with open(os.path.join(path, "eval.json")) as f:
+            with open(os.path.join(path, EVALS.get(cell.run.kind, "eval.json"))) as f:
                 value = json.load(f).get(cell.key)
         except FileNotFoundError:
             return None
@@ -336,18 +401,24 @@ def run_one(run, flags, out):
     check_folder(run, flags, path)
     if finished(run, flags, path):
         return "skipped"
-    own = {"embed": ENCODER, "assign": LAST, "joint": JOINT_LAST}.get(run.kind)
+    own = {"embed": ENCODER, "assign": LAST, "joint": JOINT_LAST, "semi": SEMI_LAST}.get(run.kind)
     resumable = own is not None and os.path.exists(os.path.join(path, own))
     status = execute(command(run, flags, out, resume=own if resumable else None), path)
     if status == 0 and run.kind in ("assign", "joint") and not finished(run, flags, path) and os.path.exists(
             os.path.join(path, own)):
-        # killed after its last epoch's checkpoint but before eval.json: evaluate that checkpoint
+        # killed after its last epoch's checkpoint but before eval.json: evaluate that checkpoint (semi.py
+        # resumed from its last epoch's checkpoint writes eval_semi.json itself)
         status = execute(command(run, flags + ["--test_only"], out, resume=own), path)
     if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
         raise KeyboardInterrupt
     if status != 0:
         return f"failed (exit {status})"
     return "resumed" if resumable else "ran"
+
+
+def chain(run):
+    """``run`` after its encoder's chain: [stage 1, stage 2, semi.py] for Table 4's "our model" rows."""
+    return (chain(RUNS[run.encoder]) if run.encoder else []) + [run]
 
 
 def plan(tables, scale, dataset, extra, only):
@@ -357,8 +428,7 @@ def plan(tables, scale, dataset, extra, only):
     for _, row in rows:
         for cell in row.cells:
             if cell is not None:
-                needed = [RUNS[cell.run.encoder]] if cell.run.encoder else []
-                for run in needed + [cell.run]:
+                for run in chain(cell.run):
                     runs.setdefault(run.name, run)
     ordered = sorted(runs.values(), key=lambda r: r.kind != "embed")
     return rows, {r.name: (r, run_flags(r, scale, dataset, extra)) for r in ordered}
@@ -386,6 +456,11 @@ def estimate(runs, dataset, scale, step_seconds):
         if run.kind == "evaluate":
             continue
         epochs = int(_flag_value(flags, "--epochs")) * int(_flag_value(flags, "--rounds") or 1)
+        if run.kind == "semi":  # an epoch: the labelled images once (the unlabelled ones beside them)
+            labels = int(_flag_value(flags, "--labels_per_class") or SEMI_LABELS.get(dataset, 25))
+            semi_batch = int(_flag_value(flags, "--batch_size") or 64)  # semi.py's default
+            total += epochs * max(1, min(labels * CLASSES.get(dataset, 10), n1) // semi_batch)
+            continue
         total += epochs * ((n1 if run.kind in ("embed", "joint") else n2) // batch)  # joint: stage 1's images
     hours = total * step_seconds / 3600
     return total, hours
@@ -412,11 +487,14 @@ def write_tables(out, rows, runs, status, args):
         result["runs"][name] = {"folder": folder(args.out, run), "script": run.script, "flags": flags,
                                 "encoder": run.encoder, "status": status[name]}
     lines = [f"# The paper's experiments at scale '{args.scale}' on {args.dataset}", "",
-             "Paper: CIFAR-10, the paper's scale. Measured: this run.", ""]
+             "Paper: CIFAR-10 (Table 4: the data set's column where it has one), the paper's scale. Measured: "
+             "this run.", ""]
     for table_id in dict.fromkeys(t for t, _ in rows):
         table = TABLES[table_id]
+        shown_dataset = paper_dataset(table, args.dataset)
         entries = []
-        lines += [f"## {table.title}", "",
+        lines += [f"## {table.title}", ""] + ([f"Paper: its {shown_dataset} column.", ""]
+                                              if shown_dataset != "cifar10" else []) + [
                   "| row | " + " | ".join(f"{c} (paper) | {c} (measured)" for c in table.columns) + " | runs |",
                   "|---|" + "---|---|" * len(table.columns) + "---|"]
         for t, row in rows:
@@ -429,7 +507,8 @@ def write_tables(out, rows, runs, status, args):
                     continue
                 state = status[cell.run.name]
                 measured = read_number(cell, args.out) if state in ("skipped", "ran", "resumed") else None
-                cells.append({"column": column, "paper": cell.paper, "measured": measured,
+                cells.append({"column": column, "paper": paper_number(cell.paper, args.dataset),
+                              "measured": measured,
                               "run": folder(args.out, cell.run), "source": f"{cell.source}:{cell.key}"
                               + (f" ({cell.reduce})" if cell.reduce else ""), "status": state})
             entries.append({"id": row.id, "name": row.name, "cells": cells})
@@ -437,7 +516,8 @@ def write_tables(out, rows, runs, status, args):
                                                 else (c.get("status") or "-")) for c in cells]
             folders = ", ".join(dict.fromkeys(os.path.basename(c["run"]) for c in cells if c["run"]))
             lines.append(f"| {row.name} | " + " | ".join(shown) + f" | {folders} |")
-        result["tables"][table_id] = {"title": table.title, "columns": list(table.columns), "rows": entries}
+        result["tables"][table_id] = {"title": table.title, "columns": list(table.columns),
+                                      "paper_dataset": shown_dataset, "rows": entries}
         lines.append("")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tables.json"), "w") as f:
@@ -519,6 +599,8 @@ for _table in TABLES.values():
                 assert RUNS.setdefault(_cell.run.name, _cell.run) == _cell.run, _cell.run.name
 for _variant in ("super_and", "lemniscate", "and"):
     RUNS.setdefault(embed(_variant).name, embed(_variant))
+for _encoder in (EMBED_WRN, ASSIGN_WRN):
+    RUNS.setdefault(_encoder.name, _encoder)
 
 
 if __name__ == "__main__":
