@@ -234,3 +234,101 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_stops_the_harness(tmp_path, monkeypa
         paper.run_one(run, flags, str(tmp_path))
     monkeypatch.setattr(paper, "execute", lambda argv, path: 1)
     assert paper.run_one(run, flags, str(tmp_path)) == "failed (exit 1)"
+
+
+# ---- Table 4: few labels ----
+
+def test_table4_rows_their_papers_numbers_and_one_shared_stage2_encoder(monkeypatch):
+    """Six semi.py rows on a WideResNet-28-2: three from scratch, three from one stage-2 run (itself on one
+    stage-1 run); the paper's number is the data set's column (CIFAR-10's for a data set the paper lacks);
+    every flag the rows pass is in the scripts' own parsers."""
+    import main as stage2
+    import semi
+    import super_and
+    table = paper.TABLES["4"]
+    rows = {r.id: r.cells[0] for r in table.rows}
+    assert list(rows) == ["supervised", "pi_model", "mean_teacher", "ours_supervised", "ours_pi_model",
+                          "ours_mean_teacher"]
+    assert [paper.paper_number(c.paper, "cifar10") for c in rows.values()] == [79.7, 83.8, 84.2, 85.4, 85.8, 88.0]
+    assert [paper.paper_number(c.paper, "svhn") for c in rows.values()] == [87.7, 92.2, 93.5, 93.4, 93.6, 94.2]
+    assert [paper.paper_number(c.paper, "digits") for c in rows.values()] == [79.7, 83.8, 84.2, 85.4, 85.8, 88.0]
+    assert (paper.paper_dataset(table, "svhn"), paper.paper_dataset(table, "digits")) == ("svhn", "cifar10")
+    assert all((c.source, c.key, c.run.kind, c.run.script) == ("eval", "test_acc", "semi", "semi.py")
+               for c in rows.values())
+    ours = [rows[k].run for k in ("ours_supervised", "ours_pi_model", "ours_mean_teacher")]
+    assert {r.encoder for r in ours} == {"assign-wrn28_2"} and len({r.name for r in ours}) == 3
+    assert [r.name for r in paper.chain(ours[0])] == ["embed-wrn28_2", "assign-wrn28_2", ours[0].name]
+    assert all(r.encoder is None and "--from_scratch" in r.flags for r in (rows[k].run for k in
+                                                                         ("supervised", "pi_model", "mean_teacher")))
+    _, runs = paper.plan(["4"], "paper", "cifar10", [], set())
+    assert list(runs)[0] == "embed-wrn28_2" and len(runs) == 8  # six semi.py runs and the one pair
+    assert list(runs).index("assign-wrn28_2") < min(list(runs).index(r.name) for r in ours)
+    for run, flags in runs.values():
+        assert paper._flag_value(flags, "--network") == "wrn28_2", run.name
+    assert paper._flag_value(runs[ours[2].name][1], "--method") == "mean_teacher"
+    assert paper._flag_value(runs[ours[2].name][1], "--epochs") == "180"
+    argv = paper.command(ours[1], runs[ours[1].name][1], "out")
+    assert argv[-2:] == ["--resume", os.path.join("out", "runs", "assign-wrn28_2", "ckpt_ul.t7")]
+    assert paper.command(paper.RUNS["assign-wrn28_2"], [], "out")[-1] == os.path.join(
+        "out", "runs", "embed-wrn28_2", "ckpt_embed.t7")
+    # semi.py refuses the consistency flags with --method supervised: only the other methods get them
+    assert "--rampup_epochs" not in paper.run_flags(rows["supervised"].run, "cpu", "fashion-mnist", [])
+    assert "--rampup_epochs" in paper.run_flags(rows["pi_model"].run, "cpu", "fashion-mnist", [])
+    for script, module in (("semi.py", semi), ("main.py", stage2), ("super_and.py", super_and)):
+        monkeypatch.setitem(paper.script_options.__defaults__[0], script,
+                            paper.parse_help(module.get_args_parser().format_help()))
+    for scale in ("paper", "cpu", "tiny"):
+        for run, flags in paper.plan(["4"], scale, "svhn", [], set())[1].values():
+            assert paper.not_runnable(run, flags) is None, (scale, run.name)
+
+
+def test_a_killed_semi_run_resumes_from_its_checkpoint_without_from_scratch(tmp_path, monkeypatch):
+    """semi.py refuses --from_scratch beside --resume: a killed from-scratch run is resumed from its own
+    ckpt_semi.t7 without it; a run with eval_semi.json is finished."""
+    run = paper.TABLES["4"].rows[0].cells[0].run
+    flags = paper.run_flags(run, "tiny", "digits", [])
+    calls = []
+    monkeypatch.setattr(paper, "execute", lambda argv, path: calls.append(argv) or 0)
+    assert paper.run_one(run, flags, str(tmp_path)) == "ran"
+    assert "--from_scratch" in calls[0] and "--resume" not in calls[0]
+    path = tmp_path / "runs" / run.name
+    (path / "ckpt_semi.t7").write_bytes(b"")
+    assert paper.run_one(run, flags, str(tmp_path)) == "resumed"
+    assert "--from_scratch" not in calls[1] and calls[1][-2:] == ["--resume", "ckpt_semi.t7"]
+    (path / "eval_semi.json").write_text(json.dumps({"test_acc": 12.5}))
+    assert paper.run_one(run, flags, str(tmp_path)) == "skipped" and len(calls) == 2
+    assert paper.read_number(paper.TABLES["4"].rows[0].cells[0], str(tmp_path)) == 12.5
+
+
+@pytest.mark.slow
+def test_table4_end_to_end_from_scratch_and_from_the_two_stage_model(tmp_path):
+    """Two Table-4 rows on digits at --scale tiny: four runs (stage 1, stage 2 on it, semi.py from scratch and
+    from the stage-2 model); the numbers are the runs' own test_acc; a second call runs nothing."""
+    argv = [sys.executable, os.path.join(ROOT, "experiments", "paper.py"), "--tables", "4", "--rows",
+            "4:supervised", "4:ours_supervised", "--scale", "tiny", "--dataset", "digits", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def call():
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(tmp_path / "tables.json") as f:
+            return json.load(f)
+
+    result = call()
+    names = ("embed-wrn28_2", "assign-wrn28_2", "semi-supervised", "semi-ours-supervised")
+    assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(names, "ran")
+    cells = {r["id"]: r["cells"][0] for r in result["tables"]["4"]["rows"]}
+    assert (cells["supervised"]["paper"], cells["ours_supervised"]["paper"]) == (79.7, 85.4)
+    for row_id, run in (("supervised", "semi-supervised"), ("ours_supervised", "semi-ours-supervised")):
+        with open(tmp_path / "runs" / run / "eval_semi.json") as f:
+            own = json.load(f)
+        assert cells[row_id]["measured"] == own["test_acc"] and 0 <= own["test_acc"] <= 100
+        assert own["labelled"] == 40
+    with open(tmp_path / "runs" / "semi-ours-supervised" / "eval_semi.json") as f:
+        assert json.load(f)["start"] == str(tmp_path / "runs" / "assign-wrn28_2" / "ckpt_ul.t7")
+    with open(tmp_path / "runs" / "semi-supervised" / "eval_semi.json") as f:
+        assert json.load(f)["start"] == "scratch"
+    before = mtimes(tmp_path / "runs")
+    again = call()
+    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(names, "skipped")
+    assert mtimes(tmp_path / "runs") == before and numbers(again) == numbers(result)
