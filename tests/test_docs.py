@@ -17,7 +17,7 @@ MOVED = ["docs/method.md", "docs/running.md", "docs/distributed.md", "bench/READ
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$")
+MARKDOWN_REF_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$")
 CODE_SPAN = re.compile(r"`([^`]+)`")
 MAKE_COMMAND = re.compile(r"(?:^|[\s;&|(])make((?:\s+[^\s#;&|)]+)+)")
 TARGET = re.compile(r"[A-Za-z][\w.-]*")
@@ -44,7 +44,7 @@ def links(text):
     found = []
     for line in prose:
         found += INLINE_LINK.findall(line)
-        match = REFERENCE_LINK.match(line)
+        match = MARKDOWN_REF_LINK.match(line)
         if match:
             found.append(match.group(1))
     return found

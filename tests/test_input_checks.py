@@ -1,7 +1,6 @@
 """Input checks: evaluation at the size a file was trained at, the bound and memory estimate of --image_size,
 the cluster count stage 2 makes of an unlabelled folder, and the flags' help."""
 import csv
-import importlib.util
 import os
 import re
 
@@ -9,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_gradcam import load_tool
 
 import datasets
 import main as stage2
 import super_and
-from conftest import NARROW, ROOT, expect_error, run_main, write_released_embed
+from conftest import NARROW, expect_error, run_main, write_released_embed
 from engine import checks
 from lib.checkpoint import load_checkpoint, strip_prefix
 from models import NETWORKS, MultiHeadNormFC, resnet18
@@ -51,13 +51,6 @@ def selected_probabilities(ckpt, size):
     loader = datasets.make_loader(data, 100, False, 0, torch.device("cpu"))
     clusters = stage2.evaluate(net.eval(), heads, loader, torch.device("cpu"))
     return clusters["probs"][ckpt["selected_head"]].numpy()
-
-
-def load_gradcam():
-    spec = importlib.util.spec_from_file_location("gradcam_tool", os.path.join(ROOT, "tools", "gradcam.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def csv_probabilities(path):
@@ -127,7 +120,7 @@ def test_stage1_test_only_evaluates_at_the_trained_size(run16, monkeypatch, caps
 
 @pytest.mark.slow
 def test_gradcam_uses_the_trained_size_of_the_best_file(run16, tmp_path, capsys):
-    tool = load_gradcam()
+    tool = load_tool()
     base = ["--resume", run16 / "s2" / "ckpt_ul.t7", "--dataset", "digits", "--subset", "20", "--per_class", "1",
             "--device", "cpu"]
     result = run_main(tool, base + ["--out", tmp_path / "a.png"])
@@ -160,7 +153,7 @@ def test_image_size_has_an_upper_bound(module, size, capsys):
 
 
 def test_gradcam_image_size_has_the_same_bound(capsys):
-    parser = load_gradcam().get_args_parser()
+    parser = load_tool().get_args_parser()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--resume", "x.t7", "--image_size", "513"])
     assert exit_info.value.code == 2 and "outside [8, 512]" in capsys.readouterr().err

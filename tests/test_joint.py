@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_variants import B, batch
+from test_variants import fresh_state as stage1_state
 
 import joint
 import main as stage2
@@ -18,34 +20,20 @@ from conftest import ROOT, expect_error, run_main, write_released_embed
 from engine import report
 from lib.checkpoint import load_checkpoint
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
-from lib.memory_bank import MemoryBank
-from lib.neighbourhoods import AnchorNeighbourhoods
-from lib.optim import sgd_optimizer
-from models import MultiHeadNormFC, resnet18
+from models import MultiHeadNormFC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-N, B, C = 24, 4, 3
+C = 3
 ARGS = SimpleNamespace(amp=False, batch_t=0.1, batch_m=1.0, lambda_cp=0.5)
 TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "64",
         "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
 
 
 def fresh_state():
-    """A tiny network, a bank with 12 anchors, three frozen heads and an optimizer, the same on every call."""
-    torch.manual_seed(0)
-    net = resnet18(low_dim=8, width=2)
-    bank = MemoryBank(N, 8)
-    bank.memory.copy_(torch.nn.functional.normalize(torch.randn(N, 8), dim=1))
-    neighbourhoods = AnchorNeighbourhoods(N, 1)
-    neighbourhoods.discover(bank.memory, 0.1, 12)
-    heads = MultiHeadNormFC(8, C, num_heads=3, temperature=0.1)
-    return SimpleNamespace(net=net, model=net, bank=bank, neighbourhoods=neighbourhoods, heads=heads,
-                           optimizer=sgd_optimizer(net, 0.03, 0.9, 5e-4))
-
-
-def batch():
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(2 * B, 3, 32, 32, generator=generator), torch.tensor([3, 0, 17, 9])
+    """The variants' tiny state (network, a bank with 12 anchors, optimizer) with three frozen heads drawn next."""
+    state = stage1_state()
+    state.heads = MultiHeadNormFC(8, C, num_heads=3, temperature=0.1)
+    return state
 
 
 def test_joint_step_is_a_step_on_the_sum_of_both_stages_losses():
