@@ -189,3 +189,15 @@ def digits_read_once():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reader, "read", read_once)
         yield
+
+
+SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]  # 64 digits, 4 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory):
+    """A one-epoch stage-1 checkpoint on ``SMALL``, once per test module."""
+    import super_and
+    out = tmp_path_factory.mktemp("s1")
+    run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
+    return out / "ckpt_embed.t7"

@@ -15,13 +15,12 @@ import engine.lifecycle
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, ROOT, expect_error, run_main, run_script, same_state, start_script
+from conftest import NARROW, ROOT, SMALL, expect_error, run_main, run_script, same_state, start_script
 from engine.cli import check_output_file
 from engine.lifecycle import RUN_FILES, JsonLog, RunLock, atomic_file, open_run, write_text_atomic
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.errors import InputError
 
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 SEMI = NARROW + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
 
 
@@ -250,13 +249,6 @@ def test_bad_flag_under_torchrun_is_said_by_rank_zero_alone(tmp_path):
 
 
 # ---- whole runs ----
-
-@pytest.fixture(scope="module")
-def stage1_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("s1")
-    run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
-    return out / "ckpt_embed.t7"
-
 
 @pytest.fixture(scope="module")
 def stage2_run(stage1_ckpt, tmp_path_factory):

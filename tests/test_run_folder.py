@@ -14,11 +14,10 @@ import torch
 import engine.lifecycle
 import main as stage2
 import super_and
-from conftest import NARROW, ROOT, expect_error, run_main
+from conftest import ROOT, SMALL, expect_error, run_main
 from lib.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 
 
 def files(folder):
@@ -87,13 +86,6 @@ def mark_lock_dead(folder):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     (folder / "run.lock").write_text(json.dumps({"pid": proc.pid, "host": os.uname().nodename}))
-
-
-@pytest.fixture(scope="module")
-def stage1_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("s1")
-    run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
-    return out / "ckpt_embed.t7"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import semi
-import super_and
 from conftest import NARROW, expect_error, run_main
 from lib.checkpoint import load_checkpoint
 
@@ -36,14 +35,6 @@ def test_labelled_draw_is_balanced_exact_and_seeded():
 
 
 # ---- end to end ----
-
-@pytest.fixture(scope="module")
-def stage1_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("s1")
-    run_main(super_and, NARROW + ["--subset", "64", "--batch_size", "16", "--rounds", "1", "--epochs", "1",
-                                  "--model_dir", out])
-    return out / "ckpt_embed.t7"
-
 
 @pytest.fixture(scope="module")
 def whole(stage1_ckpt, tmp_path_factory):
