@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) super_and.py $(DEMO_FLAGS) --lr 0.0075 --rounds 2 --epochs 5 --model_dir $(DEMO)/stage1
 	$(PYTHON) main.py $(DEMO_FLAGS) --lr 0.0025 --epochs 5 --resume $(DEMO)/stage1/ckpt_embed.t7 --model_dir $(DEMO)/stage2
 	$(PYTHON) main.py $(DEMO_FLAGS) --test_only --resume $(DEMO)/stage2/ckpt_ul.t7 --model_dir $(DEMO)/stage2 --kmeans_baseline
-	@echo "pictures: $(DEMO)/stage2/curves.png $(DEMO)/stage2/confusion_matrix.png"
+	@echo "pictures: $(DEMO)/stage2/*.png (curves, confusion matrix, clusters, mutual information, per-class accuracy)"
 
 # the tests run their tiny networks on one thread each: two test processes use both cores
 TEST_WORKERS ?= 2
