@@ -163,11 +163,11 @@ def main(args):
                 print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
             for epoch in range(first_epoch, args.epochs):
                 train_and_save(run, state, epoch, args)
+        if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
+            state.clusters = stage2.evaluate(state.net, state.heads, state.eval_loader, device)  # every process
+            state.selected_head = ckpt["selected_head"]
         if not distributed.is_main():
             return None
-        if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
-            state.clusters = stage2.evaluate(state.net, state.heads, state.eval_loader, device)
-            state.selected_head = ckpt["selected_head"]
         return write_report(state.clusters, state.selected_head, eval_set, args)
 
 

@@ -142,12 +142,12 @@ def main(args):
                 run.save({k: ckpt[k] for k in BEST_KEYS if k in ckpt}, BEST)
         for epoch in range(ckpt["next_epoch"] if resumed else 0, args.epochs):
             train_and_save(run, state, epoch, args)
+        if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
+            print(f"nothing to train: {path} already ran {args.epochs} epochs; evaluating it")
+            state.clusters, state.selected_head = evaluate(net, heads, eval_loader, device), ckpt["selected_head"]
         if not distributed.is_main():  # rank 0 draws and reports
             return None
         plot_run(run.log.read(), args.model_dir, eval_set)
-        if state.clusters is None:
-            print(f"nothing to train: {path} already ran {args.epochs} epochs")
-            return None
         return write_report(state.clusters, state.selected_head, eval_set, args)
 
 

@@ -403,12 +403,9 @@ def run_one(run, flags, out):
         return "skipped"
     own = {"embed": ENCODER, "assign": LAST, "joint": JOINT_LAST, "semi": SEMI_LAST}.get(run.kind)
     resumable = own is not None and os.path.exists(os.path.join(path, own))
+    # a run killed after its last epoch's checkpoint but before its report: the script, resumed, scores that
+    # checkpoint and writes eval.json (eval_semi.json)
     status = execute(command(run, flags, out, resume=own if resumable else None), path)
-    if status == 0 and run.kind in ("assign", "joint") and not finished(run, flags, path) and os.path.exists(
-            os.path.join(path, own)):
-        # killed after its last epoch's checkpoint but before eval.json: evaluate that checkpoint (semi.py
-        # resumed from its last epoch's checkpoint writes eval_semi.json itself)
-        status = execute(command(run, flags + ["--test_only"], out, resume=own), path)
     if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
         raise KeyboardInterrupt
     if status != 0:

@@ -253,7 +253,14 @@ def test_device_that_is_not_for_training(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_finished_run_resumed_again_trains_nothing(stage2_whole, capsys):
-    assert run_main(stage2, SMALL + ["--epochs", "2", "--resume", stage2_whole / "ckpt_ul_last.t7",
-                                     "--model_dir", stage2_whole]) is None
+def test_finished_run_resumed_again_trains_nothing_and_reports_its_checkpoint(stage2_whole, capsys, tmp_path):
+    folder = tmp_path / "run"  # a copy: killed after its last checkpoint, before eval.json
+    shutil.copytree(stage2_whole, folder)
+    summary = json.loads((folder / "eval.json").read_text())
+    (folder / "eval.json").unlink()
+    last = (folder / "ckpt_ul_last.t7").read_bytes()
+    assert run_main(stage2, SMALL + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", folder]) \
+        == summary
     assert "nothing to train" in capsys.readouterr().out
+    assert json.loads((folder / "eval.json").read_text()) == summary
+    assert (folder / "ckpt_ul_last.t7").read_bytes() == last
