@@ -150,25 +150,30 @@ def cluster_summary(preds, probs, targets, mapping, num_clusters, per_row=8):
 
 def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows=20):
     """``clusters.png``: one row per cluster (the largest ``max_rows``), its most confident images,
-    its size and, with labels, its matched class and purity."""
+    its size and, with labels, its matched class and purity. The images are laid out in one array and
+    drawn once (a grid of axes, one per image, takes about a second to lay out)."""
     preds, probs = np.asarray(preds), np.asarray(probs, dtype=np.float64)
     rows = cluster_summary(preds, probs, dataset.targets.numpy(), mapping, dataset.num_classes, per_row)
     rows = sorted(rows, key=lambda r: -r["size"])[:max_rows]
     names = list(dataset.class_names or [str(c) for c in range(dataset.num_classes)])
-    fig, axes = plt.subplots(len(rows), per_row + 1, figsize=(1.1 * (per_row + 2.5), 1.1 * len(rows) + 0.3),
-                             squeeze=False, gridspec_kw={"width_ratios": [2.5] + [1] * per_row})
-    for ax_row, row in zip(axes, rows):
+    height, width = np.asarray(dataset.data[0]).shape[:2]
+    gap, label = max(1, height // 8), int(2.5 * width)  # pixels between images; the text column's width
+    cell_h, cell_w = height + gap, width + gap
+    canvas = np.full((len(rows) * cell_h - gap, label + per_row * cell_w - gap, 3), 255, dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(1.1 * (per_row + 2.5), 1.1 * len(rows) + 0.3))
+    for i, row in enumerate(rows):
+        for j, index in enumerate(row["images"]):
+            top, left = i * cell_h, label + j * cell_w
+            canvas[top:top + height, left:left + width] = np.asarray(dataset.data[index])
         text = f"cluster {row['cluster']}\n{row['size']} images"
         if "class" in row:
             text += f"\n{names[row['class']]}\npurity {100 * row['purity']:.0f}%"
-        ax_row[0].text(0, 0.5, text, va="center", fontsize=8)
-        for ax, index in zip(ax_row[1:], row["images"] + [None] * per_row):
-            if index is not None:
-                ax.imshow(np.asarray(dataset.data[index]), interpolation="nearest")
-        for ax in ax_row:
-            ax.axis("off")
-    fig.suptitle("most confident images per cluster (selected head)", fontsize=9)
-    fig.tight_layout()
+        ax.text(0, i * cell_h + height / 2, text, va="center", ha="left", fontsize=8)
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    inches = 1.1 * len(rows) + 0.3
+    fig.suptitle("most confident images per cluster (selected head)", fontsize=9, y=1 - 0.05 / inches, va="top")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / inches)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
