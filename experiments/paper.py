@@ -277,15 +277,22 @@ def parse_help(text):
     return options
 
 
-def script_options(script, cache={}):  # noqa: B006 (one --help per script and process)
-    """``parse_help`` of ``script --help``, run once per script."""
+# prints each script's --help text as JSON: one Python that imports all four (torch starts once, not per script)
+HELP_TEXTS = ("import importlib, json, sys; sys.path.insert(0, sys.argv[1]); print(json.dumps({s: importlib."
+              "import_module(s[:-3]).get_args_parser().format_help() for s in sys.argv[2:]}))")
+
+
+def script_options(script, cache={}):  # noqa: B006 (the scripts' --help read once per process)
+    """``parse_help`` of ``script``'s --help text; all four scripts' are read together, once."""
     if script not in cache:
-        done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+        scripts = (STAGE1, STAGE2, JOINT_SCRIPT, SEMI)
+        done = subprocess.run([sys.executable, "-c", HELP_TEXTS, ROOT, *scripts], capture_output=True, text=True)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HarnessError(f"'{script} --help' failed under {sys.executable} ({last}); run the harness with the "
-                               "project's Python (make paper, or .venv/bin/python experiments/paper.py)")
-        cache[script] = parse_help(done.stdout)
+            raise HarnessError(f"reading the --help of {', '.join(scripts)} failed under {sys.executable} ({last}); "
+                               "run the harness with the project's Python (make paper, or .venv/bin/python "
+                               "experiments/paper.py)")
+        cache.update({name: parse_help(text) for name, text in json.loads(done.stdout).items()})
     return cache[script]
 
 

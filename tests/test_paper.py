@@ -62,8 +62,8 @@ def test_a_script_that_cannot_start_is_one_clear_line(monkeypatch):
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nModuleNotFoundError: No module "
                                                                  "named 'torch'\n")
     monkeypatch.setattr(paper.subprocess, "run", lambda *args, **kwargs: failed)
-    with pytest.raises(paper.HarnessError, match=r"'main.py --help' failed under .*No module named 'torch'.*make "
-                                                 r"paper"):
+    with pytest.raises(paper.HarnessError, match=r"--help of super_and.py, main.py, joint.py, semi.py failed under "
+                                                 r".*No module named 'torch'.*make paper"):
         paper.script_options("main.py", cache={})
 
 
