@@ -123,15 +123,17 @@ def test_stage2_rows_are_runnable_with_todays_flags(monkeypatch):
 
 # ---- the harness end to end ----
 
-# two rows of each table, four runs: stage 1, stage 2 from it and from a random encoder, k-means on its embedding
-ROWS = ["2:super_and", "2:random", "3:kmeans", "3:two_stage", "C:lambda1", "C:tau0.1", "D:random", "D:two_stage"]
+# rows of Tables 2, 3, C, D and 4, five runs: stage 1 and stage 2 on it (shared by all of Tables 2, 3, C and D's
+# rows), and Table 4's chain: stage 1 and stage 2 on a WideResNet, semi.py from that stage-2 model
+ROWS = ["2:super_and", "3:two_stage", "C:lambda1", "C:tau0.1", "D:two_stage", "4:ours_supervised"]
+NAMES = ("embed", "embed-wrn28_2", "assign", "assign-wrn28_2", "semi-ours-supervised")
 
 
 def harness(out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"),
-                           "--tables", "2", "3", "C", "D", "--rows", *ROWS, "--scale", "tiny", "--dataset", "digits",
-                           "--out", str(out)],
+                           "--tables", "2", "3", "C", "D", "4", "--rows", *ROWS, "--scale", "tiny", "--dataset",
+                           "digits", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "tables.json") as f:
@@ -144,10 +146,11 @@ def mtimes(folder):
 
 
 def own_number(cell):
-    """The number of a cell read straight from its run folder's eval.json or log."""
+    """The number of a cell read straight from its run folder's eval.json (eval_semi.json) or log."""
     source, key = cell["source"].split(" ")[0].split(":")
     if source == "eval":
-        with open(os.path.join(cell["run"], "eval.json")) as f:
+        name = "eval_semi.json" if os.path.basename(cell["run"]).startswith("semi") else "eval.json"
+        with open(os.path.join(cell["run"], name)) as f:
             value = json.load(f)[key]
     else:
         name = "log_embed.jsonl" if os.path.basename(cell["run"]).startswith("embed") else "log_ul.jsonl"
@@ -164,35 +167,37 @@ def numbers(result):
 
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
+    """One call runs the rows' five runs, each once, and every number is its run's own; the same call again
+    runs nothing; a run cut short is resumed from its last checkpoint."""
     result = harness(tmp_path)
-    names = ("embed", "assign", "assign-random", "sequential-kmeans")
-    assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(names, "ran")
+    assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(NAMES, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
-    # two-stage (Tables 2, 3, D and C's two columns for each of its two rows: 7), kNN, random (2), k-means
-    assert len(measured) == 11
+    # two-stage (Tables 2, 3, D and C's two columns for each of its two rows: 7), kNN, Table 4's one
+    assert len(measured) == 9
     for cell in measured:
         assert cell["measured"] == own_number(cell)
-    assert rows[("3", "two_stage")]["cells"][0]["run"] == rows[("C", "lambda1")]["cells"][0]["run"] \
-        == rows[("C", "tau0.1")]["cells"][0]["run"] == rows[("D", "two_stage")]["cells"][0]["run"]
-    assert rows[("2", "random")]["cells"][-1]["run"] == rows[("D", "random")]["cells"][0]["run"]
+    assert rows[("2", "super_and")]["cells"][-1]["run"] == rows[("3", "two_stage")]["cells"][0]["run"] \
+        == rows[("C", "lambda1")]["cells"][0]["run"] == rows[("C", "tau0.1")]["cells"][0]["run"] \
+        == rows[("D", "two_stage")]["cells"][0]["run"]
     assert rows[("C", "lambda1")]["cells"][1]["source"] == "eval:head_acc (mean)"
     assert rows[("2", "super_and")]["cells"][0]["paper"] == 89.2
-    with open(tmp_path / "runs" / "sequential-kmeans" / "eval.json") as f:
-        assert json.load(f)["method"] == "kmeans"
-    assert rows[("3", "kmeans")]["cells"][0]["paper"] == 38.3
-    assert (tmp_path / "runs" / "assign-random" / "mutual_information.png").exists()
+    assert rows[("4", "ours_supervised")]["cells"][0]["paper"] == 85.4
+    with open(tmp_path / "runs" / "semi-ours-supervised" / "eval_semi.json") as f:
+        semi = json.load(f)
+    assert semi["labelled"] == 40 and semi["start"] == str(tmp_path / "runs" / "assign-wrn28_2" / "ckpt_ul.t7")
+    assert (tmp_path / "runs" / "assign" / "mutual_information.png").exists()
     assert os.path.exists(tmp_path / "tables.md")
 
     # the same command again: every run is skipped, no file in a run folder changes
     before = mtimes(tmp_path / "runs")
     again = harness(tmp_path)
     assert mtimes(tmp_path / "runs") == before
-    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(names, "skipped")
+    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(NAMES, "skipped")
     assert numbers(again) == numbers(result)
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
-    cut = tmp_path / "runs" / "assign-random"
+    cut = tmp_path / "runs" / "assign"
     with open(cut / "eval.json") as f:
         acc = json.load(f)["acc"]
     os.remove(cut / "eval.json")
@@ -201,15 +206,16 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
     resumed = harness(tmp_path)
-    assert resumed["runs"]["assign-random"]["status"] == "resumed"
-    assert resumed["runs"]["assign"]["status"] == "skipped" and resumed["runs"]["embed"]["status"] == "skipped"
+    assert resumed["runs"]["assign"]["status"] == "resumed"
+    assert {n: r["status"] for n, r in resumed["runs"].items() if n != "assign"} == \
+        dict.fromkeys(set(NAMES) - {"assign"}, "skipped")
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
     assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
     assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
     with open(cut / "eval.json") as f:
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
-    assert new_rows[("D", "random")]["cells"][0]["measured"] == acc
+    assert new_rows[("3", "two_stage")]["cells"][0]["measured"] == acc
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):
@@ -298,37 +304,3 @@ def test_a_killed_semi_run_resumes_from_its_checkpoint_without_from_scratch(tmp_
     (path / "eval_semi.json").write_text(json.dumps({"test_acc": 12.5}))
     assert paper.run_one(run, flags, str(tmp_path)) == "skipped" and len(calls) == 2
     assert paper.read_number(paper.TABLES["4"].rows[0].cells[0], str(tmp_path)) == 12.5
-
-
-@pytest.mark.slow
-def test_table4_end_to_end_from_scratch_and_from_the_two_stage_model(tmp_path):
-    """Two Table-4 rows on digits at --scale tiny: four runs (stage 1, stage 2 on it, semi.py from scratch and
-    from the stage-2 model); the numbers are the runs' own test_acc; a second call runs nothing."""
-    argv = [sys.executable, os.path.join(ROOT, "experiments", "paper.py"), "--tables", "4", "--rows",
-            "4:supervised", "4:ours_supervised", "--scale", "tiny", "--dataset", "digits", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def call():
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        with open(tmp_path / "tables.json") as f:
-            return json.load(f)
-
-    result = call()
-    names = ("embed-wrn28_2", "assign-wrn28_2", "semi-supervised", "semi-ours-supervised")
-    assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(names, "ran")
-    cells = {r["id"]: r["cells"][0] for r in result["tables"]["4"]["rows"]}
-    assert (cells["supervised"]["paper"], cells["ours_supervised"]["paper"]) == (79.7, 85.4)
-    for row_id, run in (("supervised", "semi-supervised"), ("ours_supervised", "semi-ours-supervised")):
-        with open(tmp_path / "runs" / run / "eval_semi.json") as f:
-            own = json.load(f)
-        assert cells[row_id]["measured"] == own["test_acc"] and 0 <= own["test_acc"] <= 100
-        assert own["labelled"] == 40
-    with open(tmp_path / "runs" / "semi-ours-supervised" / "eval_semi.json") as f:
-        assert json.load(f)["start"] == str(tmp_path / "runs" / "assign-wrn28_2" / "ckpt_ul.t7")
-    with open(tmp_path / "runs" / "semi-supervised" / "eval_semi.json") as f:
-        assert json.load(f)["start"] == "scratch"
-    before = mtimes(tmp_path / "runs")
-    again = call()
-    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(names, "skipped")
-    assert mtimes(tmp_path / "runs") == before and numbers(again) == numbers(result)
