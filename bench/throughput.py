@@ -535,21 +535,18 @@ def bench_ddp(args, device, sizes):
 
 def bench_split_discovery(n, dim, temperature, select_rate, ans_size):
     """The round-1 discovery at N (``AnchorNeighbourhoods.discover``) in one process and split over two gloo
-    processes, one thread each (fresh processes): the seconds, the speed-up and how far the two agree with the
-    one-process anchors and neighbours."""
+    processes, one thread each (two fresh processes: rank 0 alone first, the other waiting, then both): the
+    seconds, the speed-up and how far the two agree with the one-process anchors and neighbours."""
     progress(f"ANs discovery at N = {n:,} in one and in two gloo processes")
     context = multiprocessing.get_context("spawn")
-    runs = {}
-    for world in (1, 2):
-        queue, port = context.Queue(), free_port()
-        work = (world, port, n, dim, temperature, select_rate, ans_size, queue)
-        procs = [context.Process(target=split_discovery_worker, args=(rank, *work)) for rank in range(world)]
-        for proc in procs:
-            proc.start()
-        runs[world] = queue.get(timeout=3600)
-        for proc in procs:
-            proc.join()
-    one, two = runs[1], runs[2]
+    queue, port = context.Queue(), free_port()
+    procs = [context.Process(target=split_discovery_worker,
+                             args=(rank, port, n, dim, temperature, select_rate, ans_size, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    one, two = queue.get(timeout=3600)
+    for proc in procs:
+        proc.join()
     return {"ans_split_one_process_s": one["seconds"], "ans_split_two_processes_s": two["seconds"],
             "ans_speedup": one["seconds"] / two["seconds"],
             **agreement(one, two)}
@@ -566,24 +563,30 @@ def agreement(one, two):
             "ans_split_same_neighbours": sum(first[a] == second[a] for a in shared) / max(len(shared), 1)}
 
 
-def split_discovery_worker(rank, world, port, n, dim, temperature, select_rate, ans_size, queue):
-    """One of ``world`` processes (gloo, one thread): a unit-row bank of N rows, its round-1 discovery."""
+def split_discovery_worker(rank, port, n, dim, temperature, select_rate, ans_size, queue):
+    """One of two processes (gloo, one thread), each with the same unit-row bank of N rows: its round-1
+    discovery on rank 0 alone, then split over both; rank 0 reports the two."""
     from engine import distributed
-    if world > 1:
-        os.environ.update(distributed.launch_environment(rank, world, port))
+    os.environ.update(distributed.launch_environment(rank, 2, port))
     torch.set_num_threads(1)
     distributed.init("cpu")
     torch.manual_seed(n)
     memory = MemoryBank(n, dim, temperature).memory
     memory /= memory.norm(dim=1, keepdim=True)  # unit rows, as the bank's updates leave them
-    ans = AnchorNeighbourhoods(n, ans_size)
     count = num_anchors(n, select_rate, 1)
-    distributed.barrier()
-    start = time.perf_counter()
-    ans.discover(memory, temperature, count, collectives=distributed.ProcessGroup())
-    seconds = time.perf_counter() - start
+    runs = []
+    for collectives in (None, distributed.ProcessGroup()):  # None: the one-process default, rank 0 alone
+        ans = AnchorNeighbourhoods(n, ans_size)
+        distributed.barrier()
+        start = time.perf_counter()
+        if collectives is not None:
+            ans.discover(memory, temperature, count, collectives=collectives)
+        elif distributed.is_main():
+            ans.discover(memory, temperature, count)
+        runs.append({"seconds": time.perf_counter() - start, "anchors": ans.anchor_indexes.tolist(),
+                     "neighbours": ans.neighbours.tolist()})
     if distributed.is_main():
-        queue.put({"seconds": seconds, "anchors": ans.anchor_indexes.tolist(), "neighbours": ans.neighbours.tolist()})
+        queue.put(runs)
     distributed.cleanup()
 
 
