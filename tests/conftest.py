@@ -194,10 +194,20 @@ def digits_read_once():
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]  # 64 digits, 4 steps an epoch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stage1_ckpt(tmp_path_factory):
-    """A one-epoch stage-1 checkpoint on ``SMALL``, once per test module."""
+    """A one-epoch stage-1 checkpoint on ``SMALL``, once per test process (tests read it, never write)."""
     import super_and
     out = tmp_path_factory.mktemp("s1")
     run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
     return out / "ckpt_embed.t7"
+
+
+@pytest.fixture(scope="session")
+def stage2_run(stage1_ckpt, tmp_path_factory):
+    """The folder of a one-epoch stage-2 run on ``SMALL`` from ``stage1_ckpt``, once per test process (tests
+    may evaluate it there, never change its checkpoints or log)."""
+    import main as stage2
+    out = tmp_path_factory.mktemp("s2")
+    run_main(stage2, SMALL + ["--epochs", "1", "--resume", stage1_ckpt, "--model_dir", out])
+    return out

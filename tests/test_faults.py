@@ -250,13 +250,6 @@ def test_bad_flag_under_torchrun_is_said_by_rank_zero_alone(tmp_path):
 
 # ---- whole runs ----
 
-@pytest.fixture(scope="module")
-def stage2_run(stage1_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("s2")
-    run_main(stage2, SMALL + ["--epochs", "1", "--resume", stage1_ckpt, "--model_dir", out])
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["log_ul.jsonl", "eval.json", "clusters.png"])
 def test_export_onto_a_real_run_leaves_it_whole(name, stage2_run, capsys):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import datasets
-from conftest import NARROW, ROOT, expect_error, run_main
+from conftest import ROOT, expect_error, run_main
 from engine.gradcam import (
     DPI,
     TRUNKS,
@@ -145,30 +145,17 @@ def test_unlabelled_picture(tiny, tmp_path):
 
 # ---- tools/gradcam.py on a stage-2 checkpoint of main.py ----
 
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
-
-
-@pytest.fixture(scope="module")
-def stage2_checkpoint(tmp_path_factory, one_thread):
-    import main as stage2
-    import super_and
-    out = tmp_path_factory.mktemp("gradcam_run")
-    run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out / "s1"])
-    run_main(stage2, SMALL + ["--epochs", "1", "--resume", out / "s1" / "ckpt_embed.t7", "--model_dir", out / "s2"])
-    return out / "s2"
-
-
 @pytest.mark.slow
-def test_tool_end_to_end(stage2_checkpoint, tmp_path, capsys):
+def test_tool_end_to_end(stage2_run, tmp_path, capsys):
     from lib.checkpoint import load_checkpoint, strip_prefix
     tool = load_tool()
     out = tmp_path / "fig3.png"
-    result = run_main(tool, ["--resume", "ckpt_ul.t7", "--model_dir", stage2_checkpoint, "--dataset", "digits",
+    result = run_main(tool, ["--resume", "ckpt_ul.t7", "--model_dir", stage2_run, "--dataset", "digits",
                              "--subset", "80", "--out", out, "--per_class", "2", "--device", "cpu"])
     assert "head " in capsys.readouterr().out
     assert png_size(out) == expected_size(10, 2, labelled=True)
     # recompute the selected head's clusters from the checkpoint, independently of the tool
-    ckpt = load_checkpoint(stage2_checkpoint / "ckpt_ul.t7")
+    ckpt = load_checkpoint(stage2_run / "ckpt_ul.t7")
     net = resnet18(low_dim=32, width=8)
     net.load_state_dict(strip_prefix(ckpt["net"]))
     heads = MultiHeadNormFC(32, 10)
@@ -184,14 +171,14 @@ def test_tool_end_to_end(stage2_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tool_on_an_unlabelled_folder(stage2_checkpoint, tmp_path):
+def test_tool_on_an_unlabelled_folder(stage2_run, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     data = datasets.build_dataset("digits", "./data", "test", subset=12)
     for i in range(12):
         Image.fromarray(np.asarray(data.data[i])).save(folder / f"{i:02d}.png")
     out = tmp_path / "clusters.png"
-    result = run_main(load_tool(), ["--resume", stage2_checkpoint / "ckpt_ul.t7", "--dataset", "folder",
+    result = run_main(load_tool(), ["--resume", stage2_run / "ckpt_ul.t7", "--dataset", "folder",
                                     "--data_dir", folder, "--model_dir", tmp_path / "run", "--out", out])
     assert png_size(out) == expected_size(10, 2, labelled=False)
     assert all(row["class"] is None and row["failure"] == [] for row in result["rows"])
@@ -199,11 +186,11 @@ def test_tool_on_an_unlabelled_folder(stage2_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_tool_bad_input(stage2_checkpoint, tmp_path, capsys):
+def test_tool_bad_input(stage1_ckpt, stage2_run, tmp_path, capsys):
     tool = load_tool()
-    base = ["--model_dir", stage2_checkpoint, "--dataset", "digits", "--subset", "20"]
+    base = ["--model_dir", stage2_run, "--dataset", "digits", "--subset", "20"]
     expect_error(capsys, tool, base + ["--resume", "nothing.t7", "--out", tmp_path / "a.png"], "not found")
-    expect_error(capsys, tool, ["--model_dir", stage2_checkpoint.parent / "s1", "--dataset", "digits",
+    expect_error(capsys, tool, ["--model_dir", stage1_ckpt.parent, "--dataset", "digits",
                                 "--resume", "ckpt_embed.t7", "--out", tmp_path / "a.png"], "not a stage-2")
     expect_error(capsys, tool, base + ["--resume", "ckpt_ul.t7", "--head", "7", "--out", tmp_path / "a.png"],
                  "--head 7", "5 heads")
@@ -213,7 +200,7 @@ def test_tool_bad_input(stage2_checkpoint, tmp_path, capsys):
         (two_classes / name).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(two_classes / name / f"{i}.png")
-    expect_error(capsys, tool, ["--resume", stage2_checkpoint / "ckpt_ul.t7", "--dataset", "folder", "--data_dir",
+    expect_error(capsys, tool, ["--resume", stage2_run / "ckpt_ul.t7", "--dataset", "folder", "--data_dir",
                                 two_classes, "--model_dir", tmp_path / "run", "--out", tmp_path / "a.png"],
                  "10 clusters", "2 classes")
 

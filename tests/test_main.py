@@ -11,7 +11,6 @@ from PIL import Image
 
 import datasets
 import main as stage2
-import super_and
 from conftest import NARROW, run_main, write_released_embed, write_released_ul
 from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
@@ -35,10 +34,8 @@ def is_png(path):
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory, one_thread):
-    out = tmp_path_factory.mktemp("s1")
-    run_main(super_and, SMALL + ["--rounds", "1", "--epochs", "1", "--model_dir", out])
-    return out / "ckpt_embed.t7"
+def stage1(stage1_ckpt):
+    return stage1_ckpt
 
 
 @pytest.fixture(scope="module")
