@@ -29,13 +29,15 @@ demo: $(VENV)/.installed
 	$(PYTHON) main.py $(DEMO_FLAGS) --test_only --resume $(DEMO)/stage2/ckpt_ul.t7 --model_dir $(DEMO)/stage2 --kmeans_baseline
 	@echo "pictures: $(DEMO)/stage2/*.png (curves, confusion matrix, clusters, mutual information, per-class accuracy)"
 
-# the tests run their tiny networks on one thread each: two test processes use both cores
+# the tests run their tiny networks on one thread each (PyTorch, and the OpenMP/BLAS threads of numpy,
+# scipy and scikit-learn): two test processes use both cores without threads spinning against each other
 TEST_WORKERS ?= 2
+TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -57,14 +57,14 @@ def test_two_round_run_writes_log_and_released_checkpoint(two_rounds, capsys):
 
 
 def test_full_width_command(tmp_path, capsys):
-    """A quick command with the real network (width 64, d = 128): 4 anchors after round 1."""
-    run_main(super_and, ["--dataset", "digits", "--subset", "16", "--rounds", "2", "--epochs", "1", "--batch_size",
-                         "8", "--workers", "0", "--model_dir", tmp_path])
+    """A quick command with the real network (width 64, d = 128): 2 anchors after round 1."""
+    run_main(super_and, ["--dataset", "digits", "--subset", "8", "--rounds", "2", "--epochs", "1", "--batch_size",
+                         "4", "--workers", "0", "--model_dir", tmp_path])
     out = capsys.readouterr().out
-    assert "round 1: 4 anchors" in out
+    assert "round 1: 2 anchors" in out
     assert out.count("accuracy: ") == 2
     records = read_log(tmp_path)
-    assert [r["anchors"] for r in records] == [0, 4]  # floor(16 * 0.25 * round)
+    assert [r["anchors"] for r in records] == [0, 2]  # floor(8 * 0.25 * round)
     assert load_checkpoint(os.path.join(tmp_path, "ckpt_embed.t7"))["net"]["linear.weight"].shape == (128, 1024)
 
 
