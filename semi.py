@@ -45,7 +45,15 @@ from engine.cli import (
     run_cli,
 )
 from engine.distributed import speed_options
-from engine.lifecycle import open_run, read_checkpoint, require_finite, require_keys, set_lr, training_state
+from engine.lifecycle import (
+    atomic_file,
+    open_run,
+    read_checkpoint,
+    require_finite,
+    require_keys,
+    set_lr,
+    training_state,
+)
 from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
@@ -407,11 +415,9 @@ def main(args):
                      max_weight=max_weight)
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
                   position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
-        if ckpt is None and distributed.is_main():
-            with open(os.path.join(args.model_dir, INDEXES), "w") as f:
-                json.dump(labelled, f)
         for epoch in range(ckpt["next_epoch"] if ckpt else 0, args.epochs):
             train_and_save(run, state, epoch, args)
+        export_indexes(args.model_dir, labelled)  # a kill came between the last save and the export
         summary = {"test_acc": state.accuracy, "labelled": len(labelled), "labels_per_class": len(labelled) //
                    train_set.num_classes, "start": start, "epochs": args.epochs, "dataset": args.dataset}
         if args.method != "supervised":
@@ -445,11 +451,21 @@ def train_and_save(run, state, epoch, args):
               "epoch": epoch, "acc": state.accuracy, "labelled_indexes": state.labelled,
               "normalization": state.normalization, "start": state.start, **teacher,
               **training_state(state.optimizer, args, record, next_epoch=epoch + 1)})
+    export_indexes(args.model_dir, state.labelled)
     run.log.append(record)
     student = "" if state.teacher is None else f" (the teacher; the student {extra['student_acc']:.2f}%)"
     print(f"epoch {epoch} lr {lr:.4g} loss {losses['loss']:.4f} test accuracy {state.accuracy:.2f}%{student} "
           f"{record['seconds']:.1f}s")
     return record
+
+
+def export_indexes(model_dir, labelled):
+    """labelled_indexes.json, the list the checkpoint holds, written once the first checkpoint is (a run killed
+    before it leaves no file that would stop the same command again); rank 0 writes it."""
+    path = os.path.join(model_dir, INDEXES)
+    if distributed.is_main() and not os.path.exists(path):
+        with atomic_file(path) as f:
+            json.dump(labelled, f)
 
 
 if __name__ == "__main__":

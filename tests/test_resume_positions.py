@@ -35,6 +35,8 @@ sys.path.insert(0, {root!r})
 name, count = sys.argv[1], int(sys.argv[2])
 real, seen = os.replace, [0]
 def replace(src, dst, *args, **kwargs):
+    if os.path.basename(str(dst)) == name and count == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst, *args, **kwargs)
     if os.path.basename(str(dst)) == name:
         seen[0] += 1
@@ -50,7 +52,7 @@ run_cli(module.main, module.get_args_parser(), sys.argv[4:])
 
 def killed_run(script, args, name, count):
     """Run ``script`` (a module name) with ``args`` in a child process SIGKILLed right after its ``count``-th
-    write of the checkpoint ``name``."""
+    write of the checkpoint ``name`` (``count`` 0: right before the first is renamed into place)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), name, str(count), script,
                            *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -177,6 +179,26 @@ def test_semi_resumed_mid_run(semi_whole, tmp_path):
              (semi_whole / "log_semi.jsonl", tmp_path / "log_semi.jsonl"), SEMI_KEYS)
     assert json.loads((semi_whole / "eval_semi.json").read_text()) == \
         json.loads((tmp_path / "eval_semi.json").read_text())
+
+
+def test_semi_killed_before_its_first_checkpoint_the_same_command_again_ends_as_the_whole_run(semi_whole, tmp_path):
+    """A kill before the first checkpoint leaves the (dead) lock and a temporary, and no labelled_indexes.json
+    that the same command would take for another run's."""
+    command = SEMI + ["--epochs", "2", "--model_dir", tmp_path]
+    killed_run("semi", command, "ckpt_semi.t7", 0)
+    assert [n for n in sorted(os.listdir(tmp_path)) if ".tmp" not in n] == ["run.lock"]
+    run_main(semi, command)
+    same_run(load_checkpoint(semi_whole / "ckpt_semi.t7"), load_checkpoint(tmp_path / "ckpt_semi.t7"),
+             (semi_whole / "log_semi.jsonl", tmp_path / "log_semi.jsonl"), SEMI_KEYS)
+    assert filecmp.cmp(tmp_path / "labelled_indexes.json", semi_whole / "labelled_indexes.json", shallow=False)
+
+
+def test_semi_killed_between_its_last_save_and_the_indexes_export_writes_them_on_resume(semi_whole, tmp_path):
+    for name in ("ckpt_semi.t7", "log_semi.jsonl"):
+        (tmp_path / name).write_bytes((semi_whole / name).read_bytes())
+    run_main(semi, [a for a in SEMI if a != "--from_scratch"]
+             + ["--epochs", "2", "--model_dir", tmp_path, "--resume", "ckpt_semi.t7"])
+    assert filecmp.cmp(tmp_path / "labelled_indexes.json", semi_whole / "labelled_indexes.json", shallow=False)
 
 
 def test_semi_resumed_after_its_last_epoch_trains_nothing_and_keeps_its_files(semi_whole, tmp_path, capsys):
