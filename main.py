@@ -143,7 +143,8 @@ def main(args):
         for epoch in range(ckpt["next_epoch"] if resumed else 0, args.epochs):
             train_and_save(run, state, epoch, args)
         if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
-            print(f"nothing to train: {path} already ran {args.epochs} epochs; evaluating it")
+            print(f"nothing to train: {path} already ran {ckpt['next_epoch']} epochs (--epochs {args.epochs}); "
+                  "evaluating it")
             state.clusters, state.selected_head = evaluate(net, heads, eval_loader, device), ckpt["selected_head"]
         if not distributed.is_main():  # rank 0 draws and reports
             return None

@@ -423,7 +423,7 @@ def main(args):
         if args.method != "supervised":
             summary["method"] = args.method
         if distributed.is_main():
-            with open(os.path.join(args.model_dir, "eval_semi.json"), "w") as f:
+            with atomic_file(os.path.join(args.model_dir, "eval_semi.json")) as f:
                 json.dump(summary, f, indent=1)
     return summary
 

@@ -620,9 +620,9 @@ def _take_folder(run, names, resumed, ckpt, position):
     run.lock.acquire()
     try:
         model_dir = run.model_dir
-        for leftover in glob.glob(os.path.join(glob.escape(model_dir), "*.t7.tmp*")) + \
-                glob.glob(os.path.join(glob.escape(model_dir), "*.jsonl.tmp")):
-            os.remove(leftover)  # a save or rewind cut by a kill; the lock says no one else writes here
+        for pattern in ("*.t7.tmp*", "*.jsonl.tmp", "*.json.tmp*"):  # checkpoints, the log's rewind, eval.json...
+            for leftover in glob.glob(os.path.join(glob.escape(model_dir), pattern)):
+                os.remove(leftover)  # a write cut by a kill; the lock says no one else writes here
         refuse_overwrite(model_dir, names, resuming=resumed)  # a run that started meanwhile
         if resumed is not None:
             done = position(ckpt)

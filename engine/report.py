@@ -244,7 +244,7 @@ def write_report(clusters, selected, dataset, args):
     if args.kmeans_baseline and metrics:
         km = summary["kmeans"] = kmeans_baseline(dataset, num_classes, args.seed)
         print(f"k-means on raw pixels:    ACC {km['acc']:.2f}%  NMI {km['nmi']:.2f}%  ARI {km['ari']:.2f}%")
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+    with atomic_file(os.path.join(out_dir, "eval.json")) as f:  # whole or not at all
         json.dump(summary, f, indent=1)
     mapping = None
     if metrics:

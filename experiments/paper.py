@@ -292,7 +292,12 @@ def script_options(script, cache={}):  # noqa: B006 (the scripts' --help read on
             raise HarnessError(f"reading the --help of {', '.join(scripts)} failed under {sys.executable} ({last}); "
                                "run the harness with the project's Python (make paper, or .venv/bin/python "
                                "experiments/paper.py)")
-        cache.update({name: parse_help(text) for name, text in json.loads(done.stdout).items()})
+        try:
+            texts = json.loads(done.stdout)
+        except ValueError:
+            raise HarnessError(f"reading the --help of {', '.join(scripts)}: the scripts printed more than their "
+                               "help texts on import; run the harness from the project's own checkout") from None
+        cache.update({name: parse_help(text) for name, text in texts.items()})
     return cache[script]
 
 

@@ -505,6 +505,13 @@ def test_stage2_and_semi_in_two_processes(stage1_two, tmp_path, capsys):
     summary = run_main(stage2, FLAGS + ["--test_only", "--resume", tmp_path / "s2" / "ckpt_ul_last.t7",
                                         "--model_dir", tmp_path / "check"])
     assert summary["head_acc"] == log[-1]["head_acc"]  # one process, the same numbers
+    # killed after its last checkpoint, before eval.json: resumed, both processes score the checkpoint (the
+    # evaluation is collective) and rank 0 writes eval.json again
+    written = (tmp_path / "s2" / "eval.json").read_text()
+    (tmp_path / "s2" / "eval.json").unlink()
+    assert run_two("main", FLAGS + ["--epochs", "1", "--resume", "ckpt_ul_last.t7", "--model_dir", tmp_path / "s2"],
+                   tmp_path / "d") == [0, 0]
+    assert (tmp_path / "s2" / "eval.json").read_text() == written
     assert run_two("semi", FLAGS + ["--epochs", "1", "--labels_per_class", "4", "--resume", tmp_path / "s2" /
                                     "ckpt_ul.t7", "--model_dir", tmp_path / "semi"], tmp_path / "d") == [0, 0]
     semi_log = read_log(tmp_path / "semi" / "log_semi.jsonl")

@@ -106,6 +106,7 @@ def test_stage2_killed_at_any_write_resumes_to_the_same_end(target, stage1_ckpt,
             run_main(stage2, SMALL + ["--epochs", "2", "--resume", stage1_ckpt, "--model_dir", folder])
     mark_lock_dead(folder)
     (folder / "ckpt_ul_last.t7.tmp99999").write_bytes(b"a save cut short")
+    (folder / "eval.json.tmp99999").write_text('{"acc": ')  # a report cut short
     if (folder / "ckpt_ul_last.t7").exists():  # the documented command: continue from the last epoch
         run_main(stage2, SMALL + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", folder])
     else:  # killed before the first checkpoint: the same command again
