@@ -42,6 +42,7 @@ import super_and as stage1
 from engine.cli import ArgumentParser
 from engine.distributed import speed_options
 from engine.system import choose_device, keep_freed_memory
+from lib.collectives import ONE_PROCESS
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
@@ -575,14 +576,12 @@ def split_discovery_worker(rank, port, n, dim, temperature, select_rate, ans_siz
     memory /= memory.norm(dim=1, keepdim=True)  # unit rows, as the bank's updates leave them
     count = num_anchors(n, select_rate, 1)
     runs = []
-    for collectives in (None, distributed.ProcessGroup()):  # None: the one-process default, rank 0 alone
+    for collectives in (ONE_PROCESS, distributed.ProcessGroup()):  # rank 0 alone, then the two split it
         ans = AnchorNeighbourhoods(n, ans_size)
         distributed.barrier()
         start = time.perf_counter()
-        if collectives is not None:
+        if collectives is not ONE_PROCESS or distributed.is_main():
             ans.discover(memory, temperature, count, collectives=collectives)
-        elif distributed.is_main():
-            ans.discover(memory, temperature, count)
         runs.append({"seconds": time.perf_counter() - start, "anchors": ans.anchor_indexes.tolist(),
                      "neighbours": ans.neighbours.tolist()})
     if distributed.is_main():

@@ -34,19 +34,14 @@ def is_png(path):
 
 
 @pytest.fixture(scope="module")
-def stage1(stage1_ckpt):
-    return stage1_ckpt
-
-
-@pytest.fixture(scope="module")
-def stage2_run(stage1, tmp_path_factory, one_thread):
+def three_epoch_run(stage1_ckpt, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("s2")
-    run_main(stage2, SMALL + ["--epochs", "3", "--resume", stage1, "--model_dir", out])
+    run_main(stage2, SMALL + ["--epochs", "3", "--resume", stage1_ckpt, "--model_dir", out])
     return out
 
 
-def test_run_writes_log_checkpoints_and_pictures(stage1, stage2_run):
-    records = read_log(stage2_run)
+def test_run_writes_log_checkpoints_and_pictures(stage1_ckpt, three_epoch_run):
+    records = read_log(three_epoch_run)
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for r in records:
         assert all(k in r for k in LOG_KEYS)
@@ -58,8 +53,8 @@ def test_run_writes_log_checkpoints_and_pictures(stage1, stage2_run):
         assert r["loss"] == pytest.approx(r["loss_assign"] + r["loss_cp"], rel=1e-5)
         assert all(0 <= a <= 100 for a in r["head_acc"])
     for name in ("curves.png", "confusion_matrix.png"):
-        assert is_png(stage2_run / name)
-    best, last = load_checkpoint(stage2_run / "ckpt_ul.t7"), load_checkpoint(stage2_run / "ckpt_ul_last.t7")
+        assert is_png(three_epoch_run / name)
+    best, last = load_checkpoint(three_epoch_run / "ckpt_ul.t7"), load_checkpoint(three_epoch_run / "ckpt_ul_last.t7")
     assert best["epoch"] == int(np.argmin([r["loss"] for r in records]))  # released: lowest mean loss
     assert last["epoch"] == 2 and last["next_epoch"] == 3
     assert {"net", "fc", "acc_list"} <= set(best)
@@ -68,21 +63,21 @@ def test_run_writes_log_checkpoints_and_pictures(stage1, stage2_run):
     # heads are frozen; the network trains
     for key in best["fc"]:
         assert torch.equal(best["fc"][key], last["fc"][key])
-    start = load_checkpoint(stage1)["net"]
+    start = load_checkpoint(stage1_ckpt)["net"]
     assert not torch.equal(start["conv1.weight"], last["net"]["conv1.weight"])
     assert torch.equal(start["sobel.1.weight"], last["net"]["sobel.1.weight"])
 
 
-def test_test_only_writes_eval_confusion_and_predictions(stage2_run, tmp_path, capsys):
+def test_test_only_writes_eval_confusion_and_predictions(three_epoch_run, tmp_path, capsys):
     csv_path = tmp_path / "pred.csv"
     out = tmp_path / "eval"
-    summary = run_main(stage2, SMALL + ["--test_only", "--resume", stage2_run / "ckpt_ul.t7", "--model_dir", out,
+    summary = run_main(stage2, SMALL + ["--test_only", "--resume", three_epoch_run / "ckpt_ul.t7", "--model_dir", out,
                                         "--export_predictions", csv_path])
     printed = capsys.readouterr().out
     assert "accuracy: [" in printed
     with open(out / "eval.json") as f:
         saved = json.load(f)
-    best = load_checkpoint(stage2_run / "ckpt_ul.t7")
+    best = load_checkpoint(three_epoch_run / "ckpt_ul.t7")
     assert saved["selected_head"] == best["selected_head"]
     for key in ("head_acc", "head_nmi", "head_ari", "acc", "nmi", "ari"):
         assert key in saved
@@ -100,7 +95,7 @@ def test_test_only_writes_eval_confusion_and_predictions(stage2_run, tmp_path, c
     assert summary["acc"] == saved["head_acc"][saved["selected_head"]]
 
 
-def test_new_folder_takes_the_files_clusters_and_normalization_and_leaves_args_alone(stage2_run, tmp_path,
+def test_new_folder_takes_the_files_clusters_and_normalization_and_leaves_args_alone(three_epoch_run, tmp_path,
                                                                                      monkeypatch):
     """--test_only on a flat folder of new images: as many clusters as the file's heads, normalized as the
     network's training images were (the file's normalization, also in the transform); the parsed
@@ -111,7 +106,7 @@ def test_new_folder_takes_the_files_clusters_and_normalization_and_leaves_args_a
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     args = stage2.get_args_parser().parse_args([str(a) for a in NARROW + [
-        "--test_only", "--dataset", "folder", "--data_dir", folder, "--resume", stage2_run / "ckpt_ul.t7",
+        "--test_only", "--dataset", "folder", "--data_dir", folder, "--resume", three_epoch_run / "ckpt_ul.t7",
         "--model_dir", tmp_path / "eval"]])
     before = dict(vars(args))
     evaluated, make_loader = [], datasets.make_loader
@@ -120,7 +115,7 @@ def test_new_folder_takes_the_files_clusters_and_normalization_and_leaves_args_a
     summary = stage2.main(args)
     assert vars(args) == before and args.num_classes is None
     (dataset,) = evaluated
-    saved = load_checkpoint(stage2_run / "ckpt_ul.t7")["normalization"]
+    saved = load_checkpoint(three_epoch_run / "ckpt_ul.t7")["normalization"]
     assert dataset.num_classes == 10 and len(summary["cluster_sizes"]) == 10
     assert (list(dataset.mean), list(dataset.std)) == (saved["mean"], saved["std"])
     normalize = dataset.transform.transforms[-1]
@@ -176,30 +171,30 @@ def edited(src, dst, change):
     return dst
 
 
-def test_heads_for_another_class_count(stage2_run, tmp_path, capsys):
+def test_heads_for_another_class_count(three_epoch_run, tmp_path, capsys):
     def twenty(c):
         c["fc"] = {k: torch.randn(32, 20) for k in c["fc"]}
-    path = edited(stage2_run / "ckpt_ul.t7", tmp_path / "c20.t7", twenty)
+    path = edited(three_epoch_run / "ckpt_ul.t7", tmp_path / "c20.t7", twenty)
     expect_error(capsys, SMALL + ["--test_only", "--resume", path, "--model_dir", tmp_path / "o"], "20 clusters")
     assert not (tmp_path / "o").exists()
 
 
-def test_another_dimension(stage2_run, tmp_path, capsys):
-    args = SMALL + ["--test_only", "--resume", stage2_run / "ckpt_ul.t7", "--model_dir", tmp_path / "o"]
+def test_another_dimension(three_epoch_run, tmp_path, capsys):
+    args = SMALL + ["--test_only", "--resume", three_epoch_run / "ckpt_ul.t7", "--model_dir", tmp_path / "o"]
     args[args.index("--low_dim") + 1] = "64"
     expect_error(capsys, args, "--low_dim")
 
 
-def test_another_dataset(stage1, tmp_path, capsys):
+def test_another_dataset(stage1_ckpt, tmp_path, capsys):
     def other(c):
         c["args"]["dataset"] = "fashion-mnist"
-    path = edited(stage1, tmp_path / "fm.t7", other)
+    path = edited(stage1_ckpt, tmp_path / "fm.t7", other)
     expect_error(capsys, SMALL + ["--resume", path, "--model_dir", tmp_path / "o"], "fashion-mnist")
     assert not (tmp_path / "o").exists()
 
 
-def test_stage1_file_for_test_only(stage1, capsys, tmp_path):
-    expect_error(capsys, SMALL + ["--test_only", "--resume", stage1, "--model_dir", tmp_path], "stage-1")
+def test_stage1_file_for_test_only(stage1_ckpt, capsys, tmp_path):
+    expect_error(capsys, SMALL + ["--test_only", "--resume", stage1_ckpt, "--model_dir", tmp_path], "stage-1")
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -215,9 +210,9 @@ def test_missing_file_and_missing_resume(capsys, tmp_path):
     expect_error(capsys, SMALL + ["--model_dir", tmp_path], "--resume")
 
 
-def test_existing_stage2_run_is_not_overwritten(stage1, stage2_run, tmp_path, capsys):
+def test_existing_stage2_run_is_not_overwritten(stage1_ckpt, three_epoch_run, tmp_path, capsys):
     target = tmp_path / "ckpt_ul.t7"
-    target.write_bytes((stage2_run / "ckpt_ul.t7").read_bytes())
+    target.write_bytes((three_epoch_run / "ckpt_ul.t7").read_bytes())
     before = target.read_bytes()
-    expect_error(capsys, SMALL + ["--resume", stage1, "--model_dir", tmp_path], "already exists")
+    expect_error(capsys, SMALL + ["--resume", stage1_ckpt, "--model_dir", tmp_path], "already exists")
     assert target.read_bytes() == before

@@ -106,7 +106,7 @@ def stage1_run(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def stage2_run(stage1_run, tmp_path_factory, one_thread):
+def stage2_with_predictions(stage1_run, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("s2")
     run_main(stage2, STAGE2 + ["--epochs", "1", "--resume", stage1_run / "ckpt_embed.t7", "--model_dir", out,
                                "--export_predictions", out / "predictions.csv"])
@@ -140,11 +140,11 @@ def test_stage1_past_epoch_120(stage1_run, tmp_path, monkeypatch):
 
 
 @slow
-def test_stage2_past_epoch_120(stage2_run, tmp_path, monkeypatch):
+def test_stage2_past_epoch_120(stage2_with_predictions, tmp_path, monkeypatch):
     """Continued at epoch 119: lr 0.01, then 0.001 from epoch 120; loss = mean over heads + λ · CP."""
     def at_119(ckpt):
         ckpt["epoch"], ckpt["next_epoch"], ckpt["log_record"]["epoch"] = 118, 119, 118
-    edited(stage2_run / "ckpt_ul_last.t7", tmp_path / "ckpt_ul_last.t7", at_119)
+    edited(stage2_with_predictions / "ckpt_ul_last.t7", tmp_path / "ckpt_ul_last.t7", at_119)
     steps = spy_steps(monkeypatch, stage2)
     run_main(stage2, STAGE2 + ["--epochs", "121", "--resume", "ckpt_ul_last.t7", "--model_dir", tmp_path])
     records = [r for r in read_log(tmp_path / "log_ul.jsonl") if r["epoch"] >= 119]
@@ -197,10 +197,10 @@ def test_stage1_knn_top1_and_top5_from_the_checkpoint(stage1_run):
 # ---- stage 2: metrics, predictions file, confusion matrix, k-means ----
 
 @slow
-def test_stage2_predictions_file_from_the_checkpoint(stage2_run):
-    (record,) = read_log(stage2_run / "log_ul.jsonl")
-    summary = json.loads((stage2_run / "eval.json").read_text())
-    rows = read_csv(stage2_run / "predictions.csv")
+def test_stage2_predictions_file_from_the_checkpoint(stage2_with_predictions):
+    (record,) = read_log(stage2_with_predictions / "log_ul.jsonl")
+    summary = json.loads((stage2_with_predictions / "eval.json").read_text())
+    rows = read_csv(stage2_with_predictions / "predictions.csv")
     assert list(rows[0]) == ["index", "path", "label", "cluster", "probability"] + [f"head{h}" for h in range(5)]
     train = datasets.build_dataset("digits", "data", "train", subset=64)
     assert [int(r["index"]) for r in rows] == list(range(64))
@@ -211,7 +211,7 @@ def test_stage2_predictions_file_from_the_checkpoint(stage2_run):
     for key in ("acc", "nmi", "ari"):
         assert record[key] == summary[key] == record[f"head_{key}"][selected]
     # the selected head's cluster and probability: argmax and max of its softmax, recomputed from the file
-    ckpt = load_checkpoint(stage2_run / "ckpt_ul_last.t7")
+    ckpt = load_checkpoint(stage2_with_predictions / "ckpt_ul_last.t7")
     with torch.no_grad():
         feats = plain_network(ckpt)(images_of(train))
     probs = head_probabilities(feats, ckpt["fc"][f"heads.{selected}.weight"], norm_dim=1)  # released: rows
@@ -232,17 +232,17 @@ def spread_heads(feats, targets, num_heads=5):
 
 
 @slow
-def test_stage2_acc_nmi_ari_equal_scikit_learns_on_the_predictions(stage2_run, tmp_path):
+def test_stage2_acc_nmi_ari_equal_scikit_learns_on_the_predictions(stage2_with_predictions, tmp_path):
     """One more epoch with heads that give real clusterings (``spread_heads``, the paper's normalization),
     then every head's numbers in log_ul.jsonl and eval.json against those of its clusters in the CSV."""
     train = datasets.build_dataset("digits", "data", "train", subset=64)
-    ckpt = load_checkpoint(stage2_run / "ckpt_ul_last.t7")
+    ckpt = load_checkpoint(stage2_with_predictions / "ckpt_ul_last.t7")
     with torch.no_grad():
         feats = plain_network(ckpt)(images_of(train))
 
     def spread(c):
         c["fc"] = spread_heads(feats, train.targets)
-    edited(stage2_run / "ckpt_ul_last.t7", tmp_path / "ckpt_ul_last.t7", spread)
+    edited(stage2_with_predictions / "ckpt_ul_last.t7", tmp_path / "ckpt_ul_last.t7", spread)
     run_main(stage2, STAGE2 + ["--epochs", "2", "--head_norm", "paper", "--resume", "ckpt_ul_last.t7",
                                "--model_dir", tmp_path, "--export_predictions", tmp_path / "predictions.csv"])
     record = read_log(tmp_path / "log_ul.jsonl")[-1]
@@ -309,8 +309,8 @@ def test_confusion_matrix_as_drawn_rows_are_classes(monkeypatch, tmp_path):
 
 
 @slow
-def test_kmeans_baseline_is_reproducible_by_seed(stage2_run, tmp_path):
-    run_main(stage2, SMALL + ["--test_only", "--kmeans_baseline", "--resume", stage2_run / "ckpt_ul.t7",
+def test_kmeans_baseline_is_reproducible_by_seed(stage2_with_predictions, tmp_path):
+    run_main(stage2, SMALL + ["--test_only", "--kmeans_baseline", "--resume", stage2_with_predictions / "ckpt_ul.t7",
                               "--model_dir", tmp_path])
     saved = json.loads((tmp_path / "eval.json").read_text())["kmeans"]
     assert set(saved) == {"acc", "nmi", "ari"}
