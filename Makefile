@@ -1,5 +1,6 @@
 # make demo: stage 1 + stage 2 on scikit-learn's bundled digits (CPU, a few minutes, no download)
 # make test: the whole test suite (CPU); make test-fast: the math and unit tests only (seconds)
+# make test-kernels: the tests whose numbers depend on the CPU's kernels under PyTorch's generic ones (CI runs it)
 # make lint: ruff with the rules in pyproject.toml
 # make gpu-check: everything measured on a CUDA machine, into runs/gpu-check (under 10 minutes on one GPU)
 # All create .venv and install requirements-dev.txt (requirements.txt + pytest, ruff) on first use.
@@ -15,7 +16,7 @@ FASHION_FLAGS := --dataset fashion-mnist --subset 3000 --width 16 --batch_size 3
 
 GPU_CHECK ?= runs/gpu-check
 
-.PHONY: demo test test-fast lint bench fashion own-images semi-demo gpu-check
+.PHONY: demo test test-fast test-kernels lint bench fashion own-images semi-demo gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +39,13 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The tests whose numbers depend on the CPU's kernels (golden, wiring, resume) with PyTorch's generic kernels
+# (ATEN_CPU_CAPABILITY=default: what a CPU without AVX runs) and the golden tests on their tolerant path
+# (GOLDEN_TOLERANT=1, tests/fixtures/README.md), as on a machine with no recording of its own
+KERNEL_TESTS := tests/test_golden.py tests/test_golden_semi.py tests/test_wiring.py tests/test_resume_positions.py
+test-kernels: $(VENV)/.installed
+	ATEN_CPU_CAPABILITY=default GOLDEN_TOLERANT=1 $(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) $(KERNEL_TESTS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
