@@ -52,7 +52,8 @@ def stage2_flags():
 def get_args_parser():
     p = cli.ArgumentParser(description="The joint model of Table 3: both stages' losses at once, from a random "
                                        "network", parents=[cli.common_parser(datasets.DATASETS, NETWORKS),
-                                                           stage1.method_flags(), stage2_flags()])
+                                                           stage1.method_flags(), stage2_flags(),
+                                                           cli.schedule_flag()])
     p.set_defaults(lr=0.03, epochs=200)  # stage 1's: a network trained from random weights
     return p
 
@@ -175,9 +176,9 @@ def train_and_save(run, state, epoch, args):
     """One epoch of the joint model in round ``state.round``: train, score the heads, checkpoint, log; returns
     the log record."""
     start = time.time()
-    lr = step_lr(epoch, args.lr)
+    lr = step_lr(epoch, args.lr, args.schedule_scale)
     set_lr(state.optimizer, lr)
-    weight = ue_weight(epoch)
+    weight = ue_weight(epoch, args.schedule_scale)
     distributed.start_epoch(state.train_loader, args.seed, state.round * args.epochs + epoch)
     state.model.train()
     losses = run_epoch(state.train_loader, lambda images, batch: train_step(

@@ -43,7 +43,7 @@ BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Class assignment on a Super-AND encoder (stage 2)",
-                           parents=[cli.common_parser(datasets.DATASETS, NETWORKS)])
+                           parents=[cli.common_parser(datasets.DATASETS, NETWORKS), cli.schedule_flag()])
     p.set_defaults(lr=0.01, epochs=300)
     p.add_argument("--batch_t", default=0.1, type=cli.positive_float,
                    help="T_b, temperature of the consistency loss (> 0)")
@@ -155,7 +155,7 @@ def main(args):
 def train_and_save(run, state, epoch, args):
     """One epoch of stage 2: train, evaluate, save the last (and best) epoch, log; returns the log record."""
     start = time.time()
-    lr = step_lr(epoch, args.lr)
+    lr = step_lr(epoch, args.lr, args.schedule_scale)
     set_lr(state.optimizer, lr)
     distributed.start_epoch(state.train_loader, args.seed, epoch)
     state.model.train()

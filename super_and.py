@@ -26,6 +26,7 @@ from engine.cli import (
     positive_float,
     positive_int,
     run_cli,
+    schedule_flag,
     unit_interval,
 )
 from engine.distributed import speed_options
@@ -58,7 +59,7 @@ def position(record):
 
 def get_args_parser():
     p = ArgumentParser(description="Super-AND embedding learning (stage 1)",
-                       parents=[common_parser(datasets.DATASETS, NETWORKS), method_flags()])
+                       parents=[common_parser(datasets.DATASETS, NETWORKS), method_flags(), schedule_flag()])
     p.set_defaults(lr=0.03, epochs=200)
     p.add_argument("--variant", default="super_and", choices=list(VARIANTS),
                    help="the first stage of Table 2: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
@@ -234,9 +235,9 @@ def main(args):
 def train_and_save(run, state, epoch, args):
     """One epoch of stage 1 in round ``state.round``: train, evaluate, checkpoint, log; returns the log record."""
     start = time.time()
-    lr = step_lr(epoch, args.lr)
+    lr = step_lr(epoch, args.lr, args.schedule_scale)
     set_lr(state.optimizer, lr)
-    weight = ue_weight(epoch) if args.variant == "super_and" else None  # None: no UE loss
+    weight = ue_weight(epoch, args.schedule_scale) if args.variant == "super_and" else None  # None: no UE loss
     distributed.start_epoch(state.train_loader, args.seed, state.round * args.epochs + epoch)
     state.model.train()
     losses = run_epoch(state.train_loader, lambda images, batch: train_step(

@@ -73,7 +73,19 @@ positive_float = _number(float, low=0, low_open=True)
 non_negative_float = _number(float, low=0)
 half_open_unit = _number(float, low=0, high=1, high_open=True)  # [0, 1): momenta
 unit_interval = _number(float, low=0, high=1)  # [0, 1]: shares of the data
+unit_interval_open_low = _number(float, low=0, high=1, low_open=True)  # (0, 1]: a fraction of a schedule
 seed = _number(int, low=0, high=2**63 - 1)
+
+
+def schedule_flag():
+    """``--schedule_scale`` as a parent parser, for the scripts whose schedules are the released step schedule
+    (stage 1, stage 2, the joint model): ``lib.schedules.scaled``."""
+    p = ArgumentParser(add_help=False)
+    p.add_argument("--schedule_scale", default=1.0, type=unit_interval_open_low,
+                   help="the epochs at which the learning rate steps (x0.1 at 120, 160, ...) and the UE weight "
+                        "grows (80, 160) times this, for short runs that pass through the whole schedule "
+                        "(in (0, 1]; 1: as released; not the paper's recipe below 1)")
+    return p
 
 
 def common_parser(dataset_names, network_names):

@@ -10,8 +10,14 @@ Each table is a list of rows; each row's numbers come from runs of ``super_and.p
 and read from the run folder (its ``eval.json``, ``eval_semi.json`` or the last record of its log). A run
 several rows share (the one stage-1 encoder, Table 4's stage-2 model) runs once.
 Running the same command again skips every finished run, resumes a killed one from its last checkpoint and
-rewrites ``<out>/tables.md`` and ``<out>/tables.json`` (each row: the paper's number, the measured one, the
-run folder). A row whose flags the scripts do not offer yet is listed as "not runnable yet".
+rewrites ``<out>/tables.md``, ``<out>/tables.json`` and ``<out>/tables.png`` (each row: the paper's number, the
+measured mean, standard deviation and every seed's number, the run folders). A row whose flags the scripts do
+not offer yet is listed as "not runnable yet".
+
+``--seeds N`` runs every run N times: seed 0 with the scripts' default seed (the released one, in
+``runs/<run>``), seed k > 0 with ``--seed k`` (in ``runs/<run>-seed<k>``), each chain on its own seed's
+encoder; all runs of seed 0 come first, then seed 1's, so a cut measurement has whole tables of fewer seeds.
+The paper's claims (``CLAIMS``: one row above another) are judged over the seeds by ``experiments/verdicts.py``.
 """
 import argparse
 import json
@@ -22,6 +28,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as a script: experiments/ is not a package on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import verdicts  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1, STAGE2, JOINT_SCRIPT, SEMI = "super_and.py", "main.py", "joint.py", "semi.py"
@@ -196,6 +206,40 @@ TABLES = {t.id: t for t in (
                   (semi_acc(88.0, 94.2, semi("mean_teacher", ASSIGN_WRN.name)),)))),
 )}
 
+# ---- the paper's claims -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The paper's claim that row ``better`` of ``table`` scores above row ``worse`` in column ``column``."""
+    table: str
+    better: str
+    worse: str
+    column: int = 0
+
+
+def _chain(table, ids, column=0):
+    """A > B > C as the claims A > B and B > C."""
+    return tuple(Claim(table, a, b, column) for a, b in zip(ids, ids[1:]))
+
+
+CLAIMS = (
+    # Table 2: Super-AND > AND > Lemniscate > random as initialization of stage 2; the embeddings' kNN in order
+    *_chain("2", ("super_and", "and", "lemniscate", "random"), 1), *_chain("2", ("super_and", "and", "lemniscate")),
+    # Table 3: two-stage > joint > hierarchical > k-means, the two-stage model above each sequential method, each
+    # ablation below the full model
+    *_chain("3", ("two_stage", "joint", "agglomerative", "kmeans")),
+    *(Claim("3", "two_stage", r) for r in ("agglomerative", "kmeans")),
+    *(Claim("3", "two_stage", r) for r in ("lambda0", "no_norm", "tau1")),
+    # supplementary C: both columns (the lowest-loss head, the mean of the heads) peak at λ = 1 and at τ_c = 0.1
+    *(Claim("C", "lambda1", f"lambda{v}", c) for c in (0, 1) for v in LAMBDAS if v != 1),
+    *(Claim("C", "tau0.1", f"tau{v}", c) for c in (0, 1) for v in TAUS if v != 0.1),
+    # supplementary D: stage 2 alone, trained 1,300 epochs, stays below the two-stage model
+    Claim("D", "two_stage", "random_long"),
+    # Table 4: our model + X > X, for each method X
+    *(Claim("4", f"ours_{m}", m) for m in ("supervised", "pi_model", "mean_teacher")),
+)
+
 # ---- the scales --------------------------------------------------------------------------------------
 
 # the paper's: 5 rounds x 200 epochs of stage 1, 300 of stage 2, 1,300 for supplementary D; the joint model's
@@ -204,6 +248,12 @@ TABLES = {t.id: t for t in (
 PAPER_EPOCHS = {"stage1": (5, 200), "stage2": 300, "stage2_long": 1300, "joint": (5, 200), "semi": 180}
 # measured on 2 CPU cores (Fashion-MNIST, 2,000 images): Tables 2, 3, C and D in 54 minutes, Table 4 in 12
 CPU_EPOCHS = {"stage1": (2, 3), "stage2": 3, "stage2_long": 13, "joint": (2, 3), "semi": 18}
+# measured on 2 CPU cores (Fashion-MNIST, 1,000 images): docs/results.md. Each stage's released schedule passes
+# through all its phases (--schedule_scale): stage 1 10 epochs a round (released 200: x 0.05), stage 2 40 epochs
+# (300 x 0.2 is 60; the schedule's learning rate is below 1/1000 of its start after epoch 40, so the harness
+# stops there), supplementary D 13/3 of that; semi.py 70 epochs (x0.1 at 60 and 65: from scratch it levels off at
+# about 75% after the first decay)
+FAIR_EPOCHS = {"stage1": (5, 10), "stage2": 40, "stage2_long": 173, "joint": (5, 10), "semi": 70}
 TINY_EPOCHS = {"stage1": (1, 1), "stage2": 1, "stage2_long": 2, "joint": (1, 1), "semi": 1}
 SCALES = {
     # the released network and batch, the released learning rates (the scripts' defaults); semi.py: the
@@ -217,6 +267,17 @@ SCALES = {
                                              "--workers", "2"],
             STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"],
             SEMI: ["--lr_decay_start", "8", "--lr_decay_every", "4"], "consistency": ["--rampup_epochs", "8"]},
+    # 'cpu' made fair (docs/results.md, "A fair CPU scale"): 1,000 images, each stage long enough to level off
+    # with its whole schedule compressed; the batched augmentation (the same distributions, the fastest CPU
+    # path) for the stages; Table 4 on a WideResNet at width 16 (8 did not learn from scratch), batch 32 and a
+    # learning rate at which the from-scratch baseline learns (0.05), the same for every row
+    "fair": {"epochs": FAIR_EPOCHS, "common": ["--width", "8", "--batch_size", "32", "--subset", "1000",
+                                              "--workers", "0"],
+             STAGE1: ["--lr", "0.0075", "--gpu_augment", "--schedule_scale", "0.05"],
+             STAGE2: ["--lr", "0.0025", "--gpu_augment", "--schedule_scale", "0.2"],
+             JOINT_SCRIPT: ["--lr", "0.0075", "--gpu_augment", "--schedule_scale", "0.05"],
+             SEMI: ["--lr", "0.05", "--lr_decay_start", "60", "--lr_decay_every", "5"],
+             "consistency": ["--rampup_epochs", "30"], "wrn": ["--width", "16"]},
     # the test's: the smallest network that runs; semi.py on 4 labels per class (40: one batch)
     "tiny": {"epochs": TINY_EPOCHS, "common": ["--width", "4", "--low_dim", "16", "--batch_size", "32",
                                               "--subset", "320", "--workers", "0"],
@@ -236,12 +297,17 @@ class HarnessError(Exception):
 
 # ---- commands ----------------------------------------------------------------------------------------
 
-def run_flags(run, scale, dataset, extra):
-    """The flags of ``run`` at ``scale`` (no --model_dir or --resume: those come from the folder layout)."""
+def run_flags(run, scale, dataset, extra, seed=0):
+    """The flags of ``run`` at ``scale`` and seed index ``seed`` (no --model_dir or --resume: those come from the
+    folder layout; seed 0: the script's default seed, no flag)."""
     recipe = SCALES[scale]
     flags = ["--dataset", dataset, *recipe["common"], *recipe[run.script], *extra]
     if run.kind == "semi" and "--method" in run.flags:  # semi.py refuses these with --method supervised
         flags += recipe.get("consistency", [])
+    if "wrn28_2" in run.flags:  # Table 4's network: every run of its chain at the same width
+        flags += recipe.get("wrn", [])
+    if seed:
+        flags += ["--seed", str(seed)]
     length = recipe["epochs"].get(run.epochs)
     if isinstance(length, tuple):  # rounds x epochs
         flags += ["--rounds", str(length[0]), "--epochs", str(length[1])]
@@ -250,19 +316,24 @@ def run_flags(run, scale, dataset, extra):
     return flags + list(run.flags)
 
 
-def folder(out, run):
-    return os.path.join(out, "runs", run.name)
+def job_name(run, seed=0):
+    """The name of ``run`` at seed index ``seed``: its folder under <out>/runs and its key in tables.json."""
+    return run.name + (f"-seed{seed}" if seed else "")
 
 
-def command(run, flags, out, resume=None):
+def folder(out, run, seed=0):
+    return os.path.join(out, "runs", job_name(run, seed))
+
+
+def command(run, flags, out, resume=None, seed=0):
     """The argv of ``run``: python script flags --model_dir <folder> [--resume ...] (a semi.py run resumed
     from its own checkpoint: without --from_scratch, which semi.py refuses beside --resume)."""
     if resume is not None and run.kind == "semi":
         flags = [f for f in flags if f != "--from_scratch"]
-    argv = [sys.executable, os.path.join(ROOT, run.script), *flags, "--model_dir", folder(out, run)]
+    argv = [sys.executable, os.path.join(ROOT, run.script), *flags, "--model_dir", folder(out, run, seed)]
     if resume is None and run.encoder is not None:
         encoder = RUNS[run.encoder]
-        resume = os.path.join(folder(out, encoder), ENCODER_FILES[encoder.kind])
+        resume = os.path.join(folder(out, encoder, seed), ENCODER_FILES[encoder.kind])
     return argv + (["--resume", resume] if resume else [])
 
 
@@ -374,9 +445,9 @@ def check_folder(run, flags, path):
         json.dump(record, f, indent=1)
 
 
-def read_number(cell, out):
-    """The measured number of ``cell`` (None where its file or key is absent)."""
-    path = folder(out, cell.run)
+def read_number(cell, out, seed=0):
+    """The measured number of ``cell`` at seed index ``seed`` (None where its file or key is absent)."""
+    path = folder(out, cell.run, seed)
     if cell.source == "eval":
         try:
             with open(os.path.join(path, EVALS.get(cell.run.kind, "eval.json"))) as f:
@@ -406,10 +477,10 @@ def execute(argv, path):
     return proc.returncode
 
 
-def run_one(run, flags, out):
-    """Bring ``run`` to its end: skip it when finished, resume it from its last checkpoint, or start it.
-    Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'."""
-    path = folder(out, run)
+def run_one(run, flags, out, seed=0):
+    """Bring ``run`` (at seed index ``seed``) to its end: skip it when finished, resume it from its last
+    checkpoint, or start it. Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'."""
+    path = folder(out, run, seed)
     check_folder(run, flags, path)
     if finished(run, flags, path):
         return "skipped"
@@ -417,7 +488,7 @@ def run_one(run, flags, out):
     resumable = own is not None and os.path.exists(os.path.join(path, own))
     # a run killed after its last epoch's checkpoint but before its report: the script, resumed, scores that
     # checkpoint and writes eval.json (eval_semi.json)
-    status = execute(command(run, flags, out, resume=own if resumable else None), path)
+    status = execute(command(run, flags, out, resume=own if resumable else None, seed=seed), path)
     if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
         raise KeyboardInterrupt
     if status != 0:
@@ -430,8 +501,9 @@ def chain(run):
     return (chain(RUNS[run.encoder]) if run.encoder else []) + [run]
 
 
-def plan(tables, scale, dataset, extra, only):
-    """The selected rows, and the runs they need in order (encoders first), each once."""
+def plan(tables, scale, dataset, extra, only, seeds=1):
+    """The selected rows, and the runs they need, each once per seed: {job name: (run, flags, seed)}, seed 0's
+    runs first (encoders first within a seed), then seed 1's."""
     rows = [(t, r) for t in tables for r in TABLES[t].rows if not only or f"{t}:{r.id}" in only]
     runs = {}
     for _, row in rows:
@@ -440,7 +512,8 @@ def plan(tables, scale, dataset, extra, only):
                 for run in chain(cell.run):
                     runs.setdefault(run.name, run)
     ordered = sorted(runs.values(), key=lambda r: r.kind != "embed")
-    return rows, {r.name: (r, run_flags(r, scale, dataset, extra)) for r in ordered}
+    return rows, {job_name(r, seed): (r, run_flags(r, scale, dataset, extra, seed), seed)
+                  for seed in range(seeds) for r in ordered}
 
 
 def not_runnable(run, flags):
@@ -461,7 +534,7 @@ def estimate(runs, dataset, scale, step_seconds):
     n1 = min(TRAIN_IMAGES.get(dataset, 50_000), int(subset or 10**9))
     n2 = min(CLUSTER_IMAGES.get(dataset, TRAIN_IMAGES.get(dataset, 50_000)), int(subset or 10**9))
     total = 0
-    for run, flags in runs.values():
+    for run, flags, _ in runs.values():
         if run.kind == "evaluate":
             continue
         epochs = int(_flag_value(flags, "--epochs")) * int(_flag_value(flags, "--rounds") or 1)
@@ -489,15 +562,27 @@ def fmt(x):
     return "-" if x is None else f"{x:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
 
 
+def measured_cell(cell, out, state_of, seeds):
+    """A cell's numbers over the seeds: every seed's (None where its run did not finish), mean, std, n."""
+    values = [read_number(cell, out, seed) if state_of(seed) in ("skipped", "ran", "resumed") else None
+              for seed in range(seeds)]
+    return {"values": values, **verdicts.summary(values)}
+
+
 def write_tables(out, rows, runs, status, args):
-    """tables.json (every row's cells: paper, measured, run folder, source, status) and tables.md."""
-    result = {"scale": args.scale, "dataset": args.dataset, "paper_dataset": "cifar10", "tables": {}, "runs": {}}
-    for name, (run, flags) in runs.items():
-        result["runs"][name] = {"folder": folder(args.out, run), "script": run.script, "flags": flags,
-                                "encoder": run.encoder, "status": status[name]}
+    """tables.json (every row's cells: paper, each seed's number, mean, std, run folders, status; every claim's
+    verdict), tables.md and tables.png."""
+    seeds = args.seeds
+    result = {"scale": args.scale, "dataset": args.dataset, "paper_dataset": "cifar10", "seeds": seeds,
+              "verdict_rule": verdicts.RULE, "tables": {}, "claims": [], "runs": {}}
+    for name, (run, flags, seed) in runs.items():
+        result["runs"][name] = {"folder": folder(args.out, run, seed), "script": run.script, "flags": flags,
+                                "encoder": run.encoder and job_name(RUNS[run.encoder], seed), "seed": seed,
+                                "status": status[name]}
     lines = [f"# The paper's experiments at scale '{args.scale}' on {args.dataset}", "",
              "Paper: CIFAR-10 (Table 4: the data set's column where it has one), the paper's scale. Measured: "
-             "this run.", ""]
+             f"this run, mean ± standard deviation over the seeds (n: how many finished; {seeds} asked). "
+             f"Verdicts: {verdicts.RULE}", ""]
     for table_id in dict.fromkeys(t for t, _ in rows):
         table = TABLES[table_id]
         shown_dataset = paper_dataset(table, args.dataset)
@@ -512,28 +597,67 @@ def write_tables(out, rows, runs, status, args):
             cells = []
             for column, cell in zip(table.columns, row.cells):
                 if cell is None:
-                    cells.append({"column": column, "paper": None, "measured": None, "run": None})
+                    cells.append({"column": column, "paper": None, "measured": None, "values": [], "run": None})
                     continue
-                state = status[cell.run.name]
-                measured = read_number(cell, args.out) if state in ("skipped", "ran", "resumed") else None
+                state = status[job_name(cell.run)]
+                numbers = measured_cell(cell, args.out, lambda k, c=cell: status[job_name(c.run, k)], seeds)
                 cells.append({"column": column, "paper": paper_number(cell.paper, args.dataset),
-                              "measured": measured,
-                              "run": folder(args.out, cell.run), "source": f"{cell.source}:{cell.key}"
-                              + (f" ({cell.reduce})" if cell.reduce else ""), "status": state})
+                              "measured": numbers["mean"], **numbers,
+                              "run": folder(args.out, cell.run), "runs": [folder(args.out, cell.run, k)
+                                                                          for k in range(seeds)],
+                              "source": f"{cell.source}:{cell.key}" + (f" ({cell.reduce})" if cell.reduce else ""),
+                              "status": state})
             entries.append({"id": row.id, "name": row.name, "cells": cells})
-            shown = [f"{fmt(c['paper'])} | " + (fmt(c["measured"]) if c.get("measured") is not None
+            shown = [f"{fmt(c['paper'])} | " + (verdicts.spread(c) if c.get("measured") is not None
                                                 else (c.get("status") or "-")) for c in cells]
             folders = ", ".join(dict.fromkeys(os.path.basename(c["run"]) for c in cells if c["run"]))
             lines.append(f"| {row.name} | " + " | ".join(shown) + f" | {folders} |")
         result["tables"][table_id] = {"title": table.title, "columns": list(table.columns),
                                       "paper_dataset": shown_dataset, "rows": entries}
+        judged = judge(table_id, result["tables"][table_id])
+        result["claims"] += judged
+        if judged:
+            lines += ["", "| the paper's claim | paper | measured difference (mean ± s.e., n) | verdict |",
+                      "|---|---|---|---|"]
+            lines += [f"| {c['claim']} | {fmt(c['paper_difference'])} | {verdicts.difference(c)} | "
+                      f"**{c['verdict']}** |" for c in judged]
         lines.append("")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tables.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write("\n".join(lines))
+    verdicts.plot(result, os.path.join(args.out, "tables.png"))
     return result
+
+
+def judge(table_id, table):
+    """The verdict of every claim of ``table_id`` whose two rows are in ``table`` (tables.json's entry)."""
+    rows = {r["id"]: r for r in table["rows"]}
+    judged = []
+    for claim in CLAIMS:
+        if claim.table != table_id or claim.better not in rows or claim.worse not in rows:
+            continue
+        better, worse = rows[claim.better]["cells"][claim.column], rows[claim.worse]["cells"][claim.column]
+        verdict, diff, se, n = verdicts.verdict(better["values"], worse["values"])
+        paper = (better["paper"] - worse["paper"] if better["paper"] is not None and worse["paper"] is not None
+                 else None)
+        column = f" ({table['columns'][claim.column]})" if len(table["columns"]) > 1 else ""
+        judged.append({"table": table_id, "better": claim.better, "worse": claim.worse, "column": claim.column,
+                       "claim": f"{rows[claim.better]['name']} > {rows[claim.worse]['name']}{column}",
+                       "paper_difference": paper, "difference": diff, "standard_error": se, "n": n,
+                       "verdict": verdict})
+    return judged
+
+
+def _seed_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1")
+    return value
 
 
 def get_args_parser():
@@ -543,7 +667,11 @@ def get_args_parser():
     p.add_argument("--rows", nargs="+", default=None, metavar="TABLE:ROW",
                    help="only these rows, e.g. 3:lambda0 3:two_stage (default: every row of --tables)")
     p.add_argument("--scale", default="cpu", choices=list(SCALES),
-                   help="paper: the paper's epochs and network; cpu: about an hour on 2 CPU cores; tiny: tests")
+                   help="paper: the paper's epochs and network; cpu: about an hour on 2 CPU cores; fair: each "
+                        "stage levelled off on 1,000 images (docs/results.md); tiny: tests")
+    p.add_argument("--seeds", default=1, type=_seed_count,
+                   help="run every run with this many seeds (0: the scripts' default seed, k: --seed k) and "
+                        "report mean ± standard deviation and a verdict per claim")
     p.add_argument("--dataset", default="cifar10", help="the scripts' --dataset (the paper's tables: cifar10)")
     p.add_argument("--out", default="runs/paper", help="folder of the runs and of tables.md / tables.json")
     p.add_argument("--data_dir", default=None, help="passed to the scripts")
@@ -563,39 +691,41 @@ def main(args):
     if unknown:
         raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
                            f"(rows: {' '.join(sorted(known))})")
-    rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()))
+    rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()), args.seeds)
     # a finished run needs no check of its flags (each check starts a script: seconds)
-    blocked = {name: None if finished(run, flags, folder(args.out, run)) else not_runnable(run, flags)
-               for name, (run, flags) in runs.items()}
+    blocked = {name: None if finished(run, flags, folder(args.out, run, seed)) else not_runnable(run, flags)
+               for name, (run, flags, seed) in runs.items()}
     step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
     steps, hours = estimate(runs, args.dataset, args.scale, step or 0)
     today, _ = estimate({n: r for n, r in runs.items() if not blocked[n]}, args.dataset, args.scale, 0)
-    print(f"{len(rows)} rows, {len(runs)} runs ({sum(1 for b in blocked.values() if not b)} runnable today) at "
+    seeds = f" ({args.seeds} seeds)" if args.seeds > 1 else ""
+    print(f"{len(rows)} rows, {len(runs)} runs{seeds} ({sum(1 for b in blocked.values() if not b)} runnable today) at "
           f"scale '{args.scale}' on {args.dataset}: {steps:,} training steps ({today:,} runnable today)"
           + (f", about {hours:,.0f} hours at {step:.2f} s per step" if step else ""), flush=True)
     status = {}
-    for i, (name, (run, flags)) in enumerate(runs.items(), start=1):
-        encoder_state = status.get(run.encoder, "skipped") if run.encoder else "skipped"
+    for i, (name, (run, flags, seed)) in enumerate(runs.items(), start=1):
+        encoder = run.encoder and job_name(RUNS[run.encoder], seed)
+        encoder_state = status.get(encoder, "skipped") if encoder else "skipped"
         if args.dry_run and encoder_state == "planned":
             encoder_state = "skipped"
         if blocked[name]:
             status[name] = blocked[name]
         elif encoder_state not in ("skipped", "ran", "resumed"):
-            status[name] = f"encoder {run.encoder}: {encoder_state}"
+            status[name] = f"encoder {encoder}: {encoder_state}"
         elif args.dry_run:
             status[name] = "planned"
-            print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out)[1:]))
+            print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out, seed=seed)[1:]))
             continue
         else:
             start = time.time()
             print(f"[{i}/{len(runs)}] {name}", flush=True)
-            status[name] = run_one(run, flags, args.out)
+            status[name] = run_one(run, flags, args.out, seed)
         print(f"[{i}/{len(runs)}] {name}: {status[name]}"
               + (f" ({time.time() - start:.0f} s)" if status[name] in ("ran", "resumed") else ""), flush=True)
     if args.dry_run:
         return None, []
     result = write_tables(args.out, rows, runs, status, args)
-    print(f"wrote {os.path.join(args.out, 'tables.md')} and tables.json")
+    print(f"wrote {os.path.join(args.out, 'tables.md')}, tables.json and tables.png")
     failed = [n for n, s in status.items() if s.startswith("failed") or s.startswith("encoder")]
     return result, failed
 

@@ -576,6 +576,22 @@ def semi_epochs(run, default):
     assert [r["epoch"] for r in run.records] == [0, 1] and len(run.steps) == 2 and len(default.steps) == 1
 
 
+def schedule_scale_row(script):
+    """--schedule_scale 0.0125 over 3 epochs: the released steps at 80 and every 40 epochs become 1 and 1, so
+    the learning rate (log and optimizer) is lr, lr, lr x 0.1 and (stage 1) the UE weight 0, 0.2, 0.4, where
+    the default keeps lr and a UE weight of 0."""
+    def check(run, default):
+        base = {"super_and": 0.03, "main": 0.01}[script]
+        want = [base, base, base * 0.1]
+        assert [r["lr"] for r in run.records] == pytest.approx(want, rel=1e-12)
+        assert [s["lr"] for s in run.steps] == pytest.approx(want, rel=1e-12)
+        assert {r["lr"] for r in default.records} == {base}
+        if script == "super_and":
+            assert [r["ue_weight"] for r in run.records] == pytest.approx([0, 0.2, 0.4], abs=1e-12)
+            assert {r["ue_weight"] for r in default.records} == {0}
+    return check
+
+
 def semi_pi_model(run, default):
     """--method pi_model: one pass of the network over [view 1; view 2] of the B_L = 16 labelled then the
     B_U = 8 unlabelled images; the step's loss is the Π-model's by hand at w(t) = 3000 · ramp(epoch / 4), not
@@ -816,6 +832,7 @@ TEMPERATURES_1 = ROUND_1 + ["--npc_t", "0.07", "--batch_t", "0.2"]  # equal defa
 MOMENTA_1 = ["--npc_m", "0.3", "--batch_m", "1.5"]
 TEMPERATURES_2 = ["--tau_c", "0.07", "--batch_t", "0.2"]
 WEIGHTS_2 = ["--batch_m", "1.5", "--lambda_cp", "0.3"]
+SCHEDULE = ["--epochs", "3", "--schedule_scale", "0.0125"]
 DECAY = ["--epochs", "4", "--lr_decay_start", "1", "--lr_decay_every", "2"]
 SPEED = ["--amp", "--channels_last", "--gpu_augment"]  # each changes its own quantity only
 # joint.py: the flags its step uses in both stages' losses, equal defaults at distinct values, one run
@@ -853,6 +870,8 @@ def table():
          against(CLUSTER, s2_cluster("agglomerative"))),
         ("main", "num_heads", ["--num_heads", "3"], s2_num_heads),
         ("main", "epochs", ["--epochs", "2"], s2_epochs),
+        ("super_and", "schedule_scale", SCHEDULE, schedule_scale_row("super_and")),
+        ("main", "schedule_scale", SCHEDULE, schedule_scale_row("main")),
         ("semi", "labels_per_class", ["--labels_per_class", "3"], semi_labels_per_class),
         ("semi", "lr_decay_start", DECAY, semi_decay),
         ("semi", "lr_decay_every", DECAY, semi_decay),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from experiments import paper
+from experiments import paper, verdicts
 from models import MultiHeadNormFC, NormFC
 
 # ---- heads without weight normalization ----
@@ -114,26 +114,34 @@ def test_stage2_rows_are_runnable_with_todays_flags(monkeypatch):
     for script, module in (("main.py", stage2), ("super_and.py", super_and)):
         monkeypatch.setitem(paper.script_options.__defaults__[0], script,
                             paper.parse_help(module.get_args_parser().format_help()))
+    import joint
+    monkeypatch.setitem(paper.script_options.__defaults__[0], "joint.py",
+                        paper.parse_help(joint.get_args_parser().format_help()))
     rows = {(t, r.id): r for t, table in paper.TABLES.items() for r in table.rows}
     for key in (("2", "random"), ("3", "no_norm"), ("3", "kmeans"), ("3", "agglomerative"), ("D", "random_long")):
         run = rows[key].cells[-1].run
         assert paper.not_runnable(run, paper.run_flags(run, "tiny", "digits", [])) is None, key
+    for scale in paper.SCALES:  # every run of Tables 2, 3, C and D, with every scale's flags (--schedule_scale...)
+        for run, flags, _ in paper.plan(["2", "3", "C", "D"], scale, "fashion-mnist", [], set(), 2)[1].values():
+            assert paper.not_runnable(run, flags) is None, (scale, run.name)
     assert paper.missing_flags("main.py", ["--cluster", "spectral"]) == ["--cluster spectral"]
 
 
 # ---- the harness end to end ----
 
-# rows of Tables 2, 3, C, D and 4, five runs: stage 1 and stage 2 on it (shared by all of Tables 2, 3, C and D's
-# rows), and Table 4's chain: stage 1 and stage 2 on a WideResNet, semi.py from that stage-2 model
-ROWS = ["2:super_and", "3:two_stage", "C:lambda1", "C:tau0.1", "D:two_stage", "4:ours_supervised"]
-NAMES = ("embed", "embed-wrn28_2", "assign", "assign-wrn28_2", "semi-ours-supervised")
+# rows of Tables 2, 3, C, D and 4, six runs a seed: stage 1, stage 2 and k-means on it (stage 2 shared by all of
+# Tables 2, 3, C and D's rows), and Table 4's chain: stage 1 and stage 2 on a WideResNet, semi.py from that
+# stage-2 model; one claim (Table 3: two-stage > k-means) has both its rows
+ROWS = ["2:super_and", "3:two_stage", "3:kmeans", "C:lambda1", "C:tau0.1", "D:two_stage", "4:ours_supervised"]
+NAMES = ("embed", "embed-wrn28_2", "assign", "sequential-kmeans", "assign-wrn28_2", "semi-ours-supervised")
+SEED1 = tuple(f"{n}-seed1" for n in NAMES)
 
 
-def harness(out):
+def harness(out, seeds=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"),
                            "--tables", "2", "3", "C", "D", "4", "--rows", *ROWS, "--scale", "tiny", "--dataset",
-                           "digits", "--out", str(out)],
+                           "digits", "--out", str(out), "--seeds", str(seeds)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "tables.json") as f:
@@ -145,16 +153,18 @@ def mtimes(folder):
             for d, _, names in os.walk(folder) for n in names}
 
 
-def own_number(cell):
-    """The number of a cell read straight from its run folder's eval.json (eval_semi.json) or log."""
+def own_number(cell, run=None):
+    """The number of a cell read straight from its run folder's eval.json (eval_semi.json) or log (``run``: the
+    folder of another seed's run)."""
     source, key = cell["source"].split(" ")[0].split(":")
+    run = run or cell["run"]
     if source == "eval":
-        name = "eval_semi.json" if os.path.basename(cell["run"]).startswith("semi") else "eval.json"
-        with open(os.path.join(cell["run"], name)) as f:
+        name = "eval_semi.json" if os.path.basename(run).startswith("semi") else "eval.json"
+        with open(os.path.join(run, name)) as f:
             value = json.load(f)[key]
     else:
-        name = "log_embed.jsonl" if os.path.basename(cell["run"]).startswith("embed") else "log_ul.jsonl"
-        with open(os.path.join(cell["run"], name)) as f:
+        name = "log_embed.jsonl" if os.path.basename(run).startswith("embed") else "log_ul.jsonl"
+        with open(os.path.join(run, name)) as f:
             value = json.loads(f.read().splitlines()[-1])[key]
     return sum(value) / len(value) if "(mean)" in cell["source"] else value
 
@@ -167,14 +177,16 @@ def numbers(result):
 
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
-    """One call runs the rows' five runs, each once, and every number is its run's own; the same call again
-    runs nothing; a run cut short is resumed from its last checkpoint."""
+    """One call runs the rows' six runs, each once, and every number is its run's own; the same call with
+    --seeds 2 runs only seed 1's six, each on its own seed's encoder, and reports every seed's number, their
+    mean and deviation, and the claim's verdict from the runs' own files; a run cut short is resumed from its
+    last checkpoint."""
     result = harness(tmp_path)
     assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(NAMES, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
-    # two-stage (Tables 2, 3, D and C's two columns for each of its two rows: 7), kNN, Table 4's one
-    assert len(measured) == 9
+    # two-stage (Tables 2, 3, D and C's two columns for each of its two rows: 7), kNN, k-means, Table 4's one
+    assert len(measured) == 10
     for cell in measured:
         assert cell["measured"] == own_number(cell)
     assert rows[("2", "super_and")]["cells"][-1]["run"] == rows[("3", "two_stage")]["cells"][0]["run"] \
@@ -189,12 +201,36 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     assert (tmp_path / "runs" / "assign" / "mutual_information.png").exists()
     assert os.path.exists(tmp_path / "tables.md")
 
-    # the same command again: every run is skipped, no file in a run folder changes
+    # the same command with a second seed: seed 0's runs are skipped (no file in their folders changes), seed
+    # 1's run, each chain on seed 1's encoder; every cell holds both seeds' own numbers
     before = mtimes(tmp_path / "runs")
-    again = harness(tmp_path)
-    assert mtimes(tmp_path / "runs") == before
-    assert {n: r["status"] for n, r in again["runs"].items()} == dict.fromkeys(NAMES, "skipped")
-    assert numbers(again) == numbers(result)
+    again = harness(tmp_path, seeds=2)
+    assert {p: t for p, t in mtimes(tmp_path / "runs").items() if "-seed1" not in p} == before
+    assert {n: r["status"] for n, r in again["runs"].items()} == {**dict.fromkeys(NAMES, "skipped"),
+                                                                  **dict.fromkeys(SEED1, "ran")}
+    assert again["runs"]["assign-seed1"]["encoder"] == "embed-seed1"
+    assert again["runs"]["assign-seed1"]["flags"][-2:] == ["--seed", "1"]
+    with open(tmp_path / "runs" / "semi-ours-supervised-seed1" / "eval_semi.json") as f:
+        assert json.load(f)["start"] == str(tmp_path / "runs" / "assign-wrn28_2-seed1" / "ckpt_ul.t7")
+    two = {(t, r["id"]): r for t, table in again["tables"].items() for r in table["rows"]}
+    for key, row in two.items():
+        for cell, first in zip(row["cells"], rows[key]["cells"]):
+            if first["measured"] is None:
+                continue
+            own = [own_number(cell, run) for run in cell["runs"]]
+            assert cell["values"] == own and own[0] == first["measured"], key
+            assert cell["mean"] == pytest.approx((own[0] + own[1]) / 2, abs=1e-12)
+            assert cell["std"] == pytest.approx(abs(own[0] - own[1]) / math.sqrt(2), abs=1e-12) and cell["n"] == 2
+    # the claim two-stage > k-means, by the stated rule: paired differences, mean against two standard errors
+    better, worse = (two[("3", r)]["cells"][0]["values"] for r in ("two_stage", "kmeans"))
+    d = [a - b for a, b in zip(better, worse)]
+    mean, se = (d[0] + d[1]) / 2, abs(d[0] - d[1]) / 2  # the deviation of two numbers over sqrt(2)
+    (claim,) = again["claims"]
+    assert (claim["better"], claim["worse"], claim["n"]) == ("two_stage", "kmeans", 2)
+    assert claim["difference"] == pytest.approx(mean, abs=1e-12) and claim["standard_error"] == pytest.approx(se)
+    assert claim["verdict"] == ("holds" if mean > 2 * se else "reversed" if mean < -2 * se else "undecided")
+    assert claim["verdict"] in (tmp_path / "tables.md").read_text()
+    assert (tmp_path / "tables.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
     cut = tmp_path / "runs" / "assign"
@@ -205,10 +241,10 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     (cut / "log_ul.jsonl").write_text("".join(lines[:-1]))
     others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
-    resumed = harness(tmp_path)
+    resumed = harness(tmp_path, seeds=2)
     assert resumed["runs"]["assign"]["status"] == "resumed"
     assert {n: r["status"] for n, r in resumed["runs"].items() if n != "assign"} == \
-        dict.fromkeys(set(NAMES) - {"assign"}, "skipped")
+        dict.fromkeys(set(NAMES + SEED1) - {"assign"}, "skipped")
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
     assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
     assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
@@ -216,6 +252,46 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
     assert new_rows[("3", "two_stage")]["cells"][0]["measured"] == acc
+
+
+def test_verdict_rule_on_hand_made_numbers():
+    """Paired by seed: the mean difference against two standard errors of it; fewer than two pairs decide
+    nothing; a seed missing on either side is left out of the pairs."""
+    # differences 3, 4, 5: mean 4, se 1/sqrt(3) = 0.577: holds
+    assert verdicts.verdict([53, 54, 55], [50, 50, 50])[0] == "holds"
+    v, mean, se, n = verdicts.verdict([50, 50, 50], [53, 54, 55])
+    assert (v, mean, n) == ("reversed", -4, 3) and se == pytest.approx(1 / math.sqrt(3), rel=1e-12)
+    # differences 1, -1, 3: mean 1, se 2/sqrt(3) = 1.155: 1 < 2.31, undecided
+    assert verdicts.verdict([51, 49, 53], [50, 50, 50])[0] == "undecided"
+    # the same means unpaired would overlap (rows spread by 10 points); paired, the differences are 2.0-2.2
+    assert verdicts.verdict([40, 50, 60], [38, 47.9, 57.8])[0] == "holds"
+    # differences 2, 0, 0: mean 0.67, one standard error: undecided; a constant positive difference: holds
+    assert verdicts.verdict([2, 0, 0], [0, 0, 0])[0] == "undecided"
+    assert verdicts.verdict([51, 52, 53], [50, 51, 52])[0] == "holds"
+    assert verdicts.verdict([51, 51], [51, 51])[0] == "undecided"
+    # one seed, or one pair after the missing ones are left out
+    assert verdicts.verdict([60], [40]) == ("undecided", 20, None, 1)
+    assert verdicts.verdict([60, None, 70], [40, 45, None]) == ("undecided", 20, None, 1)
+    assert verdicts.verdict([60, 61, None, 62], [40, 41, 45, 42])[3] == 3
+    assert verdicts.summary([1.0, None, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
+    assert verdicts.summary([None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_claims_name_rows_of_their_tables():
+    """Every claim compares two rows of its table in a column the table has; the chains are the paper's
+    orders (Table 2 and Table 3's), every Table-3 ablation is below the full model, Table 4 pairs each method."""
+    for claim in paper.CLAIMS:
+        ids = {r.id for r in paper.TABLES[claim.table].rows}
+        assert {claim.better, claim.worse} <= ids and claim.column < len(paper.TABLES[claim.table].columns), claim
+        cells = {r.id: r.cells[claim.column] for r in paper.TABLES[claim.table].rows}
+        b, w = (paper.paper_number(cells[x].paper, "cifar10") if cells[x] else None
+                for x in (claim.better, claim.worse))
+        assert b is None or w is None or b > w, claim  # as the paper states it, where it gives both numbers
+    pairs = {(c.table, c.better, c.worse, c.column) for c in paper.CLAIMS}
+    assert {("3", "two_stage", "joint", 0), ("3", "joint", "agglomerative", 0), ("3", "agglomerative", "kmeans", 0),
+            ("3", "two_stage", "lambda0", 0), ("3", "two_stage", "no_norm", 0), ("3", "two_stage", "tau1", 0),
+            ("2", "lemniscate", "random", 1), ("D", "two_stage", "random_long", 0),
+            ("4", "ours_mean_teacher", "mean_teacher", 0)} <= pairs
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):
@@ -269,7 +345,7 @@ def test_table4_rows_their_papers_numbers_and_one_shared_stage2_encoder(monkeypa
     _, runs = paper.plan(["4"], "paper", "cifar10", [], set())
     assert list(runs)[0] == "embed-wrn28_2" and len(runs) == 8  # six semi.py runs and the one pair
     assert list(runs).index("assign-wrn28_2") < min(list(runs).index(r.name) for r in ours)
-    for run, flags in runs.values():
+    for run, flags, _ in runs.values():
         assert paper._flag_value(flags, "--network") == "wrn28_2", run.name
     assert paper._flag_value(runs[ours[2].name][1], "--method") == "mean_teacher"
     assert paper._flag_value(runs[ours[2].name][1], "--epochs") == "180"
@@ -283,8 +359,8 @@ def test_table4_rows_their_papers_numbers_and_one_shared_stage2_encoder(monkeypa
     for script, module in (("semi.py", semi), ("main.py", stage2), ("super_and.py", super_and)):
         monkeypatch.setitem(paper.script_options.__defaults__[0], script,
                             paper.parse_help(module.get_args_parser().format_help()))
-    for scale in ("paper", "cpu", "tiny"):
-        for run, flags in paper.plan(["4"], scale, "svhn", [], set())[1].values():
+    for scale in paper.SCALES:
+        for run, flags, _ in paper.plan(["4"], scale, "svhn", [], set(), seeds=2)[1].values():
             assert paper.not_runnable(run, flags) is None, (scale, run.name)
 
 

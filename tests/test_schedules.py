@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lib.optim import sgd_optimizer
-from lib.schedules import num_anchors, step_lr, ue_weight
+from lib.schedules import num_anchors, scaled, step_lr, ue_weight
 from models import MultiHeadNormFC, resnet18
 
 # epoch -> factor of the base rate: lr for epoch < 80, then lr · 0.1^((epoch − 80) // 40), so the
@@ -104,3 +104,15 @@ def test_two_steps_equal_hand_computed_nesterov_with_weight_decay():
         buf = d if buf is None else [momentum * b + di for b, di in zip(buf, d)]
         p = [x - lr * (di + momentum * b) for x, di, b in zip(p, d, buf)]
         assert w.tolist() == pytest.approx(p, rel=1e-14, abs=1e-15)
+
+
+def test_schedule_scale_keeps_the_released_phases_in_a_shorter_run():
+    """--schedule_scale s: the learning rate's steps and the UE weight's at s times the released epochs (rounded,
+    at least 1); s = 1 is the released schedule at every epoch."""
+    for epoch in range(400):
+        assert step_lr(epoch, 0.03, 1.0) == step_lr(epoch, 0.03)
+        assert ue_weight(epoch, 1.0) == ue_weight(epoch)
+    # 0.1: 80 -> 8, 40 -> 4: lr x0.1 at 12, 16, ...; UE 0.2 from epoch 8, 0.4 from 16 (300 epochs -> 30)
+    assert [step_lr(e, 1.0, 0.1) for e in (0, 11, 12, 15, 16, 20)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
+    assert [ue_weight(e, 0.1) for e in (0, 7, 8, 15, 16)] == pytest.approx([0, 0, 0.2, 0.2, 0.4])
+    assert [scaled(80, s) for s in (1, 0.1, 0.05, 0.001)] == [80, 8, 4, 1]
