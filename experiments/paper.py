@@ -622,6 +622,8 @@ def write_tables(out, rows, runs, status, args):
             lines += [f"| {c['claim']} | {fmt(c['paper_difference'])} | {verdicts.difference(c)} | "
                       f"**{c['verdict']}** |" for c in judged]
         lines.append("")
+    result["head_swing"] = head_swing(args.out, runs, status)
+    lines += swing_lines(result["head_swing"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tables.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -629,6 +631,58 @@ def write_tables(out, rows, runs, status, args):
         f.write("\n".join(lines))
     verdicts.plot(result, os.path.join(args.out, "tables.png"))
     return result
+
+
+SWING_EPOCHS = 10  # the last epochs of each stage-2 run that the head swing is read over
+
+
+def head_swing(out, runs, status, last=SWING_EPOCHS):
+    """For every stage-2 training run, over its finished seeds and their last ``last`` epochs: how far the
+    selected head (lowest training loss, the paper's rule and the default) is below the best of the five
+    heads and above their mean, how often it is the best, and how much its accuracy moves from one epoch to
+    the next (with how often the selection changes head). {run name: numbers}."""
+    logs = {}
+    for name, (run, _, seed) in runs.items():
+        if run.kind == "assign" and status[name] in ("skipped", "ran", "resumed"):
+            records = [r for r in read_log(os.path.join(folder(out, run, seed), LOGS[STAGE2])) if "head_acc" in r]
+            if records:
+                logs.setdefault(run.name, []).append(records[-last:])
+    swing = {}
+    for name, seeds in logs.items():
+        gaps, above, best, moves, switches, pairs = [], [], 0, [], 0, 0
+        for records in seeds:
+            for r in records:
+                selected = r["head_acc"][r["selected_head"]]
+                gaps.append(max(r["head_acc"]) - selected)
+                above.append(selected - sum(r["head_acc"]) / len(r["head_acc"]))
+                best += selected == max(r["head_acc"])
+            for a, b in zip(records, records[1:]):
+                moves.append(abs(b["head_acc"][b["selected_head"]] - a["head_acc"][a["selected_head"]]))
+                switches += a["selected_head"] != b["selected_head"]
+                pairs += 1
+        swing[name] = {"seeds": len(seeds), "epochs": len(gaps), "below_best_mean": sum(gaps) / len(gaps),
+                       "below_best_max": max(gaps), "above_mean_of_heads": sum(above) / len(above),
+                       "is_best": best / len(gaps), "epoch_to_epoch_mean": sum(moves) / len(moves) if moves else None,
+                       "epoch_to_epoch_max": max(moves) if moves else None,
+                       "switches": switches / pairs if pairs else None}
+    return swing
+
+
+def swing_lines(swing):
+    """tables.md's section on the selected head's swing."""
+    if not swing:
+        return []
+    lines = [f"## The selected head's swing (last {SWING_EPOCHS} epochs of each stage-2 run, all finished seeds)", "",
+             "| run | seeds x epochs | below the best head: mean / max | above the heads' mean | is the best | "
+             "epoch to epoch: mean / max change | selection changes head |", "|---|---|---|---|---|---|---|"]
+    for name, w in swing.items():
+        moves = "-" if w["epoch_to_epoch_mean"] is None else \
+            f"{w['epoch_to_epoch_mean']:.1f} / {w['epoch_to_epoch_max']:.1f}"
+        switches = "-" if w["switches"] is None else f"{100 * w['switches']:.0f}%"
+        lines.append(f"| {name} | {w['seeds']} x {w['epochs'] // max(1, w['seeds'])} | {w['below_best_mean']:.1f} / "
+                     f"{w['below_best_max']:.1f} | {w['above_mean_of_heads']:+.1f} | {100 * w['is_best']:.0f}% | "
+                     f"{moves} | {switches} |")
+    return lines + [""]
 
 
 def judge(table_id, table):

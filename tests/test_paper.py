@@ -277,6 +277,32 @@ def test_verdict_rule_on_hand_made_numbers():
     assert verdicts.summary([None]) == {"mean": None, "std": None, "n": 0}
 
 
+def test_head_swing_from_hand_made_logs(tmp_path):
+    """The selected head against the best and the mean of the heads over the last epochs of every finished
+    seed, and its epoch-to-epoch movement within a seed (not across seeds), from the runs' logs."""
+    run = paper.RUNS["assign"]
+    logs = {0: [([50, 60, 40], 0), ([52, 58, 40], 1), ([54, 61, 40], 1)],
+            1: [([70, 70, 40], 1), ([71, 65, 40], 0), ([60, 66, 40], 0)],
+            2: [([90, 90, 90], 0)] * 3}  # a failed seed: not counted
+    for seed, records in logs.items():
+        os.makedirs(paper.folder(str(tmp_path), run, seed))
+        with open(os.path.join(paper.folder(str(tmp_path), run, seed), "log_ul.jsonl"), "w") as f:
+            f.write("".join(json.dumps({"epoch": e, "head_acc": acc, "selected_head": h}) + "\n"
+                            for e, (acc, h) in enumerate([([0, 0, 0], 0)] * 5 + records)))  # earlier epochs
+    runs = {paper.job_name(run, k): (run, [], k) for k in (0, 1, 2)}
+    status = {"assign": "ran", "assign-seed1": "skipped", "assign-seed2": "failed (exit 1)"}
+    swing = paper.head_swing(str(tmp_path), runs, status, last=3)["assign"]
+    assert (swing["seeds"], swing["epochs"]) == (2, 6)
+    assert swing["below_best_mean"] == pytest.approx((10 + 6) / 6) and swing["below_best_max"] == 10
+    above = [50 - 50, 58 - 50, 61 - 155 / 3, 70 - 60, 71 - 176 / 3, 60 - 166 / 3]
+    assert swing["above_mean_of_heads"] == pytest.approx(sum(above) / 6)
+    assert swing["is_best"] == pytest.approx(4 / 6)
+    moves = [58 - 50, 61 - 58, 71 - 70, 71 - 60]  # 61 -> 70 is across seeds: not a move
+    assert swing["epoch_to_epoch_mean"] == pytest.approx(sum(moves) / 4) and swing["epoch_to_epoch_max"] == 11
+    assert swing["switches"] == pytest.approx(2 / 4)
+    assert "| assign | 2 x 3 | 2.7 / 10.0 |" in "\n".join(paper.swing_lines({"assign": swing}))
+
+
 def test_claims_name_rows_of_their_tables():
     """Every claim compares two rows of its table in a column the table has; the chains are the paper's
     orders (Table 2 and Table 3's), every Table-3 ablation is below the full model, Table 4 pairs each method."""
