@@ -630,6 +630,8 @@ def write_tables(out, rows, runs, status, args):
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write("\n".join(lines))
     verdicts.plot(result, os.path.join(args.out, "tables.png"))
+    verdicts.plot_curves(curves(args.out, runs, status), {k: t for k, (_, t) in CURVES.items()},
+                         os.path.join(args.out, "curves.png"))
     return result
 
 
@@ -666,6 +668,25 @@ def head_swing(out, runs, status, last=SWING_EPOCHS):
                        "epoch_to_epoch_max": max(moves) if moves else None,
                        "switches": switches / pairs if pairs else None}
     return swing
+
+
+CURVES = {"embed": ("knn_top1", "stage 1: kNN top-1 %"), "assign": ("acc", "stage 2: selected head ACC %"),
+          "joint": ("acc", "joint model: selected head ACC %"), "semi": ("test_acc", "semi.py: test accuracy %")}
+
+
+def curves(out, runs, status):
+    """Every finished or cut run's number per epoch (the log's): {kind: {run name: {seed: [numbers]}}}, the
+    epochs of all rounds in order for stage 1 and the joint model."""
+    found = {}
+    for name, (run, _, seed) in runs.items():
+        key = CURVES.get(run.kind, (None,))[0]
+        if key is None or not status[name]:
+            continue
+        records = read_log(os.path.join(folder(out, run, seed), LOGS[run.script]))
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            found.setdefault(run.kind, {}).setdefault(run.name, {})[seed] = values
+    return found
 
 
 def swing_lines(swing):
@@ -779,7 +800,7 @@ def main(args):
     if args.dry_run:
         return None, []
     result = write_tables(args.out, rows, runs, status, args)
-    print(f"wrote {os.path.join(args.out, 'tables.md')}, tables.json and tables.png")
+    print(f"wrote {os.path.join(args.out, 'tables.md')}, tables.json, tables.png and curves.png")
     failed = [n for n, s in status.items() if s.startswith("failed") or s.startswith("encoder")]
     return result, failed
 

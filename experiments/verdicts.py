@@ -92,3 +92,30 @@ def plot(result, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(found, titles, path):
+    """One panel per kind of run ({kind: {run: {seed: numbers per epoch}}}): each run's mean over its seeds
+    per epoch as a line, each seed's as a thin one; written to ``path`` (nothing where no run has a log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = [k for k in titles if found.get(k)]
+    if not kinds:
+        return
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 3.2 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        for i, (name, seeds) in enumerate(sorted(found[kind].items())):
+            color = plt.get_cmap("tab20")(i % 20)
+            for values in seeds.values():
+                ax.plot(range(1, len(values) + 1), values, color=color, lw=0.5, alpha=0.5)
+            length = max(len(v) for v in seeds.values())
+            mean = [statistics.fmean(v[e] for v in seeds.values() if len(v) > e) for e in range(length)]
+            ax.plot(range(1, length + 1), mean, color=color, lw=1.6, marker=".", ms=3, label=f"{name} ({len(seeds)})")
+        ax.set_title(titles[kind], fontsize=9, loc="left")
+        ax.set_xlabel("epoch (all rounds in order)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=3, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -230,7 +230,8 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     assert claim["difference"] == pytest.approx(mean, abs=1e-12) and claim["standard_error"] == pytest.approx(se)
     assert claim["verdict"] == ("holds" if mean > 2 * se else "reversed" if mean < -2 * se else "undecided")
     assert claim["verdict"] in (tmp_path / "tables.md").read_text()
-    assert (tmp_path / "tables.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("tables.png", "curves.png"):
+        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
     cut = tmp_path / "runs" / "assign"
@@ -301,6 +302,19 @@ def test_head_swing_from_hand_made_logs(tmp_path):
     assert swing["epoch_to_epoch_mean"] == pytest.approx(sum(moves) / 4) and swing["epoch_to_epoch_max"] == 11
     assert swing["switches"] == pytest.approx(2 / 4)
     assert "| assign | 2 x 3 | 2.7 / 10.0 |" in "\n".join(paper.swing_lines({"assign": swing}))
+
+
+def test_curves_read_every_seeds_log(tmp_path):
+    """curves.png's numbers: each run's log, per seed, all rounds in order; a run that never started has none."""
+    embed, semi = paper.RUNS["embed"], paper.RUNS["semi-supervised"]
+    for run, seed, key, values in ((embed, 0, "knn_top1", [10, 20, 30, 40]), (embed, 1, "knn_top1", [15, 25]),
+                                   (semi, 0, "test_acc", [50, 60])):
+        os.makedirs(paper.folder(str(tmp_path), run, seed))
+        with open(os.path.join(paper.folder(str(tmp_path), run, seed), paper.LOGS[run.script]), "w") as f:
+            f.write("".join(json.dumps({"round": i // 2, "epoch": i % 2, key: v}) + "\n" for i, v in enumerate(values)))
+    runs = {paper.job_name(r, k): (r, [], k) for r in (embed, semi) for k in (0, 1)}
+    found = paper.curves(str(tmp_path), runs, dict.fromkeys(runs, "ran"))
+    assert found == {"embed": {"embed": {0: [10, 20, 30, 40], 1: [15, 25]}}, "semi": {"semi-supervised": {0: [50, 60]}}}
 
 
 def test_claims_name_rows_of_their_tables():
