@@ -24,9 +24,12 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 if __package__ in (None, ""):  # run as a script: experiments/ is not a package on sys.path
@@ -464,20 +467,31 @@ def read_number(cell, out, seed=0):
 
 # ---- running -----------------------------------------------------------------------------------------
 
-def execute(argv, path):
-    """Run ``argv``, its output shown indented and appended to <folder>/output.log; returns its exit status."""
+LIVE = set()  # the scripts running now (several with --jobs): told to stop when the harness is interrupted
+
+
+def execute(argv, path, quiet=False, env=None):
+    """Run ``argv``, its output appended to <folder>/output.log and shown indented (``quiet``: not shown, as
+    when runs go on side by side); returns its exit status."""
     shown = [os.path.relpath(a) if os.path.isabs(a) and not os.path.relpath(a).startswith("..") else a
              for a in argv[1:]]
-    print("    $ python " + " ".join(shown), flush=True)
+    if not quiet:
+        print("    $ python " + " ".join(shown), flush=True)
     with open(os.path.join(path, OUTPUT), "a") as log, \
-            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            print("    | " + line, end="", flush=True)
+            subprocess.Popen(argv, stdout=log if quiet else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1, env=env) as proc:
+        LIVE.add(proc)
+        try:
+            for line in proc.stdout or ():
+                log.write(line)
+                print("    | " + line, end="", flush=True)
+            proc.wait()
+        finally:
+            LIVE.discard(proc)
     return proc.returncode
 
 
-def run_one(run, flags, out, seed=0):
+def run_one(run, flags, out, seed=0, quiet=False, env=None):
     """Bring ``run`` (at seed index ``seed``) to its end: skip it when finished, resume it from its last
     checkpoint, or start it. Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'."""
     path = folder(out, run, seed)
@@ -488,7 +502,7 @@ def run_one(run, flags, out, seed=0):
     resumable = own is not None and os.path.exists(os.path.join(path, own))
     # a run killed after its last epoch's checkpoint but before its report: the script, resumed, scores that
     # checkpoint and writes eval.json (eval_semi.json)
-    status = execute(command(run, flags, out, resume=own if resumable else None, seed=seed), path)
+    status = execute(command(run, flags, out, resume=own if resumable else None, seed=seed), path, quiet, env)
     if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
         raise KeyboardInterrupt
     if status != 0:
@@ -754,6 +768,9 @@ def get_args_parser():
     p.add_argument("--step_seconds", default=None, type=float,
                    help="seconds per training step for the cost estimate (default with --scale paper: "
                         "bench/results-cpu.json's step at batch 128, width 64 on the project's 2-core CPU)")
+    p.add_argument("--jobs", default=1, type=_seed_count,
+                   help="runs side by side (a run waits for its encoder): on a CPU, about one per core, each "
+                        "on cores / jobs threads; their output goes to each run's output.log")
     p.add_argument("--dry_run", action="store_true", help="print the plan and the estimate; run nothing")
     return p
 
@@ -777,32 +794,81 @@ def main(args):
     print(f"{len(rows)} rows, {len(runs)} runs{seeds} ({sum(1 for b in blocked.values() if not b)} runnable today) at "
           f"scale '{args.scale}' on {args.dataset}: {steps:,} training steps ({today:,} runnable today)"
           + (f", about {hours:,.0f} hours at {step:.2f} s per step" if step else ""), flush=True)
-    status = {}
-    for i, (name, (run, flags, seed)) in enumerate(runs.items(), start=1):
-        encoder = run.encoder and job_name(RUNS[run.encoder], seed)
-        encoder_state = status.get(encoder, "skipped") if encoder else "skipped"
-        if args.dry_run and encoder_state == "planned":
-            encoder_state = "skipped"
-        if blocked[name]:
-            status[name] = blocked[name]
-        elif encoder_state not in ("skipped", "ran", "resumed"):
-            status[name] = f"encoder {encoder}: {encoder_state}"
-        elif args.dry_run:
-            status[name] = "planned"
-            print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out, seed=seed)[1:]))
-            continue
-        else:
-            start = time.time()
-            print(f"[{i}/{len(runs)}] {name}", flush=True)
-            status[name] = run_one(run, flags, args.out, seed)
-        print(f"[{i}/{len(runs)}] {name}: {status[name]}"
-              + (f" ({time.time() - start:.0f} s)" if status[name] in ("ran", "resumed") else ""), flush=True)
+    status = run_all(runs, blocked, args)
     if args.dry_run:
         return None, []
     result = write_tables(args.out, rows, runs, status, args)
     print(f"wrote {os.path.join(args.out, 'tables.md')}, tables.json, tables.png and curves.png")
     failed = [n for n, s in status.items() if s.startswith("failed") or s.startswith("encoder")]
     return result, failed
+
+
+def ready(name, runs, blocked, status, dry_run):
+    """Why ``name`` will not run (its flags are not offered, its encoder did not end) or None."""
+    run, _, seed = runs[name]
+    encoder = run.encoder and job_name(RUNS[run.encoder], seed)
+    state = status.get(encoder, "skipped") if encoder else "skipped"
+    if blocked[name]:
+        return blocked[name]
+    if state not in ("skipped", "ran", "resumed") and not (dry_run and state == "planned"):
+        return f"encoder {encoder}: {state}"
+    return None
+
+
+def run_all(runs, blocked, args):
+    """Bring every run to its end in plan order, ``args.jobs`` at a time (a run starts once its encoder is
+    done); returns {job name: status}. Side by side, each script's output goes to its output.log only, and
+    each gets cores / jobs threads unless OMP_NUM_THREADS is set."""
+    status, done = {}, {name: threading.Event() for name in runs}
+    quiet, env = args.jobs > 1, None
+    if quiet and "OMP_NUM_THREADS" not in os.environ:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+
+    def bring(i, name):
+        run, flags, seed = runs[name]
+        try:
+            if run.encoder:
+                done[job_name(RUNS[run.encoder], seed)].wait()
+            start, status[name] = time.time(), ready(name, runs, blocked, status, args.dry_run)
+            if status[name] is None and args.dry_run:
+                status[name] = "planned"
+                print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out, seed=seed)[1:]))
+                return
+            if status[name] is None:
+                print(f"[{i}/{len(runs)}] {name}", flush=True)
+                status[name] = run_one(run, flags, args.out, seed, quiet, env)
+            print(f"[{i}/{len(runs)}] {name}: {status[name]}"
+                  + (f" ({time.time() - start:.0f} s)" if status[name] in ("ran", "resumed") else ""), flush=True)
+        finally:
+            status[name] = status.get(name) or "interrupted"
+            done[name].set()
+
+    side_by_side([lambda i=i, name=name: bring(i, name) for i, name in enumerate(runs, start=1)],
+                 1 if args.dry_run else args.jobs)
+    return status
+
+
+def side_by_side(tasks, jobs):
+    """Call ``tasks`` in order, ``jobs`` at a time; on an interruption or error, the scripts still running
+    are told to stop (SIGTERM: each checkpoints and exits 143) after 10 s to end by themselves."""
+    if jobs == 1:
+        for task in tasks:
+            task()
+        return
+    pool = ThreadPoolExecutor(jobs)
+    try:  # submitted in plan order: a run's encoder is taken from the queue before the run itself
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
+    except BaseException:  # Ctrl-C (the scripts got it too), SIGTERM or an error: stop what still runs
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.time() + 10
+        while LIVE and time.time() < deadline:
+            time.sleep(0.1)
+        for proc in list(LIVE):
+            proc.send_signal(signal.SIGTERM)
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown()
 
 
 RUNS = {}

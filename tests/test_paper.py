@@ -334,6 +334,41 @@ def test_claims_name_rows_of_their_tables():
             ("4", "ours_mean_teacher", "mean_teacher", 0)} <= pairs
 
 
+def test_jobs_side_by_side_wait_for_their_encoder(monkeypatch):
+    """--jobs 2: two runs at once, each run only after its encoder ended, a run whose encoder failed not
+    started; the scripts get one thread each (2 cores / 2 jobs) where OMP_NUM_THREADS is not set."""
+    import argparse
+    import threading
+    import time
+    _, runs = paper.plan(["3"], "tiny", "digits", [], {"3:two_stage", "3:kmeans"}, seeds=2)
+    events, lock, envs = [], threading.Lock(), set()
+
+    def fake(run, flags, out, seed, quiet, env):
+        name = paper.job_name(run, seed)
+        with lock:
+            events.append(("start", name))
+        envs.add((quiet, env and env["OMP_NUM_THREADS"]))
+        time.sleep(0.2)
+        with lock:
+            events.append(("end", name))
+        return "failed (exit 1)" if name == "embed-seed1" else "ran"
+
+    monkeypatch.setattr(paper, "run_one", fake)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(paper.os, "cpu_count", lambda: 2)
+    args = argparse.Namespace(jobs=2, dry_run=False, out="out")
+    status = paper.run_all(runs, dict.fromkeys(runs), args)
+    assert status == {"embed": "ran", "assign": "ran", "sequential-kmeans": "ran", "embed-seed1": "failed (exit 1)",
+                      "assign-seed1": "encoder embed-seed1: failed (exit 1)",
+                      "sequential-kmeans-seed1": "encoder embed-seed1: failed (exit 1)"}
+    at = {e: i for i, e in enumerate(events)}
+    assert at[("end", "embed")] < at[("start", "assign")] and at[("end", "embed")] < at[("start", "sequential-kmeans")]
+    # seed 0's two runs on its encoder go on side by side: each starts before the other ends
+    assert at[("start", "assign")] < at[("end", "sequential-kmeans")]
+    assert at[("start", "sequential-kmeans")] < at[("end", "assign")]
+    assert envs == {(True, "1")}
+
+
 def test_a_folder_of_another_command_is_refused(tmp_path):
     run = paper.RUNS["assign-lambda_cp0"]
     flags = paper.run_flags(run, "tiny", "digits", ["--data_dir", "here"])
@@ -351,10 +386,10 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_stops_the_harness(tmp_path, monkeypa
     ignores SIGINT) still ends the harness, instead of its going on to the next run."""
     run = paper.RUNS["assign-lambda_cp0"]
     flags = paper.run_flags(run, "tiny", "digits", [])
-    monkeypatch.setattr(paper, "execute", lambda argv, path: status)
+    monkeypatch.setattr(paper, "execute", lambda argv, path, *_: status)
     with pytest.raises(KeyboardInterrupt):
         paper.run_one(run, flags, str(tmp_path))
-    monkeypatch.setattr(paper, "execute", lambda argv, path: 1)
+    monkeypatch.setattr(paper, "execute", lambda argv, path, *_: 1)
     assert paper.run_one(run, flags, str(tmp_path)) == "failed (exit 1)"
 
 
@@ -410,7 +445,7 @@ def test_a_killed_semi_run_resumes_from_its_checkpoint_without_from_scratch(tmp_
     run = paper.TABLES["4"].rows[0].cells[0].run
     flags = paper.run_flags(run, "tiny", "digits", [])
     calls = []
-    monkeypatch.setattr(paper, "execute", lambda argv, path: calls.append(argv) or 0)
+    monkeypatch.setattr(paper, "execute", lambda argv, path, *_: calls.append(argv) or 0)
     assert paper.run_one(run, flags, str(tmp_path)) == "ran"
     assert "--from_scratch" in calls[0] and "--resume" not in calls[0]
     path = tmp_path / "runs" / run.name
