@@ -189,8 +189,10 @@ def decode(path, image_size):
     """One image file as (image_size, image_size, 3) uint8: upright, RGB, shorter side resized, centre crop."""
     with Image.open(path) as im, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. PIL's note on palette transparency, which we drop anyway
+        # 16-bit grey: I;16, or I from a PNG (Pillow before 10.3 opens 16-bit PNGs as 32-bit I)
+        deep = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
         im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16"):  # 16-bit: keep the top 8 bits' worth (PIL's convert would clip)
+        if deep:  # 16-bit: keep the top 8 bits' worth (PIL's convert would clip)
             im = Image.fromarray(np.round(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8))
         im = im.convert("RGB")
     return np.asarray(_resize(image_size)(im), dtype=np.uint8)

@@ -195,7 +195,7 @@ def svhn(data_dir, part):
     path = _svhn_path(data_dir, part)
     try:
         raw = loadmat(path, variable_names=("X", "y"))
-    except (MatReadError, OSError, ValueError, TypeError, KeyError) as err:  # truncated download, not a .mat file
+    except (MatReadError, OSError, ValueError, TypeError, KeyError, IndexError) as err:  # truncated, not a .mat file
         raise InputError(f"{path} cannot be read as SVHN's .mat file ({type(err).__name__}); "
                          f"delete it to download it again") from None
     images, labels = raw.get("X"), raw.get("y")

@@ -130,3 +130,23 @@ def test_every_make_target_the_readme_names_is_in_the_makefile():
     named = make_targets_named(read(README))
     assert {"test", "demo"} <= named  # the quick start's commands are found at all
     assert sorted(named - makefile_targets(read(os.path.join(ROOT, "Makefile")))) == []
+
+
+def test_make_test_lower_pins_every_requirement_at_its_lower_bound():
+    """`make test-lower` installs what its sed makes of the requirement files: each requirement of
+    requirements.txt (and pytest, pytest-xdist) must be `name>=version`, or it would escape the pins."""
+    import shutil
+    import subprocess
+    if shutil.which("sed") is None:
+        pytest.skip("no sed")
+    makefile = read(os.path.join(ROOT, "Makefile"))
+    script = re.search(r"sed -n '([^']+)' requirements\.txt requirements-dev\.txt", makefile).group(1)
+    for name, must_pin in (("requirements.txt", None), ("requirements-dev.txt", {"pytest", "pytest-xdist"})):
+        path = os.path.join(ROOT, name)
+        pins = subprocess.run(["sed", "-n", script, path], capture_output=True, text=True, check=True).stdout.split()
+        wanted = [line.split("#")[0].strip() for line in read(path).splitlines()]
+        wanted = [w for w in wanted if w and not w.startswith("-")]
+        if must_pin is not None:
+            wanted = [w for w in wanted if re.split(r"[<>=!~ ]", w)[0] in must_pin]
+            pins = [p for p in pins if p.split("==")[0] in must_pin]
+        assert pins == [w.replace(">=", "==") for w in wanted] and all(">=" in w for w in wanted)
