@@ -819,7 +819,7 @@ def run_all(runs, blocked, args):
     """Bring every run to its end in plan order, ``args.jobs`` at a time (a run starts once its encoder is
     done); returns {job name: status}. Side by side, each script's output goes to its output.log only, and
     each gets cores / jobs threads unless OMP_NUM_THREADS is set."""
-    status, done = {}, {name: threading.Event() for name in runs}
+    status, done, stopping = {}, {name: threading.Event() for name in runs}, threading.Event()
     quiet, env = args.jobs > 1, None
     if quiet and "OMP_NUM_THREADS" not in os.environ:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
@@ -829,6 +829,8 @@ def run_all(runs, blocked, args):
         try:
             if run.encoder:
                 done[job_name(RUNS[run.encoder], seed)].wait()
+            if stopping.is_set():  # another run was interrupted: start nothing new
+                return
             start, status[name] = time.time(), ready(name, runs, blocked, status, args.dry_run)
             if status[name] is None and args.dry_run:
                 status[name] = "planned"
@@ -836,7 +838,11 @@ def run_all(runs, blocked, args):
                 return
             if status[name] is None:
                 print(f"[{i}/{len(runs)}] {name}", flush=True)
-                status[name] = run_one(run, flags, args.out, seed, quiet, env)
+                try:
+                    status[name] = run_one(run, flags, args.out, seed, quiet, env)
+                except BaseException:
+                    stopping.set()
+                    raise
             print(f"[{i}/{len(runs)}] {name}: {status[name]}"
                   + (f" ({time.time() - start:.0f} s)" if status[name] in ("ran", "resumed") else ""), flush=True)
         finally:
@@ -844,13 +850,14 @@ def run_all(runs, blocked, args):
             done[name].set()
 
     side_by_side([lambda i=i, name=name: bring(i, name) for i, name in enumerate(runs, start=1)],
-                 1 if args.dry_run else args.jobs)
+                 1 if args.dry_run else args.jobs, stopping)
     return status
 
 
-def side_by_side(tasks, jobs):
-    """Call ``tasks`` in order, ``jobs`` at a time; on an interruption or error, the scripts still running
-    are told to stop (SIGTERM: each checkpoints and exits 143) after 10 s to end by themselves."""
+def side_by_side(tasks, jobs, stopping):
+    """Call ``tasks`` in order, ``jobs`` at a time; on an interruption or error (``stopping`` is set: the tasks
+    not yet started return at once), the scripts still running are told to stop (SIGTERM: each checkpoints
+    and exits 143) after 10 s to end by themselves."""
     if jobs == 1:
         for task in tasks:
             task()
@@ -860,6 +867,7 @@ def side_by_side(tasks, jobs):
         for future in [pool.submit(task) for task in tasks]:
             future.result()
     except BaseException:  # Ctrl-C (the scripts got it too), SIGTERM or an error: stop what still runs
+        stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.time() + 10
         while LIVE and time.time() < deadline:

@@ -369,6 +369,30 @@ def test_jobs_side_by_side_wait_for_their_encoder(monkeypatch):
     assert envs == {(True, "1")}
 
 
+def test_jobs_stop_at_an_interruption(monkeypatch):
+    """--jobs 2: a run stopped by Ctrl-C or SIGTERM stops the harness; the runs not yet started never start and
+    the one beside it ends first."""
+    import argparse
+    import time
+    _, runs = paper.plan(["3"], "tiny", "digits", [], {"3:two_stage", "3:kmeans"}, seeds=2)
+    started, ended = [], []
+
+    def fake(run, flags, out, seed, quiet, env):
+        name = paper.job_name(run, seed)
+        started.append(name)
+        if name == "assign":  # stopped while sequential-kmeans runs beside it
+            time.sleep(0.1)
+            raise KeyboardInterrupt  # as run_one does on a script's exit 130 or 143
+        time.sleep(0.3)
+        ended.append(name)
+        return "ran"
+
+    monkeypatch.setattr(paper, "run_one", fake)
+    with pytest.raises(KeyboardInterrupt):
+        paper.run_all(runs, dict.fromkeys(runs), argparse.Namespace(jobs=2, dry_run=False, out="out"))
+    assert set(started) == {"embed", "assign", "sequential-kmeans"} and ended == ["embed", "sequential-kmeans"]
+
+
 def test_a_folder_of_another_command_is_refused(tmp_path):
     run = paper.RUNS["assign-lambda_cp0"]
     flags = paper.run_flags(run, "tiny", "digits", ["--data_dir", "here"])
