@@ -383,31 +383,99 @@ def test_stage2_evaluates_in_eval_mode_and_trains_in_training_mode(stage2_run, d
     assert in_train_mode != read_log(run / "log_ul.jsonl")[-1]["head_acc"]
 
 
-@pytest.mark.slow
-def test_best_epoch_is_the_lowest_mean_training_loss_and_holds_its_weights(stage2_run):
-    run, snapshots, _, _ = stage2_run
-    losses = [r["loss"] for r in read_log(run / "log_ul.jsonl")]
-    best_epoch = int(np.argmin(losses))
-    assert best_epoch != len(losses) - 1, losses  # this run's best is not its last epoch: "last" would fail
-    best = load_checkpoint(run / "ckpt_ul.t7")
-    assert best["epoch"] == best_epoch
-    equal(best["net"], snapshots[best_epoch]["net"], "net")
-    equal(best["fc"], snapshots[best_epoch]["fc"], "fc")
-    assert best["head_losses"] == snapshots[best_epoch]["head_losses"]
-    assert not torch.equal(best["net"]["conv1.weight"], snapshots[-1]["net"]["conv1.weight"])
+# hand-set epoch losses: the best epoch (lowest mean loss) is neither the first nor the last, the loss rises
+# after it, and each epoch's lowest head loss is another head than its highest and than the other epochs'
+HAND_LOSSES = [3.0, 2.0, 2.5]
+HAND_HEAD_LOSSES = [[0.5, 0.1, 0.9, 0.3, 0.7], [0.2, 0.6, 0.4, 0.05, 0.8], [0.15, 0.5, 0.45, 0.35, 0.25]]
 
 
-@pytest.mark.slow
-def test_selected_head_is_the_lowest_training_loss(stage2_run):
-    run, snapshots, _, summary = stage2_run
-    for record, ckpt in zip(read_log(run / "log_ul.jsonl"), snapshots):
-        assert record["selected_head"] == int(np.argmin(record["head_losses"])) == ckpt["selected_head"]
-        assert record["acc"] == record["head_acc"][record["selected_head"]]
-    assert len({r["selected_head"] for r in read_log(run / "log_ul.jsonl")} | {int(np.argmax(
-        read_log(run / "log_ul.jsonl")[-1]["head_losses"]))}) > 1  # argmax would pick another head
-    best = load_checkpoint(run / "ckpt_ul.t7")
-    assert best["selected_head"] == int(np.argmin(best["head_losses"]))
-    assert summary["selected_head"] == snapshots[-1]["selected_head"]
+@pytest.fixture(scope="module")
+def stage2_hand_set(tmp_path_factory, digits_read_once):
+    """Three epochs of stage 2 (one step each, real training) whose epoch losses are hand-set: ``main.run_epoch``
+    trains as it does, then returns HAND_LOSSES / HAND_HEAD_LOSSES for the epoch instead of the means it measured,
+    so that which epoch is best and which head is selected hold on any machine. Kept: a copy of ckpt_ul_last.t7
+    after each epoch, of ckpt_ul.t7 at each write, and, at every training step, whether the trained model and
+    each of its BatchNorm layers were in training mode."""
+    out = tmp_path_factory.mktemp("stage2_hand_set")
+    start = write_stage1(out / "start.t7", 16)
+    real_epoch, real_step = stage2.run_epoch, stage2.train_step
+    measured, modes = [], []
+
+    def hand_set_epoch(*args, **kwargs):
+        means = real_epoch(*args, **kwargs)
+        measured.append(means)
+        epoch = len(measured) - 1
+        heads = HAND_HEAD_LOSSES[epoch]
+        assign = float(np.mean(heads))
+        return {**means, "loss": HAND_LOSSES[epoch], "loss_assign": assign, "loss_cp": HAND_LOSSES[epoch] - assign,
+                "head_losses": heads}
+
+    def spied_step(state, *args, **kwargs):
+        modes.append([state.model.training] + [m.training for m in state.model.modules()
+                                               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)])
+        return real_step(state, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage2, "run_epoch", hand_set_epoch)
+        mp.setattr(stage2, "train_step", spied_step)
+        snapshot_saves(mp, "ckpt_ul_last.t7", out / "epochs")
+        snapshot_saves(mp, "ckpt_ul.t7", out / "best")
+        summary = run_main(stage2, TINY + ["--subset", "16", "--batch_size", "16", "--epochs", "3", "--resume",
+                                           out / "start.t7", "--model_dir", out / "run"])
+    run = out / "run"
+    snapshots = [load_checkpoint(out / "epochs" / f"{e}.t7") for e in range(3)]
+    best_writes = [load_checkpoint(out / "best" / f) for f in sorted(os.listdir(out / "best"))]
+    log = read_log(run / "log_ul.jsonl")
+    assert [r["loss"] for r in log] == HAND_LOSSES and [r["head_losses"] for r in log] == HAND_HEAD_LOSSES, \
+        "test set-up: the hand-set losses did not reach the log"
+    assert len(measured) == 3 and all(np.isfinite(m["loss"]) for m in measured), "test set-up: no real epochs"
+    return {"run": run, "snapshots": snapshots, "best_writes": best_writes, "log": log, "summary": summary,
+            "modes": modes, "start": start}
+
+
+def test_best_epoch_is_the_lowest_mean_training_loss_and_holds_its_weights(stage2_hand_set):
+    """ckpt_ul.t7 is the epoch of lowest mean training loss (released semantics), written at that epoch only:
+    hand-set losses 3.0, 2.0, 2.5 make it epoch 1, neither the first nor the last."""
+    snapshots = stage2_hand_set["snapshots"]
+    assert not torch.equal(snapshots[1]["net"]["conv1.weight"], snapshots[2]["net"]["conv1.weight"]), \
+        "test set-up: epochs 1 and 2 hold the same weights, the best file could not tell them apart"
+    best = load_checkpoint(stage2_hand_set["run"] / "ckpt_ul.t7")
+    assert best["epoch"] == 1, f"ckpt_ul.t7 holds epoch {best['epoch']}, not the lowest-loss epoch 1"
+    equal(best["net"], snapshots[1]["net"], "net")
+    equal(best["fc"], snapshots[1]["fc"], "fc")
+    assert best["head_losses"] == HAND_HEAD_LOSSES[1] and best["selected_head"] == 3
+    assert [w["epoch"] for w in stage2_hand_set["best_writes"]] == [0, 1], \
+        "ckpt_ul.t7 must be written at each new lowest loss only (epochs 0 and 1), not at epoch 2"
+    assert (snapshots[-1]["best_loss"], snapshots[-1]["best_epoch"]) == (2.0, 1)
+
+
+def test_selected_head_is_the_lowest_training_loss(stage2_hand_set):
+    """Each epoch's selected head is its lowest training loss (hand-set: heads 1, 3, 0; the highest are 2, 4, 1),
+    in the log, both checkpoints, eval.json and the returned summary, and it is the head whose scores are
+    reported."""
+    log, snapshots = stage2_hand_set["log"], stage2_hand_set["snapshots"]
+    assert [int(np.argmin(h)) for h in HAND_HEAD_LOSSES] == [1, 3, 0]
+    assert [r["selected_head"] for r in log] == [1, 3, 0], "the selected head is not each epoch's lowest head loss"
+    assert [c["selected_head"] for c in snapshots] == [1, 3, 0]
+    assert load_checkpoint(stage2_hand_set["run"] / "ckpt_ul.t7")["selected_head"] == 3
+    for record in log:
+        assert (record["acc"], record["nmi"], record["ari"]) == tuple(
+            record[f"head_{m}"][record["selected_head"]] for m in ("acc", "nmi", "ari"))
+    saved = json.loads((stage2_hand_set["run"] / "eval.json").read_text())
+    assert saved["selected_head"] == stage2_hand_set["summary"]["selected_head"] == 0
+    assert saved["acc"] == saved["head_acc"][0] == log[-1]["head_acc"][0]
+
+
+def test_stage2_trains_in_training_mode(stage2_hand_set):
+    """Every training step sees the model and each of its BatchNorm layers in training mode, and BatchNorm's
+    running statistics move, once a step (the scores in eval mode: the slow
+    test_stage2_evaluates_in_eval_mode_and_trains_in_training_mode)."""
+    modes, start = stage2_hand_set["modes"], stage2_hand_set["start"]
+    assert len(modes) == 3 and len(modes[0]) > 10, "test set-up: not 3 steps of a network with BatchNorm"
+    assert all(all(step) for step in modes), "the encoder (or a BatchNorm layer of it) trained in eval mode"
+    final = stage2_hand_set["snapshots"][-1]["net"]
+    assert int(final["bn1.num_batches_tracked"]) == 3, "BatchNorm did not update its statistics at every step"
+    assert not torch.equal(final["bn1.running_mean"], start["bn1.running_mean"])
 
 
 # -------------------------------------------------------------------------------- 5. heads from the file
