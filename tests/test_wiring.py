@@ -610,8 +610,15 @@ def test_folder_trains_and_scores_on_all_its_images(tmp_path, monkeypatch):
     assert scored["targets"].tolist() == [0] * 5 + [1] * 4 + [2] * 3
 
 
-def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split(tmp_path, monkeypatch):
+def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split_in_eval_mode(tmp_path, monkeypatch):
     spy = LoaderSpy(monkeypatch)
+    passes, forward = [], semi.Classifier.forward  # each pass: (with gradients?, the BatchNorm layers' modes)
+
+    def spied(net, x):
+        passes.append((torch.is_grad_enabled(), {m.training for m in net.modules()
+                                                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}))
+        return forward(net, x)
+    monkeypatch.setattr(semi.Classifier, "forward", spied)
     summary = run_main(semi, TINY + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "2",
                                      "--epochs", "1", "--from_scratch", "--model_dir", tmp_path])
     (train,) = spy.training()
@@ -622,6 +629,10 @@ def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split(tmp_path, m
     (test,) = spy.evaluation()
     assert test["targets"].tolist() == datasets.build_dataset("digits", "data", "test", subset=64).targets.tolist()
     assert summary["labelled"] == 20
+    training, testing = [m for g, m in passes if g], [m for g, m in passes if not g]
+    assert len(training) == 2 and len(testing) == 1, "test set-up: not 2 training steps and 1 test batch"
+    assert all(m == {True} for m in training), "semi.py trained with BatchNorm in eval mode"
+    assert all(m == {False} for m in testing), "semi.py's test accuracy was computed with BatchNorm in training mode"
 
 
 # -------------------------------------------------------------------------------- 4. semi.py's accuracy
