@@ -251,3 +251,36 @@ def test_compute_features_in_loader_order_and_network_dtype(batches):
     with torch.no_grad():
         expected = net.eval()(images)  # eval mode: BatchNorm's running statistics, one batch = many
     torch.testing.assert_close(feats, expected, **TIGHT)
+
+
+
+def _knn_turns_at(k, last_class_wins):
+    """One query against a one-hot bank (row j's similarity is the query's j-th entry, so each rank's weight
+    exp(sim / σ) is set by hand: 1 - 1e-4 rank at σ = 0.1), whose weighted-kNN prediction is its label, 0,
+    exactly for the K of one side of ``k``: with ``last_class_wins`` False for every K >= k, True for every
+    K <= k. Returns (features, bank, labels, targets, votes), ``votes[K - 1]`` the class votes of the K nearest
+    rows summed by hand."""
+    n = 2 * k
+    weights = 1 - 1e-4 * torch.arange(1, n + 1, dtype=torch.float64)  # a pair (a, b) leaves a ahead by 1e-4
+    if not last_class_wins:  # 1, 0, 1, 0, ... (class 1 ahead), 2 at rank k - 1, then 0 (ahead from rank k on)
+        labels = [r % 2 for r in range(1, k - 1)] + [2] + [0] * (n - k + 1)
+    else:  # 0, 2, 0, 2, ... (class 0 ahead) to rank k, then 2 (ahead from rank k + 1 on)
+        labels = [(r + 1) % 2 * 2 for r in range(1, k + 1)] + [2] * (n - k)
+    labels = torch.tensor(labels)
+    votes = (torch.nn.functional.one_hot(labels, 3) * weights[:, None]).cumsum(0)
+    return (0.1 * weights.log())[None], torch.eye(n, dtype=torch.float64), labels, torch.tensor([0]), votes
+
+
+def test_knn_defaults_are_k_200_and_sigma_0_1():
+    """docs/method.md's K = 200 and σ = 0.1 as every kNN function's defaults (super_and.py passes neither): one
+    query right for exactly K >= 200, another for exactly K <= 200, so that any other default K gets one wrong."""
+    for last_class_wins in (False, True):
+        features, bank, labels, targets, votes = _knn_turns_at(200, last_class_wins)
+        k = torch.arange(1, len(votes) + 1)
+        assert torch.equal(votes.argmax(1) == 0, k <= 200 if last_class_wins else k >= 200), \
+            "test set-up: the hand-set weights do not make K = 200 the turning point"
+        torch.testing.assert_close(weighted_knn_scores(features, bank, labels, 3), votes[199:200], **TIGHT,
+                                   msg="weighted_knn_scores' defaults are not K = 200, σ = 0.1")
+        assert weighted_knn_predict(features, bank, labels, 3).tolist() == [0], \
+            "weighted_knn_predict's default K is not 200"
+        assert knn_accuracy(features, bank, labels, targets, 3)[0] == 100.0, "knn_accuracy's default K is not 200"

@@ -2,14 +2,17 @@
 (weights, memory bank, anchors, heads, classifier, optimizer state, every random stream) and the log's
 values (all but wall-clock seconds).
 
-Where a kill comes matters only through the files it leaves, so a run is cut in one of two ways:
+Where a kill comes matters only through the files it leaves, so a run is cut in one of three ways:
 - ``killed_run``: the script in a child process that SIGKILLs itself right after its N-th checkpoint of
   a given name has been renamed into place (every checkpoint write ends in an atomic rename), i.e. before
   that epoch's log line, the hardest instant (the log is one record short);
 - fewer epochs, where the flags make that the same files: stage 2's and semi.py's learning rate depends on
   the epoch index alone (not on --epochs) and their checkpoint's next epoch is epoch + 1 whatever --epochs
   is, so ``--epochs 1`` then ``--epochs 2`` is a cut after epoch 0; stage 1's ``--rounds 1`` leaves the
-  file a 2-round run writes at its round boundary (--rounds enters only a range check and the loop bound).
+  file a 2-round run writes at its round boundary (--rounds enters only a range check and the loop bound);
+- a copy of the checkpoint and log lines an uninterrupted run had written after an earlier epoch (kept by
+  test_wiring's ``snapshot_saves``), resumed in another folder: in this process, on one step an epoch, the
+  fast test (make test-fast) of a resumed stage-1 run; the others are slow.
 """
 import filecmp
 import json
@@ -19,7 +22,7 @@ import subprocess
 import sys
 
 import pytest
-from test_wiring import TINY, equal, losses_of, read_log, write_stage1
+from test_wiring import TINY, equal, losses_of, read_log, snapshot_saves, write_stage1
 
 import main as stage2
 import semi
@@ -27,7 +30,7 @@ import super_and
 from conftest import ROOT, run_main
 from lib.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "no_pictures")]
+pytestmark = pytest.mark.usefixtures("one_thread", "no_pictures")  # all slow but the first stage-1 test
 
 KILLER = """
 import os, signal, sys
@@ -76,6 +79,37 @@ STAGE1 = TINY + ["--subset", "32", "--batch_size", "16", "--epochs", "2"]
 STAGE1_KEYS = ("net", "npc", "ANs_discovery", "optimizer", "rng", "round", "epoch", "next", "acc", "log_record")
 
 
+def test_stage1_resumed_mid_round_trains_only_the_epochs_left(tmp_path, digits_read_once):
+    """A fast cut: a one-round, two-epoch run on 16 digits (one step an epoch), its first checkpoint (epoch 0)
+    and log line copied to a new folder and resumed there: only epoch 1 is trained, never the saved epoch 0
+    again, and the run ends where the whole run ends."""
+    flags = TINY + ["--subset", "16", "--batch_size", "16", "--rounds", "1", "--epochs", "2"]
+    with pytest.MonkeyPatch.context() as mp:
+        snapshot_saves(mp, "ckpt_embed.t7", tmp_path / "saves")
+        run_main(super_and, flags + ["--model_dir", tmp_path / "whole"])
+    cut = tmp_path / "cut"
+    os.makedirs(cut)
+    (cut / "ckpt_embed.t7").write_bytes((tmp_path / "saves" / "0.t7").read_bytes())
+    first_line = (tmp_path / "whole" / "log_embed.jsonl").read_text().splitlines(keepends=True)[0]
+    (cut / "log_embed.jsonl").write_text(first_line)
+    saved = load_checkpoint(cut / "ckpt_embed.t7")
+    assert (saved["round"], saved["epoch"]) == (0, 0) and json.loads(first_line)["epoch"] == 0, \
+        "test set-up: the cut is not the checkpoint and log line of epoch 0"
+    assert saved["next"] == {"round": 0, "epoch": 1}, f"epoch 0's checkpoint says the next is {saved['next']}"
+    trained, real = [], super_and.train_and_save
+
+    def spied(run, state, epoch, args):
+        trained.append((state.round, epoch))
+        return real(run, state, epoch, args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(super_and, "train_and_save", spied)
+        run_main(super_and, flags + ["--model_dir", cut, "--resume", "ckpt_embed.t7"])
+    assert trained == [(0, 1)], f"the resumed run trained (round, epoch) {trained}, not only the (0, 1) left"
+    assert [(r["round"], r["epoch"]) for r in read_log(cut / "log_embed.jsonl")] == [(0, 0), (0, 1)]
+    same_run(load_checkpoint(tmp_path / "whole" / "ckpt_embed.t7"), load_checkpoint(cut / "ckpt_embed.t7"),
+             (tmp_path / "whole" / "log_embed.jsonl", cut / "log_embed.jsonl"), STAGE1_KEYS)
+
+
 @pytest.fixture(scope="module")
 def stage1_whole(tmp_path_factory):
     out = tmp_path_factory.mktemp("s1whole")
@@ -83,6 +117,7 @@ def stage1_whole(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_stage1_killed_in_the_middle_of_a_round(stage1_whole, tmp_path):
     """Killed after round 1's first epoch (anchors discovered, one epoch of the round left), before its log
     line: the resumed run keeps the file's anchors and ends where the whole run ends."""
@@ -96,6 +131,7 @@ def test_stage1_killed_in_the_middle_of_a_round(stage1_whole, tmp_path):
              (stage1_whole / "log_embed.jsonl", tmp_path / "log_embed.jsonl"), STAGE1_KEYS)
 
 
+@pytest.mark.slow
 def test_stage1_resumed_at_a_round_boundary(stage1_whole, tmp_path):
     run_main(super_and, STAGE1 + ["--rounds", "1", "--model_dir", tmp_path])
     cut = load_checkpoint(tmp_path / "ckpt_embed.t7")
@@ -136,12 +172,14 @@ def stage2_same(whole, cut):
     assert json.loads((whole / "eval.json").read_text()) == json.loads((cut / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_stage2_resumed_mid_run(stage2_start, stage2_whole, tmp_path):
     run_main(stage2, STAGE2 + ["--epochs", "1", "--resume", stage2_start, "--model_dir", tmp_path])
     run_main(stage2, STAGE2 + ["--epochs", "2", "--resume", "ckpt_ul_last.t7", "--model_dir", tmp_path])
     stage2_same(stage2_whole, tmp_path)
 
 
+@pytest.mark.slow
 def test_stage2_resumed_after_its_last_epoch_trains_nothing_and_keeps_its_files(stage2_whole, tmp_path, capsys):
     folder = tmp_path / "run"
     files = ("ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json")
@@ -171,6 +209,7 @@ def semi_whole(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_semi_resumed_mid_run(semi_whole, tmp_path):
     run_main(semi, SEMI + ["--epochs", "1", "--model_dir", tmp_path])
     run_main(semi, [a for a in SEMI if a != "--from_scratch"]
@@ -181,6 +220,7 @@ def test_semi_resumed_mid_run(semi_whole, tmp_path):
         json.loads((tmp_path / "eval_semi.json").read_text())
 
 
+@pytest.mark.slow
 def test_semi_killed_before_its_first_checkpoint_the_same_command_again_ends_as_the_whole_run(semi_whole, tmp_path):
     """A kill before the first checkpoint leaves the (dead) lock and a temporary, and no labelled_indexes.json
     that the same command would take for another run's."""
@@ -193,6 +233,7 @@ def test_semi_killed_before_its_first_checkpoint_the_same_command_again_ends_as_
     assert filecmp.cmp(tmp_path / "labelled_indexes.json", semi_whole / "labelled_indexes.json", shallow=False)
 
 
+@pytest.mark.slow
 def test_semi_killed_between_its_last_save_and_the_indexes_export_writes_them_on_resume(semi_whole, tmp_path):
     for name in ("ckpt_semi.t7", "log_semi.jsonl"):
         (tmp_path / name).write_bytes((semi_whole / name).read_bytes())
@@ -201,6 +242,7 @@ def test_semi_killed_between_its_last_save_and_the_indexes_export_writes_them_on
     assert filecmp.cmp(tmp_path / "labelled_indexes.json", semi_whole / "labelled_indexes.json", shallow=False)
 
 
+@pytest.mark.slow
 def test_semi_resumed_after_its_last_epoch_trains_nothing_and_keeps_its_files(semi_whole, tmp_path, capsys):
     files = ("ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json", "eval_semi.json")
     for name in files:

@@ -1,5 +1,6 @@
 """semi.py: few-label fine-tuning from a pretrained encoder (paper §4.4): the labelled draw, the schedule,
 the start from each kind of file, exact resume and bad input."""
+import copy
 import json
 from types import SimpleNamespace
 
@@ -32,6 +33,31 @@ def test_labelled_draw_is_balanced_exact_and_seeded():
     assert chosen != semi.draw_labelled(targets, 5, 4, seed=2)
     with pytest.raises(Exception, match="class 2 has only 5"):
         semi.draw_labelled(targets, 6, 4, seed=1)
+
+
+def test_test_accuracy_uses_batchnorm_running_statistics():
+    """semi.py's test accuracy is computed in eval mode, whatever mode training left the network in: a hand-built
+    classifier (BatchNorm on one feature, hand-set running statistics 0 / 1, logits (x, -x)) puts the images
+    1..8 in class 0 with the running statistics (100%), only half of them with each batch's own (50%), and the
+    test pass leaves the running statistics where they were."""
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(1))
+    net = semi.Classifier(encoder, 1, 2)
+    with torch.no_grad():
+        net.classifier.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net.classifier.bias.zero_()
+    images = torch.arange(1.0, 9.0).reshape(8, 1, 1, 1)
+    loader = [{"image": images[:4], "target": torch.zeros(4, dtype=torch.long)},
+              {"image": images[4:], "target": torch.zeros(4, dtype=torch.long)}]
+    with torch.no_grad():  # the set-up's own check, on a copy (a forward in training mode moves the statistics)
+        modes = [[copy.deepcopy(net).train(mode)(b["image"]).argmax(1) for b in loader] for mode in (False, True)]
+    assert [torch.cat(p).eq(0).float().mean().item() for p in modes] == [1.0, 0.5], \
+        "test set-up: eval and training mode do not score 100% and 50%"
+    statistics = [b.clone() for b in encoder[1].buffers()]
+    net.train()  # as a training epoch leaves it
+    assert semi.test_accuracy(net, loader, torch.device("cpu")) == 100.0, \
+        "semi.py's test accuracy is not computed with BatchNorm's running statistics (eval mode)"
+    assert all(torch.equal(a, b) for a, b in zip(statistics, encoder[1].buffers())), \
+        "semi.py's test pass moved BatchNorm's running statistics"
 
 
 # ---- end to end ----

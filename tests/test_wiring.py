@@ -26,6 +26,7 @@ from conftest import ROOT, run_main
 from lib.checkpoint import load_checkpoint, load_network
 from lib.protocols import clustering_metrics, compute_features, knn_accuracy
 from models import MultiHeadNormFC, resnet18
+from models.resnet import SobelResNet
 
 LOW_DIM, WIDTH = 16, 4
 TINY = ["--dataset", "digits", "--width", str(WIDTH), "--low_dim", str(LOW_DIM), "--workers", "0"]
@@ -235,8 +236,9 @@ def test_stage1_knn_recomputed_from_the_checkpoint_at_the_documented_k_and_sigma
         return knn_accuracy(feats, ckpt["npc"]["memory"], train.targets, test.targets, 10, k=k, sigma=sigma)
 
     want = knn(ckpt, k, sigma)
-    assert want[0] > 15  # well above chance (10%)
-    assert knn(ckpt, 50, sigma)[0] != want[0] and knn(ckpt, k, 0.02) != want  # the data tell K and σ apart
+    assert want[0] > 15, f"test set-up: the crafted bank scores {want[0]}%, not well above chance (10%)"
+    assert knn(ckpt, 50, sigma)[0] != want[0] and knn(ckpt, k, 0.02) != want, \
+        "test set-up: on these data another K or σ scores the same, they cannot tell the constants apart"
     log = read_log(out / "log_embed.jsonl")
     assert [(r["round"], r["epoch"]) for r in log] == [(0, 0), (1, 0)]
     assert (log[-1]["knn_top1"], log[-1]["knn_top5"]) == want
@@ -363,51 +365,102 @@ def test_stage2_log_and_eval_json_are_the_checkpoints_scores(stage2_run, digits6
     assert saved["images"] == 64
 
 
-@pytest.mark.slow
-def test_stage2_evaluates_in_eval_mode_and_trains_in_training_mode(stage2_run, digits64):
-    run, snapshots, start, _ = stage2_run
-    final = load_checkpoint(run / "ckpt_ul_last.t7")
-    # training mode during the steps: the running statistics moved away from the fresh network's 0 / 1
-    assert torch.equal(start["bn1.running_mean"], torch.zeros_like(start["bn1.running_mean"]))
+# hand-set epoch losses: the best epoch (lowest mean loss) is neither the first nor the last, the loss rises
+# after it, and each epoch's lowest head loss is another head than its highest and than the other epochs'
+HAND_LOSSES = [3.0, 2.0, 2.5]
+HAND_HEAD_LOSSES = [[0.5, 0.1, 0.9, 0.3, 0.7], [0.2, 0.6, 0.4, 0.05, 0.8], [0.15, 0.5, 0.45, 0.35, 0.25]]
+
+
+@pytest.fixture(scope="module")
+def stage2_hand_set(tmp_path_factory, digits_read_once):
+    """Three epochs of stage 2 (one step each, real training) whose epoch losses are hand-set: ``main.run_epoch``
+    trains as it does, then returns HAND_LOSSES / HAND_HEAD_LOSSES for the epoch instead of the means it measured,
+    so that which epoch is best and which head is selected hold on any machine. Kept: a copy of ckpt_ul_last.t7
+    after each epoch, of ckpt_ul.t7 at each write, and for each pass of the network, whether it computed
+    gradients (a training step) or not (the evaluation) and the modes of the network and its BatchNorm layers."""
+    out = tmp_path_factory.mktemp("stage2_hand_set")
+    start = write_stage1(out / "start.t7", 16)
+    real_epoch, real_forward = stage2.run_epoch, SobelResNet.forward
+    measured, passes = [], []
+
+    def hand_set_epoch(*args, **kwargs):
+        means = real_epoch(*args, **kwargs)
+        measured.append(means)
+        epoch = len(measured) - 1
+        heads = HAND_HEAD_LOSSES[epoch]
+        assign = float(np.mean(heads))
+        return {**means, "loss": HAND_LOSSES[epoch], "loss_assign": assign, "loss_cp": HAND_LOSSES[epoch] - assign,
+                "head_losses": heads}
+
+    def spied_forward(net, images):
+        passes.append((torch.is_grad_enabled(), {m.training for m in net.modules()
+                                                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}))
+        return real_forward(net, images)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage2, "run_epoch", hand_set_epoch)
+        mp.setattr(SobelResNet, "forward", spied_forward)
+        snapshot_saves(mp, "ckpt_ul_last.t7", out / "epochs")
+        snapshot_saves(mp, "ckpt_ul.t7", out / "best")
+        summary = run_main(stage2, TINY + ["--subset", "16", "--batch_size", "16", "--epochs", "3", "--resume",
+                                           out / "start.t7", "--model_dir", out / "run"])
+    run = out / "run"
+    snapshots = [load_checkpoint(out / "epochs" / f"{e}.t7") for e in range(3)]
+    best_writes = [load_checkpoint(out / "best" / f) for f in sorted(os.listdir(out / "best"))]
+    log = read_log(run / "log_ul.jsonl")
+    assert [r["loss"] for r in log] == HAND_LOSSES and [r["head_losses"] for r in log] == HAND_HEAD_LOSSES, \
+        "test set-up: the hand-set losses did not reach the log"
+    assert len(measured) == 3 and all(np.isfinite(m["loss"]) for m in measured), "test set-up: no real epochs"
+    return {"run": run, "snapshots": snapshots, "best_writes": best_writes, "log": log, "summary": summary,
+            "passes": passes, "start": start}
+
+
+def test_best_epoch_is_the_lowest_mean_training_loss_and_holds_its_weights(stage2_hand_set):
+    """ckpt_ul.t7 is the epoch of lowest mean training loss (released semantics), written at that epoch only:
+    hand-set losses 3.0, 2.0, 2.5 make it epoch 1, neither the first nor the last."""
+    snapshots = stage2_hand_set["snapshots"]
+    assert not torch.equal(snapshots[1]["net"]["conv1.weight"], snapshots[2]["net"]["conv1.weight"]), \
+        "test set-up: epochs 1 and 2 hold the same weights, the best file could not tell them apart"
+    best = load_checkpoint(stage2_hand_set["run"] / "ckpt_ul.t7")
+    assert best["epoch"] == 1, f"ckpt_ul.t7 holds epoch {best['epoch']}, not the lowest-loss epoch 1"
+    equal(best["net"], snapshots[1]["net"], "net")
+    equal(best["fc"], snapshots[1]["fc"], "fc")
+    assert best["head_losses"] == HAND_HEAD_LOSSES[1] and best["selected_head"] == 3
+    assert [w["epoch"] for w in stage2_hand_set["best_writes"]] == [0, 1], \
+        "ckpt_ul.t7 must be written at each new lowest loss only (epochs 0 and 1), not at epoch 2"
+    assert (snapshots[-1]["best_loss"], snapshots[-1]["best_epoch"]) == (2.0, 1)
+
+
+def test_selected_head_is_the_lowest_training_loss(stage2_hand_set):
+    """Each epoch's selected head is its lowest training loss (hand-set: heads 1, 3, 0; the highest are 2, 4, 1),
+    in the log, both checkpoints, eval.json and the returned summary, and it is the head whose scores are
+    reported."""
+    log, snapshots = stage2_hand_set["log"], stage2_hand_set["snapshots"]
+    assert [int(np.argmin(h)) for h in HAND_HEAD_LOSSES] == [1, 3, 0]
+    assert [r["selected_head"] for r in log] == [1, 3, 0], "the selected head is not each epoch's lowest head loss"
+    assert [c["selected_head"] for c in snapshots] == [1, 3, 0]
+    assert load_checkpoint(stage2_hand_set["run"] / "ckpt_ul.t7")["selected_head"] == 3
+    for record in log:
+        assert (record["acc"], record["nmi"], record["ari"]) == tuple(
+            record[f"head_{m}"][record["selected_head"]] for m in ("acc", "nmi", "ari"))
+    saved = json.loads((stage2_hand_set["run"] / "eval.json").read_text())
+    assert saved["selected_head"] == stage2_hand_set["summary"]["selected_head"] == 0
+    assert saved["acc"] == saved["head_acc"][0] == log[-1]["head_acc"][0]
+
+
+def test_stage2_trains_in_training_mode_and_scores_in_eval_mode(stage2_hand_set):
+    """Every training step runs the network with all its BatchNorm layers in training mode, and BatchNorm's
+    running statistics move once a step; every evaluation pass (no gradients) runs them in eval mode."""
+    passes, start = stage2_hand_set["passes"], stage2_hand_set["start"]
+    training, scoring = [m for g, m in passes if g], [m for g, m in passes if not g]
+    assert len(training) == 3 and len(scoring) == 3, "test set-up: not 3 steps and 3 evaluation batches"
+    assert all(m == {True} for m in training), "the encoder (or a BatchNorm layer of it) trained in eval mode"
+    assert all(m == {False} for m in scoring), "stage 2 scored its clusters with BatchNorm in training mode"
+    final = stage2_hand_set["snapshots"][-1]["net"]
+    assert int(final["bn1.num_batches_tracked"]) == 3, "BatchNorm did not update its statistics at every step"
+    assert torch.equal(start["bn1.running_mean"], torch.zeros_like(start["bn1.running_mean"]))  # fresh: 0 / 1
     for key in ("bn1.running_mean", "bn1.running_var", "bn1_sobel.running_mean", "layer4.1.bn2.running_var"):
-        assert not torch.equal(final["net"][key], start[key]), key
-    assert int(final["net"]["bn1.num_batches_tracked"]) == 3 * (64 // 16)  # one update per step
-    # eval mode for the scores: the same network in training mode (batch statistics) scores otherwise
-    net = network(final["net"])
-    net.train()
-    loader = torch.utils.data.DataLoader(digits64, batch_size=100, shuffle=False)
-    with torch.no_grad():
-        feats = torch.cat([net(b["image"]) for b in loader])
-        preds = torch.stack(heads_of(final["fc"], 10)(feats)).argmax(2)
-    in_train_mode = [100 * clustering_metrics(p.numpy(), digits64.targets.numpy(), 10)["acc"] for p in preds]
-    assert in_train_mode != read_log(run / "log_ul.jsonl")[-1]["head_acc"]
-
-
-@pytest.mark.slow
-def test_best_epoch_is_the_lowest_mean_training_loss_and_holds_its_weights(stage2_run):
-    run, snapshots, _, _ = stage2_run
-    losses = [r["loss"] for r in read_log(run / "log_ul.jsonl")]
-    best_epoch = int(np.argmin(losses))
-    assert best_epoch != len(losses) - 1, losses  # this run's best is not its last epoch: "last" would fail
-    best = load_checkpoint(run / "ckpt_ul.t7")
-    assert best["epoch"] == best_epoch
-    equal(best["net"], snapshots[best_epoch]["net"], "net")
-    equal(best["fc"], snapshots[best_epoch]["fc"], "fc")
-    assert best["head_losses"] == snapshots[best_epoch]["head_losses"]
-    assert not torch.equal(best["net"]["conv1.weight"], snapshots[-1]["net"]["conv1.weight"])
-
-
-@pytest.mark.slow
-def test_selected_head_is_the_lowest_training_loss(stage2_run):
-    run, snapshots, _, summary = stage2_run
-    for record, ckpt in zip(read_log(run / "log_ul.jsonl"), snapshots):
-        assert record["selected_head"] == int(np.argmin(record["head_losses"])) == ckpt["selected_head"]
-        assert record["acc"] == record["head_acc"][record["selected_head"]]
-    assert len({r["selected_head"] for r in read_log(run / "log_ul.jsonl")} | {int(np.argmax(
-        read_log(run / "log_ul.jsonl")[-1]["head_losses"]))}) > 1  # argmax would pick another head
-    best = load_checkpoint(run / "ckpt_ul.t7")
-    assert best["selected_head"] == int(np.argmin(best["head_losses"]))
-    assert summary["selected_head"] == snapshots[-1]["selected_head"]
+        assert not torch.equal(final[key], start[key]), f"BatchNorm's {key} did not move in training"
 
 
 # -------------------------------------------------------------------------------- 5. heads from the file
@@ -421,11 +474,11 @@ def test_test_only_scores_the_files_heads_not_the_seeds(stage2_run, digits64, tm
     run_main(stage2, STAGE2 + ["--test_only", "--resume", tmp_path / "other.t7", "--model_dir", tmp_path,
                                "--export_predictions", tmp_path / "p.csv"])
     want = head_scores(ckpt["net"], ckpt["fc"], digits64)
-    seeds = head_scores(ckpt["net"], load_checkpoint(run / "ckpt_ul.t7")["fc"], digits64)
-    assert want["head_acc"] != seeds["head_acc"]
+    preds = head_predictions(ckpt["net"], ckpt["fc"], digits64)
+    trained = head_predictions(ckpt["net"], load_checkpoint(run / "ckpt_ul.t7")["fc"], digits64)
+    assert not torch.equal(preds, trained), "test set-up: the drawn heads cluster the images as the file's own do"
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["head_acc"] == want["head_acc"] and saved["head_nmi"] == want["head_nmi"]
-    preds = head_predictions(ckpt["net"], ckpt["fc"], digits64)
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 64
@@ -542,8 +595,15 @@ def test_folder_trains_and_scores_on_all_its_images(tmp_path, monkeypatch):
     assert scored["targets"].tolist() == [0] * 5 + [1] * 4 + [2] * 3
 
 
-def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split(tmp_path, monkeypatch):
+def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split_in_eval_mode(tmp_path, monkeypatch):
     spy = LoaderSpy(monkeypatch)
+    passes, forward = [], semi.Classifier.forward  # each pass: (with gradients?, the BatchNorm layers' modes)
+
+    def spied(net, x):
+        passes.append((torch.is_grad_enabled(), {m.training for m in net.modules()
+                                                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}))
+        return forward(net, x)
+    monkeypatch.setattr(semi.Classifier, "forward", spied)
     summary = run_main(semi, TINY + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "2",
                                      "--epochs", "1", "--from_scratch", "--model_dir", tmp_path])
     (train,) = spy.training()
@@ -554,6 +614,10 @@ def test_semi_trains_on_the_drawn_labels_and_tests_on_the_test_split(tmp_path, m
     (test,) = spy.evaluation()
     assert test["targets"].tolist() == datasets.build_dataset("digits", "data", "test", subset=64).targets.tolist()
     assert summary["labelled"] == 20
+    training, testing = [m for g, m in passes if g], [m for g, m in passes if not g]
+    assert len(training) == 2 and len(testing) == 1, "test set-up: not 2 training steps and 1 test batch"
+    assert all(m == {True} for m in training), "semi.py trained with BatchNorm in eval mode"
+    assert all(m == {False} for m in testing), "semi.py's test accuracy was computed with BatchNorm in training mode"
 
 
 # -------------------------------------------------------------------------------- 4. semi.py's accuracy
@@ -589,8 +653,9 @@ def test_semi_test_accuracy_is_the_checkpoints(tmp_path):
     ckpt = load_checkpoint(tmp_path / "ckpt_semi.t7")
     test = datasets.build_dataset("digits", "data", "test", subset=64)
     want = semi_accuracy(ckpt, test)
-    assert want > 15  # above chance (10%)
+    assert want > 15, f"test set-up: the nearest-class-mean classifier scores {want}%, not above chance (10%)"
     assert read_log(tmp_path / "log_semi.jsonl")[-1]["test_acc"] == want == ckpt["acc"] == summary["test_acc"]
     assert json.loads((tmp_path / "eval_semi.json").read_text())["test_acc"] == want
     train_split = datasets.build_dataset("digits", "data", "train", subset=64)
-    assert semi_accuracy(ckpt, train_split) != want  # and so would one on the training images
+    assert semi_accuracy(ckpt, train_split) != want, \
+        "test set-up: the training images score as the test images, the check cannot tell the splits apart"
