@@ -252,7 +252,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     with open(cut / "eval.json") as f:
         assert json.load(f)["acc"] == acc
     new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
-    assert new_rows[("3", "two_stage")]["cells"][0]["measured"] == acc
+    assert new_rows[("3", "two_stage")]["cells"][0]["values"][0] == acc  # seed 0 (measured: both seeds' mean)
 
 
 def test_verdict_rule_on_hand_made_numbers():
