@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from .losses import joint_distribution
+
 EPS = sys.float_info.epsilon  # the clamp of Eq. 9 in the released code
 
 
@@ -26,17 +28,12 @@ def batch_joint(p1, p2):
 def joint_entropies(joint, eps=EPS):
     """(H(y), H(y|ŷ)) in nats from an unnormalized joint (C x C): summed p1ᵀ p2 of one batch or many.
 
-    As Eq. 9 builds it: symmetrized (P + Pᵀ)/2, divided by its sum; the marginals come from that
-    unclamped P, then P and the marginals are clamped below at ``eps``. H(y) = −Σ_c P_c log P_c (row
+    P and its marginals as Eq. 9 builds them (``lib.losses.joint_distribution``). H(y) = −Σ_c P_c log P_c (row
     marginal), H(y, ŷ) = −Σ P_cc' log P_cc', H(ŷ) = −Σ_c' P_c' log P_c' (column marginal; equal to the row
     marginal after the symmetrization), H(y|ŷ) = H(y, ŷ) − H(ŷ). Returns two 0-d tensors in the dtype of
     ``joint``.
     """
-    joint = (joint + joint.T) / 2
-    joint = joint / joint.sum()
-    p_row = joint.sum(1).clamp(min=eps)
-    p_col = joint.sum(0).clamp(min=eps)
-    joint = joint.clamp(min=eps)
+    joint, p_row, p_col = joint_distribution(joint, eps)  # (C, C), (C, 1), (1, C)
     h_y = -(p_row * p_row.log()).sum()
     h_joint = -(joint * joint.log()).sum()
     h_yhat = -(p_col * p_col.log()).sum()

@@ -83,21 +83,27 @@ def ue_loss(logits, indexes, own_logit=-10.0):
     return entropy.sum() / rows
 
 
+def joint_distribution(joint, eps=sys.float_info.epsilon):
+    """Eq. 9's P and its marginals from an unnormalized joint ``joint`` (C x C): Σ p1ᵀ p2 of one batch or
+    of many. P is symmetrized, (P + Pᵀ)/2, and divided by its sum; the row and column marginals come from
+    that unclamped P, then P and both marginals are clamped below at ``eps`` (the released code's in-place
+    clamp, written without writing into expanded tensors). Returns (P, p_row (C, 1), p_col (1, C))."""
+    joint = (joint + joint.T) / 2
+    joint = joint / joint.sum()
+    p_row = joint.sum(1, keepdim=True).clamp(min=eps)  # marginals come from the unclamped joint
+    p_col = joint.sum(0, keepdim=True).clamp(min=eps)
+    return joint.clamp(min=eps), p_row, p_col
+
+
 def iic_loss(p1, p2, eps=sys.float_info.epsilon):
     """Class-assignment loss (Eq. 9, IIC): −I(z, z') from the joint distribution of two views.
 
-    P = Σ_batch p1ᵀ p2 (C x C), symmetrized and divided by its sum; P and its row and column
-    marginals are clamped below at ``eps`` (the released code's in-place clamp, written without
-    writing into expanded tensors); loss = −Σ P_cc' (log P_cc' − log P_c' − log P_c).
+    P = Σ_batch p1ᵀ p2 (C x C), symmetrized, divided by its sum and clamped with its marginals
+    (``joint_distribution``); loss = −Σ P_cc' (log P_cc' − log P_c' − log P_c).
 
     Args:
         p1, p2: (B, C) class probabilities of the two views.
     """
     dtype = torch.promote_types(p1.dtype, torch.float32)
-    joint = p1.to(dtype).T @ p2.to(dtype)  # (C, C)
-    joint = (joint + joint.T) / 2
-    joint = joint / joint.sum()
-    p_row = joint.sum(1, keepdim=True).clamp(min=eps)  # marginals come from the unclamped joint
-    p_col = joint.sum(0, keepdim=True).clamp(min=eps)
-    joint = joint.clamp(min=eps)
+    joint, p_row, p_col = joint_distribution(p1.to(dtype).T @ p2.to(dtype), eps)  # (C, C), (C, 1), (1, C)
     return -(joint * (joint.log() - p_col.log() - p_row.log())).sum()
