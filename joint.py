@@ -14,7 +14,6 @@ and clusters.png, scored as stage 2 scores its heads (engine/report.py).
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import datasets
@@ -27,16 +26,15 @@ from engine.report import print_epoch, selected_metrics, write_report
 from engine.script import open_script
 from lib.checkpoint import load_network, normalization
 from lib.errors import InputError
-from lib.losses import aug_loss, iic_loss
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
-from lib.schedules import num_anchors, step_lr, ue_weight
+from lib.protocols import select_head
+from lib.schedules import step_lr, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
 CKPT, LOG = "ckpt_joint.t7", "log_joint.jsonl"
 STAGE2_FLAGS = ("num_heads", "tau_c", "lambda_cp", "head_norm", "export_predictions", "kmeans_baseline")
-TRAINING_KEYS = ("optimizer", "rng", "args", "round", "epoch", "next.round", "next.epoch")
 
 
 def stage2_flags():
@@ -82,18 +80,13 @@ def train_step(state, images, indexes, weight, args):
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
         features = state.model(images)  # (2B, d)
     features, indexes = distributed.gather_views(features.float()), distributed.gather(indexes)
-    loss_1, parts = stage1.losses(state, features, indexes, weight, args)
-    batch = features.shape[0] // 2
-    head_losses = torch.stack([iic_loss(p[:batch], p[batch:]) for p in state.heads(features)])  # (H,)
-    l_assign = head_losses.mean()
-    l_cp = aug_loss(features, args.batch_t, args.batch_m)  # Eq. 11, on the embeddings
-    loss = loss_1 + l_assign + args.lambda_cp * l_cp
+    loss_1, parts_1 = stage1.losses(state, features, indexes, weight, args)
+    loss, parts_2 = stage2.losses(state.heads, features, args, stage1_loss=loss_1)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
     state.bank.update(indexes, features.detach())
-    return {"loss": loss.detach(), **parts, "loss_assign": l_assign.detach(), "loss_cp": l_cp.detach(),
-            "head_losses": head_losses.detach()}
+    return {"loss": loss.detach(), **parts_1, **parts_2}
 
 
 def build(args, device):
@@ -121,14 +114,11 @@ def load_joint(args, state):
     if not ckpt.get("joint"):
         raise InputError(f"{path} is not a checkpoint of joint.py (which starts from a random network); "
                          "pass its ckpt_joint.t7")
-    require_keys(ckpt, path, ["npc.memory", "fc"] + ([] if args.test_only else list(TRAINING_KEYS)))
-    saved = ckpt["args"]
-    for flag in ("dataset", "num_heads", "low_dim"):
-        if saved.get(flag) != getattr(args, flag):
-            raise InputError(f"{path} was trained with --{flag} {saved.get(flag)}, not {getattr(args, flag)}")
-    if ckpt["npc"]["memory"].shape[0] != len(state.bank.memory):
-        raise InputError(f"{path} has a memory bank of {ckpt['npc']['memory'].shape[0]} images but the training "
-                         f"split here has {len(state.bank.memory)}; check --dataset and --subset")
+    require_keys(ckpt, path, ["fc"] + ([] if args.test_only else list(stage1.TRAINING_KEYS)))
+    stage1.check_bank(ckpt, path, args, len(state.bank.memory))
+    saved = ckpt["args"].get("num_heads")
+    if saved != args.num_heads:
+        raise InputError(f"{path} was trained with --num_heads {saved}, not {args.num_heads}")
     load_network(state.net, ckpt["net"], path)
     state.bank.memory.copy_(ckpt["npc"]["memory"])
     state.neighbourhoods.load_state_dict(ckpt["ANs_discovery"])
@@ -155,13 +145,8 @@ def main(args):
     with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=stage1.position,
                   optimizer=state.optimizer, args=args) as run:
         for round_index in range(start[0], args.rounds):
-            state.round = round_index
             first_epoch = start[1] if round_index == start[0] else 0
-            if round_index > 0 and first_epoch == 0:  # stage 1's anchors, at the start of every round >= 1
-                count = num_anchors(len(state.labels), args.ANs_select_rate, round_index)
-                consistency = state.neighbourhoods.discover(state.bank.memory, args.npc_t, count, state.labels,
-                                                            collectives=distributed.ProcessGroup())
-                print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
+            stage1.start_round(state, round_index, first_epoch, args)
             for epoch in range(first_epoch, args.epochs):
                 train_and_save(run, state, epoch, args)
         if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
@@ -186,19 +171,16 @@ def train_and_save(run, state, epoch, args):
         state.device, args.channels_last)
     clusters = stage2.evaluate(state.net, state.heads, state.eval_loader, state.device)
     metrics = clusters["metrics"] or {}
-    selected = int(np.argmin(losses["head_losses"]))  # as stage 2: the head of lowest training loss
+    selected = select_head(losses["head_losses"])
     record = {"round": state.round, "epoch": epoch, "lr": lr, **losses, "ue_weight": weight,
               "anchors": len(state.neighbourhoods.anchor_indexes), **metrics, "selected_head": selected,
               **selected_metrics(metrics, selected), "seconds": time.time() - start}
     state.clusters, state.selected_head = clusters, selected
-    last = epoch == args.epochs - 1
-    run.save({"net": state.net.state_dict(), "npc": state.bank.state_dict(),
-              "ANs_discovery": state.neighbourhoods.state_dict(), "fc": state.heads.state_dict(),
+    run.save({**stage1.saved_state(state, epoch, args), "fc": state.heads.state_dict(),
               "acc_list": metrics.get("head_acc"), "nmi_list": metrics.get("head_nmi"),
               "ari_list": metrics.get("head_ari"), "head_losses": losses["head_losses"], "selected_head": selected,
-              "normalization": normalization(state.eval_loader.dataset), "round": state.round, "epoch": epoch,
-              "joint": True, **training_state(state.optimizer, args, record,
-                                              next={"round": state.round + last, "epoch": 0 if last else epoch + 1})})
+              "normalization": normalization(state.eval_loader.dataset), "joint": True,
+              **training_state(state.optimizer, args, record)})
     run.log.append(record)
     print(f"round {state.round} epoch {epoch}: stage 1 and {losses['loss_and']:.4f} aug {losses['loss_aug']:.4f} "
           f"ue {losses['loss_ue']:.4f} x{weight:.1f}")

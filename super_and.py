@@ -30,9 +30,9 @@ from engine.cli import (
     unit_interval,
 )
 from engine.distributed import speed_options
-from engine.lifecycle import open_run, read_checkpoint, run_epoch, set_lr, training_state
+from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.script import open_script
-from lib.checkpoint import load_network, normalization
+from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
@@ -43,6 +43,8 @@ from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
 CKPT, LOG = "ckpt_embed.t7", "log_embed.jsonl"
+# what a resumable file holds beyond the released keys (engine.lifecycle.training_state and the position)
+TRAINING_KEYS = ("optimizer", "rng", "args", "round", "epoch", "next.round", "next.epoch")
 LOSSES = ("loss", "loss_and", "loss_aug", "loss_ue")  # the log's loss keys, whatever the variant
 # the first stages of Table 2 (docs/method.md, "Stage-1 variants (Table 2)"): what each turns on
 VARIANTS = {
@@ -186,10 +188,37 @@ def build(args, device):
                   train_set.targets.to(device), train_set.num_classes, normalization(train_set), device)
 
 
+def check_bank(ckpt, path, args, num_samples):
+    """A file's memory bank (stage 1's or the joint model's): of this data set, its ``num_samples`` training
+    images and --low_dim, and finite."""
+    require_keys(ckpt, path, ["npc.memory"])
+    saved = ckpt.get("args", {}).get("dataset")
+    if saved is not None and saved != args.dataset:
+        raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
+    memory = ckpt["npc"]["memory"]
+    if memory.shape[1] != args.low_dim:
+        raise InputError(f"{path} has a {memory.shape[1]}-dimensional memory bank; pass --low_dim {memory.shape[1]}")
+    if memory.shape[0] != num_samples:
+        raise InputError(f"{path} has a memory bank of {memory.shape[0]} images but the {args.dataset} "
+                         f"training split here has {num_samples}; check --dataset and --subset")
+    if not torch.isfinite(memory).all():
+        raise InputError(f"{path} holds a non-finite memory bank; it cannot be evaluated or continued")
+
+
 def load_stage1(args, state, path, ckpt):
-    """``--resume``'s checkpoint ``ckpt``, read from ``path``, checked and loaded into the network, the bank
-    and the anchors."""
-    checks.stage1_checkpoint(ckpt, path, args, len(state.labels))
+    """``--resume``'s checkpoint ``ckpt``, read from ``path``: a stage-1 file (``check_bank``) with training
+    state unless --test_only, of this --variant to continue it; loaded into the network, bank and anchors."""
+    stage = checkpoint_stage(ckpt)
+    if stage != 1:
+        other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
+        raise InputError(f"{path} is a stage-{stage} checkpoint; evaluate it with {other}, or pass a "
+                         f"{CKPT} here")
+    check_bank(ckpt, path, args, len(state.labels))
+    if not args.test_only and "next" not in ckpt:  # released files: their broken resume is not reproduced
+        raise InputError(f"{path} holds no training state (a released or converted file): evaluate it with "
+                         "--test_only, or start stage 2 from it with main.py --resume")
+    if not args.test_only:
+        require_keys(ckpt, path, TRAINING_KEYS)
     saved = ckpt.get("args", {}).get("variant", "super_and")  # files from before --variant: Super-AND
     if not args.test_only and saved != args.variant:
         raise InputError(f"{path} was trained with --variant {saved}, not {args.variant}; continue it with "
@@ -198,6 +227,28 @@ def load_stage1(args, state, path, ckpt):
     state.bank.memory.copy_(ckpt["npc"]["memory"])
     if "ANs_discovery" in ckpt:
         state.neighbourhoods.load_state_dict(ckpt["ANs_discovery"])
+
+
+def start_round(state, round_index, first_epoch, args):
+    """Enter round ``round_index`` at ``first_epoch``. §3.1: at the start of every round >= 1 (not when a run
+    continues inside one) the anchors and their neighbours are discovered anew from the memory bank, more of
+    them each round; Lemniscate has none. Split over the processes, the same on every one."""
+    state.round = round_index
+    if round_index == 0 or first_epoch > 0 or getattr(args, "variant", "super_and") == "lemniscate":
+        return
+    count = num_anchors(len(state.labels), args.ANs_select_rate, round_index)
+    consistency = state.neighbourhoods.discover(state.bank.memory, args.npc_t, count, state.labels,
+                                                collectives=distributed.ProcessGroup())
+    print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
+
+
+def saved_state(state, epoch, args):
+    """Stage 1's part of a checkpoint (the joint model's too): the released keys of the network, the bank and
+    the anchors, the epoch's position and where to continue."""
+    last = epoch == args.epochs - 1
+    return {"net": state.net.state_dict(), "npc": state.bank.state_dict(),
+            "ANs_discovery": state.neighbourhoods.state_dict(), "round": state.round, "epoch": epoch,
+            "next": {"round": state.round + last, "epoch": 0 if last else epoch + 1}}
 
 
 def main(args):
@@ -219,14 +270,8 @@ def main(args):
     with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=position, optimizer=state.optimizer,
                   args=args) as run:
         for round_index in range(start[0], args.rounds):
-            state.round = round_index
             first_epoch = start[1] if round_index == start[0] else 0
-            if round_index > 0 and first_epoch == 0 and args.variant != "lemniscate":  # §3.1: anchors at the
-                # start of every round >= 1 (Lemniscate has none)
-                count = num_anchors(len(state.labels), args.ANs_select_rate, round_index)
-                consistency = state.neighbourhoods.discover(  # split over the processes, the same on every one
-                    state.bank.memory, args.npc_t, count, state.labels, collectives=distributed.ProcessGroup())
-                print(f"round {round_index}: {count} anchors, neighbourhood label consistency {consistency:.4f}")
+            start_round(state, round_index, first_epoch, args)
             for epoch in range(first_epoch, args.epochs):
                 top1 = train_and_save(run, state, epoch, args)["knn_top1"]
     return top1
@@ -250,12 +295,9 @@ def train_and_save(run, state, epoch, args):
               "ue_weight": weight,
               "anchors": len(anchors.anchor_indexes), "consistency": float(anchors.consistency),
               "knn_top1": top1, "knn_top5": top5, "seconds": time.time() - start}
-    last = epoch == args.epochs - 1
-    run.save({"net": state.net.state_dict(), "npc": state.bank.state_dict(),
-              "ANs_discovery": state.neighbourhoods.state_dict(), "acc": (top1 or 0.0) / 100, "round": state.round,
-              "epoch": epoch, "stage": 1, "num_samples": len(state.bank.memory), "normalization": state.normalization,
-              **training_state(state.optimizer, args, record,
-                               next={"round": state.round + last, "epoch": 0 if last else epoch + 1})})
+    run.save({**saved_state(state, epoch, args), "acc": (top1 or 0.0) / 100, "stage": 1,
+              "num_samples": len(state.bank.memory), "normalization": state.normalization,
+              **training_state(state.optimizer, args, record)})
     run.log.append(record)
     knn = f"kNN top-1 {top1:.2f}% top-5 {top5:.2f}%" if top1 is not None else "no labels: no kNN"
     parts = (f"aug {record['loss_aug']:.4f} ue {record['loss_ue']:.4f} x{weight:.1f}" if weight is not None

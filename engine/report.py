@@ -3,7 +3,7 @@ the pictures (PNG, matplotlib Agg: training curves, Fig. 4's mutual information 
 confusion matrix, the clusters of the selected head), optionally a CSV of the predictions and k-means on the
 raw pixels.
 
-``clusters`` is what ``engine.assignment.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in %
+``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in %
 (None without labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
 """
 import csv

@@ -93,6 +93,27 @@ def cluster_accuracy(preds, targets, num_classes):
     return float(confusion[np.arange(num_classes), mapping].sum() / confusion.sum())
 
 
+def class_accuracy(preds, targets, num_classes):
+    """Per-class accuracy (%) of (N,) clusters after Hungarian matching: of the images of class c, the share
+    assigned to the cluster matched to c (None for a class with no image)."""
+    mapping, confusion = hungarian_match(preds, targets, num_classes)  # confusion: (cluster, class)
+    cluster_of = np.argsort(mapping)  # the cluster matched to each class
+    counts = confusion.sum(0)
+    return [100 * float(confusion[cluster_of[c], c]) / int(counts[c]) if counts[c] else None
+            for c in range(num_classes)]
+
+
+def head_clusters(outputs):
+    """Each head's cluster of each image and its probability: the argmax of the heads' (N, C) probabilities
+    ``outputs`` (a list, one per head). Returns (probs (H, N), preds (H, N))."""
+    return torch.stack(outputs).max(dim=2)
+
+
+def select_head(head_losses):
+    """The head a run reports (§3.2): the one of lowest training loss, chosen without labels."""
+    return int(np.argmin(head_losses))
+
+
 def clustering_metrics(preds, targets, num_classes):
     """{'acc', 'nmi', 'ari'} as fractions: Hungarian accuracy and scikit-learn's NMI and ARI."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # a second to import
