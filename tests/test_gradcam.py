@@ -12,15 +12,6 @@ from PIL import Image
 
 import datasets
 from conftest import ROOT, expect_error, run_main
-from engine.gradcam import (
-    DPI,
-    TRUNKS,
-    class_activation_maps,
-    figure_inches,
-    gradcam_figure,
-    predict,
-    select_cases,
-)
 from models import MultiHeadNormFC, resnet18
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +23,12 @@ def load_tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+TOOL = load_tool()
+DPI, TRUNKS, class_activation_maps, figure_inches, gradcam_figure, predict, select_cases = (
+    TOOL.DPI, TOOL.TRUNKS, TOOL.class_activation_maps, TOOL.figure_inches, TOOL.gradcam_figure, TOOL.predict,
+    TOOL.select_cases)
 
 
 def png_size(path):
