@@ -9,12 +9,7 @@ import torch
 import datasets
 from lib.errors import InputError
 
-from .cli import _number
-
 # ---- the input size: the one a file was trained at, and what a size costs in memory ----
-
-MAX_IMAGE_SIZE = 512  # pixels; engine/cli.py's --image_size has the same bound
-image_size = _number(int, low=8, high=MAX_IMAGE_SIZE)  # an --image_size type: [8, 512] pixels
 
 
 def evaluation_image_size(args, ckpt, default):

@@ -75,6 +75,8 @@ half_open_unit = _number(float, low=0, high=1, high_open=True)  # [0, 1): moment
 unit_interval = _number(float, low=0, high=1)  # [0, 1]: shares of the data
 unit_interval_open_low = _number(float, low=0, high=1, low_open=True)  # (0, 1]: a fraction of a schedule
 seed = _number(int, low=0, high=2**63 - 1)
+MAX_IMAGE_SIZE = 512  # pixels
+image_size = _number(int, low=8, high=MAX_IMAGE_SIZE)  # an --image_size: [8, 512] pixels
 
 
 def schedule_flag():
@@ -118,8 +120,9 @@ def common_parser(dataset_names, network_names):
     data.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded; "
                       "with --dataset folder, the folder of images (sub-folders = classes)")
     data.add_argument("--subset", default=None, type=positive_int, help="use only the first N images of each split")
-    data.add_argument("--image_size", default=32, type=_number(int, low=8, high=512),
-                      help="square input side in pixels (8 to 512); --test_only: the file's own size unless given")
+    data.add_argument("--image_size", default=32, type=image_size,
+                      help=f"square input side in pixels (8 to {MAX_IMAGE_SIZE}); --test_only: the file's own size "
+                           "unless given")
     data.add_argument("--num_classes", default=None, type=_number(int, low=2),
                       help="clusters to make of an unlabelled folder in stage 2 (>= 2); stage 1 ignores it")
     data.add_argument("--workers", default=4, type=non_negative_int, help="data-loading processes (>= 0)")

@@ -14,7 +14,7 @@ import datasets
 import main as stage2
 import super_and
 from conftest import NARROW, expect_error, run_main, write_released_embed
-from engine import checks
+from engine import checks, cli
 from lib.checkpoint import load_checkpoint, strip_prefix
 from models import NETWORKS, MultiHeadNormFC, resnet18
 
@@ -157,7 +157,7 @@ def test_gradcam_image_size_has_the_same_bound(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--resume", "x.t7", "--image_size", "513"])
     assert exit_info.value.code == 2 and "outside [8, 512]" in capsys.readouterr().err
-    assert parser.parse_args(["--resume", "x.t7", "--image_size", "512"]).image_size == checks.MAX_IMAGE_SIZE == 512
+    assert parser.parse_args(["--resume", "x.t7", "--image_size", "512"]).image_size == cli.MAX_IMAGE_SIZE == 512
 
 
 def test_memory_is_refused_before_anything_is_allocated(monkeypatch, tmp_path, capsys):

@@ -30,10 +30,12 @@ from torch import nn  # noqa: E402
 
 import datasets  # noqa: E402
 import main as stage2  # noqa: E402
-from engine.checks import evaluation_image_size, image_size  # noqa: E402
+from engine.checks import evaluation_image_size  # noqa: E402
 from engine.cli import (  # noqa: E402
+    MAX_IMAGE_SIZE,
     ArgumentParser,
     check_output_file,
+    image_size,
     non_negative_int,
     positive_float,
     positive_int,
@@ -70,7 +72,7 @@ def get_args_parser():
     p.add_argument("--head_norm", default=None, choices=list(NORMS),
                    help=f"how the heads' W is normalized (default: the checkpoint's, else {DEFAULTS['head_norm']})")
     p.add_argument("--image_size", default=None, type=image_size,
-                   help=f"side of the network input, 8 to 512 pixels (default: the size the checkpoint "
+                   help=f"side of the network input, 8 to {MAX_IMAGE_SIZE} pixels (default: the size the checkpoint "
                         f"was trained at, else {DEFAULTS['image_size']})")
     p.add_argument("--workers", default=0, type=non_negative_int, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
