@@ -21,6 +21,7 @@ import main as stage2
 import super_and as stage1
 from engine import cli, distributed
 from engine.distributed import speed_options
+from engine.files import JOINT_CKPT, JOINT_LOG
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.report import print_epoch, selected_metrics, write_report
 from engine.script import open_script
@@ -33,7 +34,7 @@ from lib.protocols import select_head
 from lib.schedules import step_lr, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
-CKPT, LOG = "ckpt_joint.t7", "log_joint.jsonl"
+CKPT, LOG = JOINT_CKPT, JOINT_LOG
 STAGE2_FLAGS = ("num_heads", "tau_c", "lambda_cp", "head_norm", "export_predictions", "kmeans_baseline")
 
 

@@ -25,6 +25,7 @@ import torch
 import datasets
 from engine import checks, cli, distributed
 from engine.distributed import speed_options
+from engine.files import ASSIGN_LOG, BEST, EMBED_CKPT, EVAL, LAST
 from engine.lifecycle import (
     RunLock,
     atomic_file,
@@ -48,7 +49,7 @@ from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
 from models.heads import NORMS
 
-BEST, LAST, LOG = "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl"
+LOG = ASSIGN_LOG
 BEST_KEYS = ("net", "fc", "acc_list", "head_losses", "selected_head", "epoch", "nmi_list", "ari_list", "stage",
              "normalization", "args", "init", "head_norm")
 # what a resumable file holds beyond BEST_KEYS (engine.lifecycle.training_state and the position)
@@ -151,7 +152,7 @@ def check_flags(args):
         return
     if args.cluster or args.test_only:
         raise InputError(f"--{'cluster' if args.cluster else 'test_only'} needs a file to evaluate: pass --resume "
-                         f"{'ckpt_embed.t7' if args.cluster else BEST}")
+                         f"{EMBED_CKPT if args.cluster else BEST}")
     if args.init != "random":
         raise InputError("stage 2 starts from a stage-1 encoder: pass --resume ckpt_embed.t7 (or a stage-2 file "
                          "to continue or, with --test_only, to evaluate), or --init random for a random network")
@@ -262,9 +263,9 @@ def sequential(args, path, ckpt, dataset, loader, device):
                "cluster_sizes": np.bincount(labels, minlength=dataset.num_classes).tolist()}
     print(f"{args.cluster} on the stage-1 embedding of {len(dataset)} images: ACC {summary['acc']:.2f}%  "
           f"NMI {summary['nmi']:.2f}%  ARI {summary['ari']:.2f}%")
-    with RunLock(args.model_dir), atomic_file(os.path.join(args.model_dir, "eval.json")) as f:  # whole or none
+    with RunLock(args.model_dir), atomic_file(os.path.join(args.model_dir, EVAL)) as f:  # whole or none
         json.dump(summary, f, indent=1)
-    print(f"wrote eval.json to {args.model_dir}")
+    print(f"wrote {EVAL} to {args.model_dir}")
     return summary
 
 

@@ -45,6 +45,7 @@ from engine.cli import (
     run_cli,
 )
 from engine.distributed import speed_options
+from engine.files import SEMI_CKPT, SEMI_EVAL, SEMI_INDEXES, SEMI_LOG
 from engine.lifecycle import (
     atomic_file,
     open_run,
@@ -69,7 +70,7 @@ from lib.semi_supervised import (
 )
 from models import NETWORKS
 
-CKPT, LOG, INDEXES = "ckpt_semi.t7", "log_semi.jsonl", "labelled_indexes.json"
+CKPT, LOG, INDEXES = SEMI_CKPT, SEMI_LOG, SEMI_INDEXES
 TRAINING_KEYS = ("classifier", "optimizer", "rng", "args", "epoch", "next_epoch", "labelled_indexes", "start")
 METHODS = ("supervised", "pi_model", "mean_teacher")
 # the paper's Table 4 (§4.4): (labels per class, base lr) per data set; any other data set: OTHER_DEFAULTS
@@ -423,7 +424,7 @@ def main(args):
         if args.method != "supervised":
             summary["method"] = args.method
         if distributed.is_main():
-            with atomic_file(os.path.join(args.model_dir, "eval_semi.json")) as f:
+            with atomic_file(os.path.join(args.model_dir, SEMI_EVAL)) as f:
                 json.dump(summary, f, indent=1)
     return summary
 

@@ -30,6 +30,7 @@ from engine.cli import (
     unit_interval,
 )
 from engine.distributed import speed_options
+from engine.files import EMBED_CKPT, EMBED_LOG
 from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
@@ -42,7 +43,7 @@ from lib.protocols import knn_accuracy
 from lib.schedules import num_anchors, step_lr, ue_weight
 from models import NETWORKS
 
-CKPT, LOG = "ckpt_embed.t7", "log_embed.jsonl"
+CKPT, LOG = EMBED_CKPT, EMBED_LOG
 # what a resumable file holds beyond the released keys (engine.lifecycle.training_state and the position)
 TRAINING_KEYS = ("optimizer", "rng", "args", "round", "epoch", "next.round", "next.epoch")
 LOSSES = ("loss", "loss_and", "loss_aug", "loss_ue")  # the log's loss keys, whatever the variant

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from engine.files import CACHE
 from lib.errors import InputError
 
 from . import processes
@@ -77,7 +78,7 @@ def cache_dir_of(model_dir, data_dir):
     """Where a run folder caches what it derives from ``data_dir``: one folder per data folder, so that a
     run folder can hold several (its training images, new images to predict)."""
     tag = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:10]
-    return os.path.join(model_dir, "cache", f"{os.path.basename(os.path.abspath(data_dir))}-{tag}")
+    return os.path.join(model_dir, CACHE, f"{os.path.basename(os.path.abspath(data_dir))}-{tag}")
 
 
 def from_args(args, split, views=1, *, num_classes=None, normalization=None):

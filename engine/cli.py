@@ -14,9 +14,8 @@ import tempfile
 from lib.errors import Diverged, InputError
 
 from . import distributed
+from .files import CACHE, RUN_FILES
 from .lifecycle import (
-    CACHE,
-    RUN_FILES,
     Fault,
     Interrupted,
     Terminated,

@@ -32,17 +32,8 @@ from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.errors import Diverged, InputError
 
 from . import distributed
+from .files import LOCK, RUN_FILES  # noqa: F401 (RUN_FILES: the tests read it here)
 from .system import rng_state, set_rng_state
-
-LOCK = "run.lock"
-# every file a run writes in its folder (besides ``cache/`` and the temporaries ``NAME.tmp*``): no output flag
-# may name one of them (engine.cli.check_output_file). A script that writes a new file adds its name here.
-RUN_FILES = (LOCK, "ckpt_embed.t7", "log_embed.jsonl",  # stage 1
-             "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl", "eval.json", "curves.png", "confusion_matrix.png",
-             "clusters.png", "mutual_information.png", "per_class_accuracy.png",  # stage 2
-             "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json", "labelled_indexes.json",  # semi.py
-             "ckpt_joint.t7", "log_joint.jsonl")  # joint.py (with stage 2's eval.json and pictures)
-CACHE = "cache"
 
 
 class Interrupted(KeyboardInterrupt):

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from lib.protocols import clustering_metrics, hungarian_match  # noqa: E402
 
+from .files import CLUSTERS, CONFUSION, CURVES, EVAL, MUTUAL_INFORMATION, PER_CLASS  # noqa: E402
 from .lifecycle import atomic_file  # noqa: E402
 
 
@@ -54,9 +55,9 @@ FIG4_EPOCHS = (0, 5, 20, 100, 200, 300)  # the epochs of the paper's per-class a
 def plot_run(records, out_dir, dataset):
     """The pictures drawn from a stage-2 log at the end of a run on ``dataset``'s images: curves.png,
     mutual_information.png and per_class_accuracy.png (each where its log keys exist)."""
-    plot_curves(records, os.path.join(out_dir, "curves.png"))
-    plot_mutual_information(records, os.path.join(out_dir, "mutual_information.png"), dataset.num_classes)
-    plot_per_class_accuracy(records, os.path.join(out_dir, "per_class_accuracy.png"), dataset.class_names)
+    plot_curves(records, os.path.join(out_dir, CURVES))
+    plot_mutual_information(records, os.path.join(out_dir, MUTUAL_INFORMATION), dataset.num_classes)
+    plot_per_class_accuracy(records, os.path.join(out_dir, PER_CLASS), dataset.class_names)
 
 
 def plot_mutual_information(records, path, num_classes=None):
@@ -244,16 +245,16 @@ def write_report(clusters, selected, dataset, args):
     if args.kmeans_baseline and metrics:
         km = summary["kmeans"] = kmeans_baseline(dataset, num_classes, args.seed)
         print(f"k-means on raw pixels:    ACC {km['acc']:.2f}%  NMI {km['nmi']:.2f}%  ARI {km['ari']:.2f}%")
-    with atomic_file(os.path.join(out_dir, "eval.json")) as f:  # whole or not at all
+    with atomic_file(os.path.join(out_dir, EVAL)) as f:  # whole or not at all
         json.dump(summary, f, indent=1)
     mapping = None
     if metrics:
         mapping, confusion = hungarian_match(preds[head], dataset.targets, num_classes)
-        plot_confusion(confusion, mapping, os.path.join(out_dir, "confusion_matrix.png"),
+        plot_confusion(confusion, mapping, os.path.join(out_dir, CONFUSION),
                        f"{args.dataset}, head {head}: ACC {summary['acc']:.1f}%", dataset.class_names)
-    plot_clusters(dataset, preds[head], probs[head], os.path.join(out_dir, "clusters.png"), mapping)
+    plot_clusters(dataset, preds[head], probs[head], os.path.join(out_dir, CLUSTERS), mapping)
     if args.export_predictions:
         write_predictions(args.export_predictions, dataset, preds, probs, head)
         print(f"predictions: {args.export_predictions}")
-    print(f"wrote eval.json and pictures to {out_dir}")
+    print(f"wrote {EVAL} and pictures to {out_dir}")
     return summary
