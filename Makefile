@@ -107,9 +107,8 @@ semi-demo: $(VENV)/.installed
 	@for r in scratch stage1 stage2; do printf "%-8s " $$r; cat $(SEMI)/$$r/eval_semi.json | tr -d '\n'; echo; done
 
 # The paper's experiments section (Tables 2, 3, supplementary C, D) with the real scripts, into $(PAPER)/tables.md
-# and tables.json; run it again to continue (finished runs are skipped, a killed one resumed). Rows whose flags
-# the scripts do not offer yet are listed as "not runnable yet". PAPER_FLAGS="--scale paper --dataset cifar10"
-# for the paper's epochs and network (the estimated cost is printed first; add --dry_run to see only that).
+# and tables.json; run it again to continue (finished runs are skipped, a killed one resumed).
+# PAPER_FLAGS="--scale paper --dataset cifar10" for the paper's epochs and network (the estimated cost is printed first; add --dry_run to see only that).
 PAPER ?= runs/paper
 PAPER_FLAGS ?= --scale cpu --dataset fashion-mnist
 .PHONY: paper

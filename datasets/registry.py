@@ -95,6 +95,7 @@ class DatasetInfo:
     images_of: Optional[str] = None
     normalization: Optional[Callable] = None
     augmentation: str = "flip"
+    sizes: Optional[dict] = None  # images per raw split at full size (experiments/paper.py's cost estimate)
 
     def parts(self, split):
         """The raw split names of ``split`` ("train+unlabeled" -> ["train", "unlabeled"]), checked."""
@@ -110,30 +111,35 @@ class DatasetInfo:
         return parts
 
 
+CIFAR_SIZES = {"train": 50_000, "test": 10_000}
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
-                           sources.CIFAR10_CLASSES, read=PartReader(sources.cifar10)),
+                           sources.CIFAR10_CLASSES, read=PartReader(sources.cifar10), sizes=CIFAR_SIZES),
     "cifar100": DatasetInfo("cifar100", 100, CIFAR100_MEAN, CIFAR100_STD, sources.CIFAR100_CLASSES,
-                            read=PartReader(sources.cifar100)),
+                            read=PartReader(sources.cifar100), sizes=CIFAR_SIZES),
     # CIFAR-100's images under their 20 superclass labels
     "cifar20": DatasetInfo("cifar20", 20, CIFAR100_MEAN, CIFAR100_STD, sources.CIFAR20_CLASSES,
-                           read=PartReader(partial(sources.cifar100, coarse=True)), images_of="cifar100"),
+                           read=PartReader(partial(sources.cifar100, coarse=True)), images_of="cifar100",
+                           sizes=CIFAR_SIZES),
     # the paper's protocol: stage 1 on the 105,000 train + unlabeled images, stage 2 on the 13,000 labelled;
     # the normalization is computed over the training images (train + unlabeled), whichever split is read
     "stl10": DatasetInfo("stl10", 10, None, None, sources.STL10_CLASSES, embed_split="train+unlabeled",
                          cluster_split="train+test", read=PartReader(stl10.read),
-                         splits=("train", "test", "unlabeled"), normalization=stl10.normalization),
+                         splits=("train", "test", "unlabeled"), normalization=stl10.normalization,
+                         sizes={"train": 5_000, "test": 8_000, "unlabeled": 100_000}),
     # the official train_32x32.mat / test_32x32.mat ("extra" unused); normalization computed over the training
     # images on first use; an affine transform in the flip's place (a mirrored digit is not that digit)
     "svhn": DatasetInfo("svhn", 10, None, None, sources.SVHN_CLASSES, read=PartReader(sources.svhn),
-                        normalization=sources.svhn_normalization, augmentation="affine"),
+                        normalization=sources.svhn_normalization, augmentation="affine",
+                        sizes={"train": 73_257, "test": 26_032}),
     # computed over the padded 32x32 training images (tests/test_sources.py recomputes them)
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (0.2190,) * 3, (0.3318,) * 3, sources.FASHION_MNIST_CLASSES,
-                                 read=PartReader(sources.fashion_mnist)),
+                                 read=PartReader(sources.fashion_mnist), sizes={"train": 60_000, "test": 10_000}),
     # computed over the 1,497 upsampled training images (tests/test_sources.py recomputes them)
     "digits": DatasetInfo("digits", 10, (0.3054,) * 3, (0.3221,) * 3, sources.DIGITS_CLASSES,
-                          read=PartReader(sources.digits)),
+                          read=PartReader(sources.digits),
+                          sizes={"train": sources.DIGITS_TRAIN, "test": sources.DIGITS - sources.DIGITS_TRAIN}),
     # a folder has one split: every image is a training image (no held-out test images)
     "folder": DatasetInfo("folder", None, None, None, None, test_split=None, read=read_folder, splits=("train",)),
 }

@@ -145,7 +145,7 @@ def fashion_mnist(data_dir, part):
     return np.repeat(images[..., None], 3, axis=3), labels.astype(np.int64)
 
 
-DIGITS_TRAIN = 1497  # scikit-learn's 1,797 digits: the first 1,497 train, the last 300 test
+DIGITS, DIGITS_TRAIN = 1797, 1497  # scikit-learn's 1,797 digits: the first 1,497 train, the last 300 test
 
 
 def digits(data_dir, part):

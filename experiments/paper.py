@@ -11,8 +11,8 @@ and read from the run folder (its ``eval.json``, ``eval_semi.json`` or the last 
 several rows share (the one stage-1 encoder, Table 4's stage-2 model) runs once.
 Running the same command again skips every finished run, resumes a killed one from its last checkpoint and
 rewrites ``<out>/tables.md``, ``<out>/tables.json`` and ``<out>/tables.png`` (each row: the paper's number, the
-measured mean, standard deviation and every seed's number, the run folders). A row whose flags the scripts do
-not offer yet is listed as "not runnable yet".
+measured mean, standard deviation and every seed's number, the run folders). tests/test_paper.py parses every row's
+flags with its script's own parser.
 
 ``--seeds N`` runs every run N times: seed 0 with the scripts' default seed (the released one, in
 ``runs/<run>``), seed k > 0 with ``--seed k`` (in ``runs/<run>-seed<k>``), each chain on its own seed's
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -37,15 +36,26 @@ if __package__ in (None, ""):  # run as a script: experiments/ is not a package 
 from experiments import verdicts  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:  # the scripts: their parsers are the source of every default, engine/files.py of names
+    import datasets
+    import joint as joint_script
+    import main as stage2
+    import semi as semi_script
+    import super_and as stage1
+    from engine import files
+except ImportError as err:  # run by a Python without the project's packages
+    sys.exit(f"error: {err}; run the harness with the project's Python (make paper, or .venv/bin/python "
+             "experiments/paper.py)")
+
 STAGE1, STAGE2, JOINT_SCRIPT, SEMI = "super_and.py", "main.py", "joint.py", "semi.py"
-LOGS = {STAGE1: "log_embed.jsonl", STAGE2: "log_ul.jsonl", JOINT_SCRIPT: "log_joint.jsonl", SEMI: "log_semi.jsonl"}
-ENCODER = "ckpt_embed.t7"  # stage 1's checkpoint, written every epoch
-LAST = "ckpt_ul_last.t7"  # stage 2's resumable checkpoint, written every epoch
-JOINT_LAST = "ckpt_joint.t7"  # the joint model's, likewise
-SEMI_LAST = "ckpt_semi.t7"  # semi.py's, likewise
+LOGS = {STAGE1: files.EMBED_LOG, STAGE2: files.ASSIGN_LOG, JOINT_SCRIPT: files.JOINT_LOG, SEMI: files.SEMI_LOG}
+ENCODER = files.EMBED_CKPT  # stage 1's checkpoint, written every epoch
+LAST = files.LAST  # stage 2's resumable checkpoint, written every epoch
+JOINT_LAST = files.JOINT_CKPT  # the joint model's, likewise
+SEMI_LAST = files.SEMI_CKPT  # semi.py's, likewise
 # the file a run of each kind hands to the runs it encodes for: stage 1's last, stage 2's lowest-loss epoch
-ENCODER_FILES = {"embed": ENCODER, "assign": "ckpt_ul.t7"}
-EVALS = {"semi": "eval_semi.json"}  # the file a finished run writes, by kind (others: eval.json)
+ENCODER_FILES = {"embed": ENCODER, "assign": files.BEST}
+EVALS = {"semi": files.SEMI_EVAL}  # the file a finished run writes, by kind (others: eval.json)
 COMMAND = "command.json"  # what the harness ran in a folder: a folder of another command is refused
 OUTPUT = "output.log"  # the scripts' console output, appended
 
@@ -66,7 +76,10 @@ class Run:
     epochs: str = None
 
 
-STAGE2_DEFAULTS = {"--lambda_cp": "1", "--tau_c": "0.1", "--head_norm": "released"}
+def _is_default(parser, flag, value):
+    """Whether ``value`` (as the harness passes it: a string or a number) is ``flag``'s default in ``parser``."""
+    default = parser.get_default(flag.lstrip("-"))
+    return str(value) == str(default) or (isinstance(default, float) and float(value) == default)
 
 
 def _slug(flag, value):
@@ -83,7 +96,8 @@ def embed(variant="super_and"):
 def assign(encoder="embed", epochs="stage2", **flags):
     """Stage 2 from ``encoder`` (None: --init random) with ``flags`` ({'lambda_cp': 0}); a flag at its default
     is left out, so every row asking for the default run shares the one run folder."""
-    pairs = [(f"--{k}", str(v)) for k, v in flags.items() if STAGE2_DEFAULTS.get(f"--{k}") != str(v)]
+    parser = stage2.get_args_parser()
+    pairs = [(f"--{k}", str(v)) for k, v in flags.items() if not _is_default(parser, k, v)]
     parts = ["assign"] + ([encoder.removeprefix("embed-")] if encoder not in (None, "embed") else [])
     parts += ["random"] if encoder is None else []
     parts += [_slug(f, v) for f, v in pairs] + ([epochs] if epochs != "stage2" else [])
@@ -247,8 +261,12 @@ CLAIMS = (
 
 # the paper's: 5 rounds x 200 epochs of stage 1, 300 of stage 2, 1,300 for supplementary D; the joint model's
 # length is not given: stage 1's rounds, so that its anchors are discovered as stage 1's (docs/method.md)
-# Table 4's semi.py runs: 180 epochs (semi.py's default, the learning rate x0.1 at 80, 120 and 160)
-PAPER_EPOCHS = {"stage1": (5, 200), "stage2": 300, "stage2_long": 1300, "joint": (5, 200), "semi": 180}
+# Table 4's semi.py runs: 180 epochs (the learning rate x0.1 at 80, 120 and 160). The scripts' defaults.
+_STAGE1, _JOINT = stage1.get_args_parser(), joint_script.get_args_parser()
+PAPER_EPOCHS = {"stage1": (_STAGE1.get_default("rounds"), _STAGE1.get_default("epochs")),
+                "stage2": stage2.get_args_parser().get_default("epochs"), "stage2_long": 1300,
+                "joint": (_JOINT.get_default("rounds"), _JOINT.get_default("epochs")),
+                "semi": semi_script.get_args_parser().get_default("epochs")}
 # measured on 2 CPU cores (Fashion-MNIST, 2,000 images): Tables 2, 3, C and D in 54 minutes, Table 4 in 12
 CPU_EPOCHS = {"stage1": (2, 3), "stage2": 3, "stage2_long": 13, "joint": (2, 3), "semi": 18}
 # measured on 2 CPU cores (Fashion-MNIST, 1,000 images): docs/results.md. Each stage's released schedule passes
@@ -287,11 +305,13 @@ SCALES = {
              STAGE1: ["--lr", "0.0075"], STAGE2: ["--lr", "0.0025"], JOINT_SCRIPT: ["--lr", "0.0075"],
              SEMI: ["--labels_per_class", "4"]},
 }
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "cifar20": 50_000, "stl10": 105_000, "svhn": 73_257,
-                "fashion-mnist": 60_000, "digits": 1_497}  # stage 1's training images; stage 2's below
-CLUSTER_IMAGES = {"stl10": 13_000}
-SEMI_LABELS = {"cifar10": 400, "svhn": 100}  # semi.py's labels per class (others: 25)
-CLASSES = {"cifar100": 100, "cifar20": 20}  # others: 10
+UNKNOWN_SIZE = 50_000  # the cost estimate's guess for a data set of unknown size (a folder)
+
+
+def split_size(dataset, split):
+    """The images of ``dataset``'s ``split`` at full size (datasets/registry.py)."""
+    info = datasets.DATASETS.get(dataset)
+    return sum(info.sizes[part] for part in info.parts(split)) if info and info.sizes else UNKNOWN_SIZE
 
 
 class HarnessError(Exception):
@@ -340,55 +360,6 @@ def command(run, flags, out, resume=None, seed=0):
     return argv + (["--resume", resume] if resume else [])
 
 
-def parse_help(text):
-    """{flag: set of its choices, or None} from an argparse --help text."""
-    options = {}
-    for flag, choices in re.findall(r"(--[A-Za-z][\w-]*)(?:\s+\{([^}]*)\})?", text):
-        if choices:
-            options[flag] = set(choices.split(","))
-        else:
-            options.setdefault(flag, None)
-    return options
-
-
-# prints each script's --help text as JSON: one Python that imports all four (torch starts once, not per script)
-HELP_TEXTS = ("import importlib, json, sys; sys.path.insert(0, sys.argv[1]); print(json.dumps({s: importlib."
-              "import_module(s[:-3]).get_args_parser().format_help() for s in sys.argv[2:]}))")
-
-
-def script_options(script, cache={}):  # noqa: B006 (the scripts' --help read once per process)
-    """``parse_help`` of ``script``'s --help text; all four scripts' are read together, once."""
-    if script not in cache:
-        scripts = (STAGE1, STAGE2, JOINT_SCRIPT, SEMI)
-        done = subprocess.run([sys.executable, "-c", HELP_TEXTS, ROOT, *scripts], capture_output=True, text=True)
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HarnessError(f"reading the --help of {', '.join(scripts)} failed under {sys.executable} ({last}); "
-                               "run the harness with the project's Python (make paper, or .venv/bin/python "
-                               "experiments/paper.py)")
-        try:
-            texts = json.loads(done.stdout)
-        except ValueError:
-            raise HarnessError(f"reading the --help of {', '.join(scripts)}: the scripts printed more than their "
-                               "help texts on import; run the harness from the project's own checkout") from None
-        cache.update({name: parse_help(text) for name, text in texts.items()})
-    return cache[script]
-
-
-def missing_flags(script, flags):
-    """The flags (with their value where it is not among the flag's choices) that ``script`` lacks."""
-    options = script_options(script)
-    missing = []
-    for i, token in enumerate(flags):
-        if not token.startswith("--"):
-            continue
-        if token not in options:
-            missing.append(token)
-        elif options[token] is not None and i + 1 < len(flags) and flags[i + 1] not in options[token]:
-            missing.append(f"{token} {flags[i + 1]}")
-    return missing
-
-
 # ---- the state of a run folder -----------------------------------------------------------------------
 
 def read_log(path):
@@ -420,7 +391,7 @@ def finished(run, flags, path):
         rounds, epochs = int(_flag_value(flags, "--rounds")), int(_flag_value(flags, "--epochs"))
         return (os.path.exists(os.path.join(path, ENCODER)) and bool(records)
                 and (records[-1].get("round"), records[-1].get("epoch")) == (rounds - 1, epochs - 1))
-    return os.path.exists(os.path.join(path, EVALS.get(run.kind, "eval.json")))
+    return os.path.exists(os.path.join(path, EVALS.get(run.kind, files.EVAL)))
 
 
 UNMATCHED = ("--data_dir", "--device")  # where the data are and what runs it: the same run either way
@@ -453,7 +424,7 @@ def read_number(cell, out, seed=0):
     path = folder(out, cell.run, seed)
     if cell.source == "eval":
         try:
-            with open(os.path.join(path, EVALS.get(cell.run.kind, "eval.json"))) as f:
+            with open(os.path.join(path, EVALS.get(cell.run.kind, files.EVAL))) as f:
                 value = json.load(f).get(cell.key)
         except FileNotFoundError:
             return None
@@ -530,32 +501,26 @@ def plan(tables, scale, dataset, extra, only, seeds=1):
                   for seed in range(seeds) for r in ordered}
 
 
-def not_runnable(run, flags):
-    """Why ``run`` cannot run with today's scripts (None: it can): the flags its script lacks, or its
-    encoder's."""
-    missing = missing_flags(run.script, flags + (["--resume"] if run.encoder else []))
-    if run.encoder:
-        encoder = RUNS[run.encoder]
-        missing += [f"encoder: {m}" for m in missing_flags(encoder.script, list(encoder.flags))]
-    return "not runnable yet: " + ", ".join(missing) if missing else None
-
-
 def estimate(runs, dataset, scale, step_seconds):
     """Training steps of every run at ``scale`` and, at ``step_seconds`` a step, the hours they take."""
     recipe = SCALES[scale]
-    batch = int(_flag_value(recipe["common"], "--batch_size") or 128)
+    batch = int(_flag_value(recipe["common"], "--batch_size") or stage2.get_args_parser().get_default("batch_size"))
     subset = _flag_value(recipe["common"], "--subset")
-    n1 = min(TRAIN_IMAGES.get(dataset, 50_000), int(subset or 10**9))
-    n2 = min(CLUSTER_IMAGES.get(dataset, TRAIN_IMAGES.get(dataset, 50_000)), int(subset or 10**9))
+    info = datasets.DATASETS.get(dataset)
+    n1 = min(split_size(dataset, info.embed_split if info else "train"), int(subset or 10**9))
+    n2 = min(split_size(dataset, info.cluster_split if info else "train"), int(subset or 10**9))
     total = 0
     for run, flags, _ in runs.values():
         if run.kind == "evaluate":
             continue
         epochs = int(_flag_value(flags, "--epochs")) * int(_flag_value(flags, "--rounds") or 1)
         if run.kind == "semi":  # an epoch: the labelled images once (the unlabelled ones beside them)
-            labels = int(_flag_value(flags, "--labels_per_class") or SEMI_LABELS.get(dataset, 25))
-            semi_batch = int(_flag_value(flags, "--batch_size") or 64)  # semi.py's default
-            total += epochs * max(1, min(labels * CLASSES.get(dataset, 10), n1) // semi_batch)
+            labels = int(_flag_value(flags, "--labels_per_class")
+                         or semi_script.PAPER_DEFAULTS.get(dataset, semi_script.OTHER_DEFAULTS)[0])
+            semi_batch = int(_flag_value(flags, "--batch_size")
+                             or semi_script.get_args_parser().get_default("batch_size"))
+            classes = info.num_classes if info and info.num_classes else 10
+            total += epochs * max(1, min(labels * classes, n1) // semi_batch)
             continue
         total += epochs * ((n1 if run.kind in ("embed", "joint") else n2) // batch)  # joint: stage 1's images
     hours = total * step_seconds / 3600
@@ -784,17 +749,12 @@ def main(args):
         raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
                            f"(rows: {' '.join(sorted(known))})")
     rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()), args.seeds)
-    # a finished run needs no check of its flags (each check starts a script: seconds)
-    blocked = {name: None if finished(run, flags, folder(args.out, run, seed)) else not_runnable(run, flags)
-               for name, (run, flags, seed) in runs.items()}
     step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
     steps, hours = estimate(runs, args.dataset, args.scale, step or 0)
-    today, _ = estimate({n: r for n, r in runs.items() if not blocked[n]}, args.dataset, args.scale, 0)
     seeds = f" ({args.seeds} seeds)" if args.seeds > 1 else ""
-    print(f"{len(rows)} rows, {len(runs)} runs{seeds} ({sum(1 for b in blocked.values() if not b)} runnable today) at "
-          f"scale '{args.scale}' on {args.dataset}: {steps:,} training steps ({today:,} runnable today)"
-          + (f", about {hours:,.0f} hours at {step:.2f} s per step" if step else ""), flush=True)
-    status = run_all(runs, blocked, args)
+    print(f"{len(rows)} rows, {len(runs)} runs{seeds} at scale '{args.scale}' on {args.dataset}: {steps:,} training "
+          "steps" + (f", about {hours:,.0f} hours at {step:.2f} s per step" if step else ""), flush=True)
+    status = run_all(runs, args)
     if args.dry_run:
         return None, []
     result = write_tables(args.out, rows, runs, status, args)
@@ -803,19 +763,17 @@ def main(args):
     return result, failed
 
 
-def ready(name, runs, blocked, status, dry_run):
-    """Why ``name`` will not run (its flags are not offered, its encoder did not end) or None."""
+def ready(name, runs, status, dry_run):
+    """Why ``name`` will not run (its encoder did not end) or None."""
     run, _, seed = runs[name]
     encoder = run.encoder and job_name(RUNS[run.encoder], seed)
     state = status.get(encoder, "skipped") if encoder else "skipped"
-    if blocked[name]:
-        return blocked[name]
     if state not in ("skipped", "ran", "resumed") and not (dry_run and state == "planned"):
         return f"encoder {encoder}: {state}"
     return None
 
 
-def run_all(runs, blocked, args):
+def run_all(runs, args):
     """Bring every run to its end in plan order, ``args.jobs`` at a time (a run starts once its encoder is
     done); returns {job name: status}. Side by side, each script's output goes to its output.log only, and
     each gets cores / jobs threads unless OMP_NUM_THREADS is set."""
@@ -831,7 +789,7 @@ def run_all(runs, blocked, args):
                 done[job_name(RUNS[run.encoder], seed)].wait()
             if stopping.is_set():  # another run was interrupted: start nothing new
                 return
-            start, status[name] = time.time(), ready(name, runs, blocked, status, args.dry_run)
+            start, status[name] = time.time(), ready(name, runs, status, args.dry_run)
             if status[name] is None and args.dry_run:
                 status[name] = "planned"
                 print(f"[{i}/{len(runs)}] {name}: " + " ".join(command(run, flags, args.out, seed=seed)[1:]))
