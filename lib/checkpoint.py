@@ -2,6 +2,7 @@
 
 The keys of both stages' files, released and ours: docs/method.md, "Checkpoint formats".
 """
+import io
 import os
 import pickle
 import warnings
@@ -14,40 +15,17 @@ from .errors import InputError
 PREFIX = "module."  # released files were saved from a DataParallel wrapper
 
 
-class _Writes:
-    """A binary file that keeps the OSError its writes raised: ``torch.save`` turns it into a RuntimeError
-    that no longer says what happened (a full disk)."""
-
-    def __init__(self, file):
-        self.file = file
-        self.error = None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        self.file.flush()
-
-
 def save_checkpoint(state, path):
     """Write to a temporary file beside ``path``, flush it to disk, then rename it into place. A failed write
     (a full disk, an I/O error) is an OSError naming ``path``; the previous file stays, the temporary goes."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    data = io.BytesIO()
+    torch.save(state, data)  # in memory first: torch.save would turn a failed write into a RuntimeError
     try:
         with open(tmp, "wb") as f:
-            writes = _Writes(f)
-            try:
-                torch.save(state, writes)
-            except RuntimeError:
-                if writes.error is None:
-                    raise
-                raise writes.error from None
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
