@@ -35,23 +35,10 @@ from lib.schedules import step_lr, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
 CKPT, LOG = JOINT_CKPT, JOINT_LOG
-STAGE2_FLAGS = ("num_heads", "tau_c", "lambda_cp", "head_norm", "export_predictions", "kmeans_baseline")
-
-
-def stage2_flags():
-    """main.py's flags for the heads, λ and the report (its --batch_t and --batch_m are stage 1's too), taken
-    from its parser so that the two scripts offer the same choices."""
-    p = cli.ArgumentParser(add_help=False)
-    for action in stage2.get_args_parser()._actions:
-        if action.dest in STAGE2_FLAGS:
-            p._add_action(action)
-    return p
-
-
 def get_args_parser():
     p = cli.ArgumentParser(description="The joint model of Table 3: both stages' losses at once, from a random "
                                        "network", parents=[cli.common_parser(datasets.DATASETS, NETWORKS),
-                                                           stage1.method_flags(), stage2_flags(),
+                                                           stage1.method_flags(), stage2.heads_flags(),
                                                            cli.schedule_flag()])
     p.set_defaults(lr=0.03, epochs=200)  # stage 1's: a network trained from random weights
     return p

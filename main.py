@@ -59,21 +59,28 @@ INITS = ("encoder", "random")  # --init: the stage-1 encoder of --resume, or a r
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Class assignment on a Super-AND encoder (stage 2)",
-                           parents=[cli.common_parser(datasets.DATASETS, NETWORKS), cli.schedule_flag()])
+                           parents=[cli.common_parser(datasets.DATASETS, NETWORKS), heads_flags(), cli.schedule_flag()])
     p.set_defaults(lr=0.01, epochs=300)
     p.add_argument("--batch_t", default=0.1, type=cli.positive_float,
                    help="T_b, temperature of the consistency loss (> 0)")
     p.add_argument("--batch_m", default=1.0, type=cli.non_negative_float, help="m_b, weight of its negatives (>= 0)")
+    p.add_argument("--init", default="encoder", choices=list(INITS),
+                   help="start from the stage-1 encoder of --resume, or from a random network (Table 2)")
+    p.add_argument("--cluster", default=None, choices=list(METHODS),
+                   help="with --test_only and a stage-1 --resume: cluster its embedding instead (Table 3)")
+    return p
+
+
+def heads_flags():
+    """Stage 2's flags for the heads, λ and the report, as a parent parser (joint.py takes them too; its
+    --batch_t and --batch_m are stage 1's)."""
+    p = cli.ArgumentParser(add_help=False)
     p.add_argument("--num_heads", default=5, type=cli.positive_int, help="frozen Norm-FC heads (>= 1)")
     p.add_argument("--tau_c", default=0.1, type=cli.positive_float, help="τ_c, temperature of the heads, Eq. 13 (> 0)")
     p.add_argument("--lambda_cp", default=1.0, type=cli.non_negative_float,
                    help="λ, weight of the consistency-preserving loss (>= 0)")
     p.add_argument("--head_norm", default="released", choices=list(NORMS),
                    help="W normalized per feature row (released), per class column (paper, Eq. 13) or not (Table 3)")
-    p.add_argument("--init", default="encoder", choices=list(INITS),
-                   help="start from the stage-1 encoder of --resume, or from a random network (Table 2)")
-    p.add_argument("--cluster", default=None, choices=list(METHODS),
-                   help="with --test_only and a stage-1 --resume: cluster its embedding instead (Table 3)")
     p.add_argument("--export_predictions", default="", metavar="FILE.csv",
                    help="write each evaluated image's path, label, selected cluster, its probability and every "
                         "head's cluster")
