@@ -36,28 +36,19 @@ def check_image_size(args, ckpt, device, default):
     return args
 
 
-# each backbone, roughly: (trunks, [(maps of the stem or of a stage, blocks, channels as a multiple of --width,
-# downsampling)]); a "map" is one (channels, side, side) float32 tensor the forward pass keeps for the backward
-# (conv, BN and activation outputs: 3 in the stem, 6 per basic block, 18 per bottleneck counted at its input
-# width, 7 per pre-activation wide block)
-ACTIVATION_LAYOUT = {
-    "resnet18": (2, [(3, 1, 1, 1), (6, 2, 1, 1), (6, 2, 2, 2), (6, 2, 4, 4), (6, 2, 8, 8)]),
-    "resnet101": (2, [(3, 1, 1, 1), (18, 3, 1, 1), (18, 4, 2, 2), (18, 23, 4, 4), (18, 3, 8, 8)]),
-    "wrn28_2": (1, [(1, 1, 0.25, 1), (7, 4, 0.5, 1), (7, 4, 1, 2), (7, 4, 2, 4)]),
-}
+# each backbone: (float32 values its forward pass keeps for the backward per input pixel and unit of --width,
+# summed over its blocks' conv, BN and activation outputs at their downsampled sizes; its trunks)
+ACTIVATIONS = {"resnet18": (51, 2), "resnet101": (406.5, 2), "wrn28_2": (24.75, 1)}
 
 
 def activation_bytes(network, width, size, images, train=True, value_bytes=4):
     """A rough size of one step's activations: ``images`` inputs of size x size through ``network`` of
-    --width. Training keeps every map of ACTIVATION_LAYOUT for the backward pass (``value_bytes`` a value:
-    4 in float32, 2 under --amp's bfloat16); evaluation (no gradients) holds about three of the largest maps
-    at a time. Between 1 and 1.5 times the tensors autograd saves (tests/test_input_checks.py), the rest
-    standing for the backward pass's gradients."""
-    trunks, stages = ACTIVATION_LAYOUT.get(network, ACTIVATION_LAYOUT["resnet18"])
-    if not train:
-        return int(value_bytes * images * trunks * 3 * width * size * size)
-    values = sum(maps * blocks * channels * width * (size // down) ** 2 for maps, blocks, channels, down in stages)
-    return int(value_bytes * images * trunks * values)
+    --width (``value_bytes`` a value: 4 in float32, 2 under --amp's bfloat16). Training keeps every map for
+    the backward pass (ACTIVATIONS); evaluation (no gradients) holds about three of the largest maps per
+    trunk at a time. Between 1 and 1.5 times the tensors autograd saves (tests/test_input_checks.py), the
+    rest standing for the backward pass's gradients."""
+    per_pixel, trunks = ACTIVATIONS.get(network, ACTIVATIONS["resnet18"])
+    return int(value_bytes * images * (per_pixel if train else 3 * trunks) * width * size * size)
 
 
 def count_files(folder):
