@@ -18,6 +18,19 @@ status and its standard error instead (the refusals). The runs write no checkpoi
 files) and draw no picture. A flag added to a script without a row here, or a place in ``NOT_MATH`` with its
 reason, fails ``test_every_flag_has_a_row``; joint.py's flags that are the stages' own (the same parser entry)
 share the stages' rows, and the ones its step combines are tested through it too.
+
+Reading order (the sections below, top to bottom):
+1. Observing a run: ``observe(script, flags)`` (a module fixture) runs ``script``'s ``main`` once per distinct
+   flag list with the spies of ``spy`` installed and returns an ``Observed``: its steps, log records, state,
+   error. The spies replace ``train_step`` / ``train_and_save`` (and main.py's ``cluster_embedding``) for the
+   run only, calling the real ones.
+2. By hand: the losses, SGD update, bank update, schedules and clusterings recomputed from what a step saw.
+3. The rows, one function per flag (or per kind of flag): ``check(run, default)`` gets the run with the flag
+   and the run without it (``default``) and asserts what must differ; ``against(flags, check)`` compares
+   with the run of ``flags`` instead (the ``baseline`` it sets), ``refuses(...)`` expects one error line.
+4. ``table()`` lists every row as (script, flag, flags, check); ``test_flag_changes_its_quantity`` runs each,
+   ``test_every_flag_has_a_row`` compares the rows with the scripts' parsers.
+To add a flag: write its check in section 3 and its row in ``table()``, or a reason in ``NOT_MATH``.
 """
 import contextlib
 import io
