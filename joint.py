@@ -25,7 +25,7 @@ from engine.files import JOINT_CKPT, JOINT_LOG
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
 from engine.report import print_epoch, selected_metrics, write_report
 from engine.script import open_script
-from lib.checkpoint import load_network, normalization
+from lib.checkpoint import normalization
 from lib.errors import InputError
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
@@ -102,14 +102,12 @@ def load_joint(args, state):
     if not ckpt.get("joint"):
         raise InputError(f"{path} is not a checkpoint of joint.py (which starts from a random network); "
                          "pass its ckpt_joint.t7")
-    require_keys(ckpt, path, ["fc"] + ([] if args.test_only else list(stage1.TRAINING_KEYS)))
+    require_keys(ckpt, path, ["fc", "ANs_discovery"] + ([] if args.test_only else list(stage1.TRAINING_KEYS)))
     stage1.check_bank(ckpt, path, args, len(state.bank.memory))
     saved = ckpt["args"].get("num_heads")
     if saved != args.num_heads:
         raise InputError(f"{path} was trained with --num_heads {saved}, not {args.num_heads}")
-    load_network(state.net, ckpt["net"], path)
-    state.bank.memory.copy_(ckpt["npc"]["memory"])
-    state.neighbourhoods.load_state_dict(ckpt["ANs_discovery"])
+    stage1.restore(state, ckpt, path)
     state.heads.load_state_dict(ckpt["fc"])
     return path, ckpt
 

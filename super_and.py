@@ -208,7 +208,7 @@ def check_bank(ckpt, path, args, num_samples):
 
 def load_stage1(args, state, path, ckpt):
     """``--resume``'s checkpoint ``ckpt``, read from ``path``: a stage-1 file (``check_bank``) with training
-    state unless --test_only, of this --variant to continue it; loaded into the network, bank and anchors."""
+    state unless --test_only, of this --variant to continue it; ``restore``d into ``state``."""
     stage = checkpoint_stage(ckpt)
     if stage != 1:
         other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
@@ -224,6 +224,12 @@ def load_stage1(args, state, path, ckpt):
     if not args.test_only and saved != args.variant:
         raise InputError(f"{path} was trained with --variant {saved}, not {args.variant}; continue it with "
                          f"--variant {saved}, or start the other variant in another --model_dir")
+    restore(state, ckpt, path)
+
+
+def restore(state, ckpt, path):
+    """A checked file's network, memory bank and (where it has them: not a Lemniscate file's) anchors into
+    ``state`` (stage 1's or the joint model's)."""
     load_network(state.net, ckpt["net"], path)
     state.bank.memory.copy_(ckpt["npc"]["memory"])
     if "ANs_discovery" in ckpt:
