@@ -25,7 +25,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.optim import sgd_optimizer
+from lib.schedules import semi_lr
 from lib.semi_supervised import (
     EMA_DECAY_AFTER_RAMPUP,
     EMA_DECAY_DURING_RAMPUP,
@@ -137,11 +137,6 @@ def resolve_defaults(args):
     per_class, lr = PAPER_DEFAULTS.get(args.dataset, OTHER_DEFAULTS)
     return argparse.Namespace(**{**vars(args), "labels_per_class": args.labels_per_class or per_class,
                                  "lr": lr if args.lr is None else args.lr})
-
-
-def semi_lr(epoch, base_lr, start=80, every=40):
-    """base_lr before ``start``, then x0.1 at ``start`` and every ``every`` epochs after it (80, 120, 160)."""
-    return base_lr if epoch < start else base_lr * 0.1 ** (1 + (epoch - start) // every)
 
 
 def draw_labelled(targets, per_class, num_classes, seed):
@@ -248,13 +243,6 @@ def unlabelled_batches(loader):
     """The unlabelled loader's batches without end, each pass a new shuffle."""
     while True:
         yield from loader
-
-
-def train_one_epoch(model, loader, optimizer, amp, device):
-    """One epoch of the supervised method from its parts (the labelled ``loader``): the mean loss."""
-    state = SimpleNamespace(model=model, net=model, teacher=None, train_loader=loader, unlabelled_loader=None,
-                            optimizer=optimizer, device=device, max_weight=0.0)
-    return train_epoch(state, 0, SimpleNamespace(method="supervised", amp=amp, rampup_epochs=0))["loss"]
 
 
 def train_epoch(state, epoch, args):

@@ -1,5 +1,5 @@
 """Per-epoch schedules of the released code, as functions of the epoch within a round
-(docs/method.md, "Optimizer and schedules", "UE loss (Eq. 2)", "Anchor neighbourhoods")."""
+(docs/method.md, "Optimizer and schedules", "UE loss (Eq. 2)", "Anchor neighbourhoods"), and semi.py's."""
 
 
 def scaled(epochs, scale=1.0):
@@ -15,6 +15,12 @@ def step_lr(epoch, base_lr, scale=1.0):
     """
     start, every = scaled(80, scale), scaled(40, scale)
     return base_lr if epoch < start else base_lr * 0.1 ** ((epoch - start) // every)
+
+
+def semi_lr(epoch, base_lr, start=80, every=40):
+    """Few-label training's (semi.py): base_lr before ``start``, then x0.1 at ``start`` and every ``every``
+    epochs after it (80, 120, 160)."""
+    return base_lr if epoch < start else base_lr * 0.1 ** (1 + (epoch - start) // every)
 
 
 def ue_weight(epoch, scale=1.0):

@@ -166,7 +166,9 @@ def semi_step(model, classifier, images, targets, rank, world):
     opt = sgd_optimizer(classifier, 0.005, 0.9, 5e-4)
     b = BATCH // world
     loader = [{"image": share(images[:BATCH], rank, world, 1), "target": targets[rank * b:(rank + 1) * b]}]
-    loss = semi.train_one_epoch(model, loader, opt, False, images.device)
+    state = SimpleNamespace(model=model, net=model, teacher=None, train_loader=loader, unlabelled_loader=None,
+                            optimizer=opt, device=images.device, max_weight=0.0)
+    loss = semi.train_epoch(state, 0, SimpleNamespace(method="supervised", amp=False, rampup_epochs=0))["loss"]
     return {"semi_loss": loss,
             "semi_grads": {n: p.grad.clone() for n, p in classifier.named_parameters() if p.grad is not None}}
 

@@ -11,6 +11,7 @@ import torch
 import semi
 from conftest import NARROW, expect_error, run_main
 from lib.checkpoint import load_checkpoint
+from lib.schedules import semi_lr
 
 SMALL = NARROW + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, no waiting on a second
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, 
 @pytest.mark.parametrize("epoch,factor", [(0, 1), (79, 1), (80, 0.1), (119, 0.1), (120, 0.01), (159, 0.01),
                                           (160, 0.001), (179, 0.001)])
 def test_schedule_decays_at_80_120_160(epoch, factor):
-    assert semi.semi_lr(epoch, 0.005) == pytest.approx(0.005 * factor, rel=1e-12)
+    assert semi_lr(epoch, 0.005) == pytest.approx(0.005 * factor, rel=1e-12)
 
 
 def test_labelled_draw_is_balanced_exact_and_seeded():
