@@ -85,13 +85,12 @@ def get_args_parser():
                        epilog=f"Defaults per data set (the paper's Table 4): {per_dataset}; any other data set "
                               f"{OTHER_DEFAULTS[0]} labels per class and lr {OTHER_DEFAULTS[1]}. All: 180 epochs, "
                               "lr x0.1 at 80, 120 and 160. --labels_per_class and --lr override them.",
-                       parents=[common_parser(datasets.DATASETS, NETWORKS)])
+                       parents=[common_parser(datasets.DATASETS, NETWORKS, lr_help="base learning rate (>= 0); "
+                                              "%(default)s: the data set's, listed below")])
     p.set_defaults(lr=None, epochs=180, batch_size=64, model_dir="semi/")
     p.add_argument("--labels_per_class", default=None, type=positive_int,
                    help="K labelled training images per class, balanced, drawn by --seed (>= 1); %(default)s: the "
                         "data set's, listed below")
-    next(a for a in p._actions if a.dest == "lr").help = "base learning rate (>= 0); %(default)s: the data set's, " \
-                                                         "listed below"
     p.add_argument("--from_scratch", action="store_true", help="random initialization instead of --resume")
     p.add_argument("--transfer", action="store_true",
                    help="--resume is an encoder trained on other images (another --dataset or --image_size), "

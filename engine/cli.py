@@ -89,9 +89,10 @@ def schedule_flag():
     return p
 
 
-def common_parser(dataset_names, network_names):
+def common_parser(dataset_names, network_names, lr_help="base learning rate (>= 0)"):
     """The flags every script has, released names first; each script sets its own defaults
-    (``parser.set_defaults(lr=...)``) and adds its method's flags."""
+    (``parser.set_defaults(lr=...)``) and adds its method's flags; ``lr_help`` says where a per-data-set
+    --lr comes from (semi.py)."""
     p = ArgumentParser(add_help=False)
     p.add_argument("--dataset", default="cifar10", choices=list(dataset_names),
                    help="data set; 'folder' reads your own images from --data_dir")
@@ -102,7 +103,7 @@ def common_parser(dataset_names, network_names):
     p.add_argument("--width", default=64, type=positive_int,
                    help="channels of the first stage (>= 1; 64 as released; wrn28_2 scales its widths by "
                         "width/64); smaller only for quick CPU runs")
-    p.add_argument("--lr", default=0.03, type=non_negative_float, help="base learning rate (>= 0)")
+    p.add_argument("--lr", default=0.03, type=non_negative_float, help=lr_help)
     p.add_argument("--momentum", default=0.9, type=half_open_unit, help="SGD momentum, Nesterov (in [0, 1))")
     p.add_argument("--weight_decay", "--wd", default=5e-4, type=non_negative_float, help="weight decay (>= 0)")
     p.add_argument("--epochs", default=200, type=positive_int, help="training epochs (>= 1)")
