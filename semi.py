@@ -62,6 +62,7 @@ from lib.schedules import semi_lr
 from lib.semi_supervised import (
     EMA_DECAY_AFTER_RAMPUP,
     EMA_DECAY_DURING_RAMPUP,
+    OUTPUTS,
     RAMPUP_EPOCHS,
     consistency_weight,
     ema_decay,
@@ -72,7 +73,7 @@ from models import NETWORKS
 
 CKPT, LOG, INDEXES = SEMI_CKPT, SEMI_LOG, SEMI_INDEXES
 TRAINING_KEYS = ("classifier", "optimizer", "rng", "args", "epoch", "next_epoch", "labelled_indexes", "start")
-METHODS = ("supervised", "pi_model", "mean_teacher")
+METHODS = ("supervised", *OUTPUTS)  # supervised, then the semi-supervised methods of lib/semi_supervised.py
 # the paper's Table 4 (§4.4): (labels per class, base lr) per data set; any other data set: OTHER_DEFAULTS
 PAPER_DEFAULTS = {"cifar10": (400, 0.005), "svhn": (100, 0.001)}
 OTHER_DEFAULTS = (25, 0.005)
@@ -119,7 +120,7 @@ def get_args_parser():
 
 
 # the flags each method reads beyond those of supervised training: given to another method, they contradict it
-SEMI_SUPERVISED = ("pi_model", "mean_teacher")
+SEMI_SUPERVISED = tuple(OUTPUTS)
 METHOD_FLAGS = {"unlabelled_batch_size": SEMI_SUPERVISED, "consistency_weight": SEMI_SUPERVISED,
                 "rampup_epochs": SEMI_SUPERVISED, "ema_decay_rampup": ("mean_teacher",), "ema_decay": ("mean_teacher",)}
 
@@ -210,11 +211,10 @@ def step_losses(state, labelled, unlabelled, weight, args):
     """One step's named losses for ``args.method`` (docs/method.md, "Semi-supervised methods (Table 4)").
 
     supervised: cross-entropy on the labelled images (``labelled["image"]``); ``unlabelled`` is None.
-    pi_model: view 1 and view 2 of the B_L labelled then the B_U unlabelled images through ``state.model`` in one
-        pass (rows: view 1 then view 2, (2B, C)); view 2's outputs are the consistency targets, with gradient.
-    mean_teacher: the student ``state.model`` on view 1, ``state.teacher`` on view 2 without gradient.
-    Both: ``lib.semi_supervised.semi_supervised_loss`` with weight w(t) = ``weight``. Of ``unlabelled`` only
-    its views are read: its labels never reach the loss.
+    pi_model, mean_teacher: view 1 and view 2 of the B_L labelled then the B_U unlabelled images, through
+        the student ``state.model`` and ``state.teacher`` as ``lib.semi_supervised.OUTPUTS`` says, compared
+        by ``semi_supervised_loss`` with weight w(t) = ``weight``. Of ``unlabelled`` only its views are read:
+        its labels never reach the loss.
     """
     model, device, amp = state.model, state.device, args.amp
 
@@ -229,12 +229,7 @@ def step_losses(state, labelled, unlabelled, weight, args):
         return {"loss": F.cross_entropy(logits.float(), targets)}
     first, second = on_device("view1"), on_device("view2")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        if args.method == "pi_model":
-            logits, target_logits = model(torch.cat([first, second])).chunk(2)  # two stochastic passes
-        else:
-            logits = model(first)
-            with torch.no_grad():
-                target_logits = state.teacher(second)
+        logits, target_logits = OUTPUTS[args.method](model, state.teacher, first, second)
     return semi_supervised_loss(logits.float(), targets, target_logits.float(), weight)
 
 

@@ -90,6 +90,24 @@ def semi_supervised_loss(logits, labels, target_logits, weight):
     return {"loss": classification + weight * consistency, "class": classification, "consistency": consistency}
 
 
+def pi_model_outputs(student, teacher, first, second):
+    """Π-model: both views of every image through the student in one pass (two stochastic passes); view 2's
+    outputs are the consistency targets, with gradient. Returns (logits, target logits), (B, C) each."""
+    return student(torch.cat([first, second])).chunk(2)
+
+
+def mean_teacher_outputs(student, teacher, first, second):
+    """Mean Teacher: the student on view 1, the teacher on view 2 without gradient."""
+    logits = student(first)
+    with torch.no_grad():
+        return logits, teacher(second)
+
+
+# each semi-supervised method's two outputs, ``outputs(student, teacher, view 1, view 2)``, that
+# ``semi_supervised_loss`` compares (the supervised method has no second output)
+OUTPUTS = {"pi_model": pi_model_outputs, "mean_teacher": mean_teacher_outputs}
+
+
 def ema_decay(epoch, rampup_length=RAMPUP_EPOCHS, during=EMA_DECAY_DURING_RAMPUP, after=EMA_DECAY_AFTER_RAMPUP):
     """Mean Teacher's α: ``during`` (0.99) while epoch < rampup_length, then ``after`` (0.999)
     (Tarvainen & Valpola 2017: the teacher follows the fast-changing early student more closely)."""
