@@ -280,7 +280,7 @@ def bench_steps(s, device, sizes):
         s["optimizer"].step()
 
     def step1(net=model, optimizer=s["optimizer"]):
-        # as train_one_epoch: the step plus the on-device running sum that the epoch logs
+        # as engine.lifecycle.run_epoch: the step plus the on-device running sum that the epoch logs
         state = step_state(net, s["npc"], s["ans"], None, optimizer)
         losses = stage1.train_step(state, images, indexes, s["weight"], a1)
         totals["stage1"] += losses["loss"]
