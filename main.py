@@ -149,9 +149,9 @@ def check_flags(args):
     """The combinations of --resume, --init, --cluster and --test_only that need no file to refuse."""
     if args.cluster and not args.test_only:
         raise InputError(f"--cluster {args.cluster} clusters a stage-1 embedding once and trains nothing: "
-                         "add --test_only (with --resume ckpt_embed.t7)")
+                         f"add --test_only (with --resume {EMBED_CKPT})")
     if args.cluster and (args.export_predictions or args.kmeans_baseline):
-        raise InputError("--cluster writes its scores to eval.json and nothing else: drop "
+        raise InputError(f"--cluster writes its scores to {EVAL} and nothing else: drop "
                          f"{'--export_predictions' if args.export_predictions else '--kmeans_baseline'}")
     if args.cluster and args.init == "random":
         raise InputError("--cluster clusters the embedding of a stage-1 file, --init random has none: drop one")
@@ -161,7 +161,7 @@ def check_flags(args):
         raise InputError(f"--{'cluster' if args.cluster else 'test_only'} needs a file to evaluate: pass --resume "
                          f"{EMBED_CKPT if args.cluster else BEST}")
     if args.init != "random":
-        raise InputError("stage 2 starts from a stage-1 encoder: pass --resume ckpt_embed.t7 (or a stage-2 file "
+        raise InputError(f"stage 2 starts from a stage-1 encoder: pass --resume {EMBED_CKPT} (or a stage-2 file "
                          "to continue or, with --test_only, to evaluate), or --init random for a random network")
 
 
@@ -176,7 +176,7 @@ def check_file(args, path, ckpt):
         raise InputError(f"--init random: {path} holds a stage-2 run that started from an encoder; drop --init")
     if args.cluster and stage != 1:
         raise InputError(f"--cluster clusters a stage-1 embedding; {path} is a stage-{stage} checkpoint: pass a "
-                         "ckpt_embed.t7")
+                         f"{EMBED_CKPT}")
     saved = ckpt.get("args", {}).get("dataset")
     if args.cluster and saved is not None and not datasets.same_images(saved, args.dataset):
         raise InputError(f"{path} was trained on {saved}, not --dataset {args.dataset}")
