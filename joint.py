@@ -23,14 +23,14 @@ from engine import cli, distributed
 from engine.distributed import speed_options
 from engine.files import JOINT_CKPT, JOINT_LOG
 from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
-from engine.report import print_epoch, selected_metrics, write_report
+from engine.report import write_report
 from engine.script import open_script
 from lib.checkpoint import normalization
 from lib.errors import InputError
 from lib.memory_bank import MemoryBank
 from lib.neighbourhoods import AnchorNeighbourhoods
 from lib.optim import sgd_optimizer
-from lib.protocols import select_head
+from lib.protocols import select_head, selected_metrics
 from lib.schedules import step_lr, ue_weight
 from models import NETWORKS, MultiHeadNormFC
 
@@ -170,7 +170,7 @@ def train_and_save(run, state, epoch, args):
     run.log.append(record)
     print(f"round {state.round} epoch {epoch}: stage 1 and {losses['loss_and']:.4f} aug {losses['loss_aug']:.4f} "
           f"ue {losses['loss_ue']:.4f} x{weight:.1f}")
-    print_epoch(record)
+    stage2.print_epoch(record)
     return record
 
 

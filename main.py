@@ -36,7 +36,7 @@ from engine.lifecycle import (
     set_lr,
     training_state,
 )
-from engine.report import head_metrics, plot_run, print_epoch, selected_metrics, write_report
+from engine.report import plot_run, write_report
 from engine.script import open_script
 from lib.checkpoint import checkpoint_stage, load_network, normalization
 from lib.clustering import METHODS, cluster_embedding
@@ -44,7 +44,14 @@ from lib.diagnostics import EpochEntropies
 from lib.errors import InputError
 from lib.losses import aug_loss, iic_loss
 from lib.optim import sgd_optimizer
-from lib.protocols import class_accuracy, clustering_metrics, head_clusters, select_head
+from lib.protocols import (
+    class_accuracy,
+    clustering_metrics,
+    head_clusters,
+    head_metrics,
+    select_head,
+    selected_metrics,
+)
 from lib.schedules import step_lr
 from models import NETWORKS, MultiHeadNormFC
 from models.heads import NORMS
@@ -142,7 +149,9 @@ def evaluate(net, heads, loader, device):
     features = distributed.compute_features_sharded(net, loader, device)
     with torch.no_grad():
         probs, preds = head_clusters(heads(features))
-    return {"metrics": head_metrics(preds.cpu(), loader.dataset), "preds": preds.cpu(), "probs": probs.cpu()}
+    dataset, preds = loader.dataset, preds.cpu()
+    metrics = head_metrics(preds, dataset.targets.numpy(), dataset.num_classes) if dataset.has_labels else None
+    return {"metrics": metrics, "preds": preds, "probs": probs.cpu()}
 
 
 def check_flags(args):
@@ -365,6 +374,17 @@ def train_and_save(run, state, epoch, args):
     run.log.append(record)
     print_epoch(record)
     return record
+
+
+def print_epoch(record):
+    """The console line(s) of a stage-2 epoch, from its log record."""
+    scores = f"ACC {record['acc']:.2f}% NMI {record['nmi']:.2f}% ARI {record['ari']:.2f}%" if "acc" in record \
+        else "no labels"
+    print(f"epoch {record['epoch']} lr {record['lr']:.4g} loss {record['loss']:.4f} (assign "
+          f"{record['loss_assign']:.4f} cp {record['loss_cp']:.4f}) head {record['selected_head']}: {scores} "
+          f"{record['seconds']:.1f}s")
+    if "head_acc" in record:
+        print(f"accuracy: {[round(a, 2) for a in record['head_acc']]}")
 
 
 if __name__ == "__main__":

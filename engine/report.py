@@ -1,7 +1,7 @@
-"""What stage 2 tells a person: each epoch's console line, and at the end of a run the scores, eval.json,
-the pictures (PNG, matplotlib Agg: training curves, Fig. 4's mutual information and per-class accuracy, the
-confusion matrix, the clusters of the selected head), optionally a CSV of the predictions and k-means on the
-raw pixels.
+"""What a run of main.py or joint.py leaves at its end: the scores on the console, eval.json, the pictures
+(PNG, matplotlib Agg: training curves, Fig. 4's mutual information and per-class accuracy, the confusion
+matrix, the clusters of the selected head), optionally a CSV of the predictions and k-means on the raw
+pixels.
 
 ``clusters`` is what ``main.evaluate`` gives: {"metrics": each head's ACC / NMI / ARI in %
 (None without labels), "preds": (H, N) cluster of each image per head, "probs": (H, N) its probability}.
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.protocols import clustering_metrics, hungarian_match  # noqa: E402
+from lib.protocols import clustering_metrics, hungarian_match, selected_metrics  # noqa: E402
 
 from .files import CLUSTERS, CONFUSION, CURVES, EVAL, MUTUAL_INFORMATION, PER_CLASS  # noqa: E402
 from .lifecycle import atomic_file  # noqa: E402
@@ -177,33 +177,6 @@ def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / inches)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def print_epoch(record):
-    """The console line(s) of a stage-2 epoch, from its log record."""
-    scores = f"ACC {record['acc']:.2f}% NMI {record['nmi']:.2f}% ARI {record['ari']:.2f}%" if "acc" in record \
-        else "no labels"
-    print(f"epoch {record['epoch']} lr {record['lr']:.4g} loss {record['loss']:.4f} (assign "
-          f"{record['loss_assign']:.4f} cp {record['loss_cp']:.4f}) head {record['selected_head']}: {scores} "
-          f"{record['seconds']:.1f}s")
-    if "head_acc" in record:
-        print(f"accuracy: {[round(a, 2) for a in record['head_acc']]}")
-
-
-def head_metrics(preds, dataset):
-    """Each head's ACC / NMI / ARI (%) after Hungarian matching of its (N,) clusters ``preds[h]`` to the
-    labels of ``dataset``; None when the images have no labels."""
-    if not dataset.has_labels:
-        return None
-    targets = dataset.targets.numpy()
-    scores = [clustering_metrics(p.numpy(), targets, dataset.num_classes) for p in preds]
-    return {f"head_{m}": [100 * x[m] for x in scores] for m in ("acc", "nmi", "ari")}
-
-
-def selected_metrics(metrics, selected):
-    """The run's numbers: ACC, NMI and ARI of the selected head (head 0 when none is selected); {} without labels."""
-    head = selected or 0
-    return {m: metrics[f"head_{m}"][head] for m in ("acc", "nmi", "ari")} if metrics else {}
 
 
 def kmeans_baseline(dataset, num_classes, seed):

@@ -109,6 +109,19 @@ def head_clusters(outputs):
     return torch.stack(outputs).max(dim=2)
 
 
+def head_metrics(preds, targets, num_classes):
+    """Each head's ACC / NMI / ARI (%) after Hungarian matching of its (N,) clusters ``preds[h]`` to the
+    labels ``targets`` (numpy, (N,)): {"head_acc": [one per head], "head_nmi": [...], "head_ari": [...]}."""
+    scores = [clustering_metrics(p.numpy(), targets, num_classes) for p in preds]
+    return {f"head_{m}": [100 * x[m] for x in scores] for m in ("acc", "nmi", "ari")}
+
+
+def selected_metrics(metrics, selected):
+    """The run's numbers: ACC, NMI and ARI of the selected head (head 0 when none is selected); {} without labels."""
+    head = selected or 0
+    return {m: metrics[f"head_{m}"][head] for m in ("acc", "nmi", "ari")} if metrics else {}
+
+
 def select_head(head_losses):
     """The head a run reports (§3.2): the one of lowest training loss, chosen without labels."""
     return int(np.argmin(head_losses))
