@@ -123,14 +123,16 @@ def test_stage2_rows_are_runnable_with_todays_flags():
 # stage-2 model; one claim (Table 3: two-stage > k-means) has both its rows
 ROWS = ["2:super_and", "3:two_stage", "3:kmeans", "C:lambda1", "C:tau0.1", "D:two_stage", "4:ours_supervised"]
 NAMES = ("embed", "embed-wrn28_2", "assign", "sequential-kmeans", "assign-wrn28_2", "semi-ours-supervised")
-SEED1 = tuple(f"{n}-seed1" for n in NAMES)
+# a second seed on the claim's two rows alone (three runs more), two runs side by side
+SEEDED, SEEDED_NAMES = ["3:two_stage", "3:kmeans"], ("embed", "assign", "sequential-kmeans")
+SEED1 = tuple(f"{n}-seed1" for n in SEEDED_NAMES)
 
 
-def harness(out, seeds=1):
+def harness(out, seeds=1, rows=ROWS, jobs=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"),
-                           "--tables", "2", "3", "C", "D", "4", "--rows", *ROWS, "--scale", "tiny", "--dataset",
-                           "digits", "--out", str(out), "--seeds", str(seeds)],
+                           "--tables", "2", "3", "C", "D", "4", "--rows", *rows, "--scale", "tiny", "--dataset",
+                           "digits", "--out", str(out), "--seeds", str(seeds), "--jobs", str(jobs)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "tables.json") as f:
@@ -166,10 +168,10 @@ def numbers(result):
 
 @pytest.mark.slow
 def test_harness_end_to_end_skips_and_resumes(tmp_path):
-    """One call runs the rows' six runs, each once, and every number is its run's own; the same call with
-    --seeds 2 runs only seed 1's six, each on its own seed's encoder, and reports every seed's number, their
-    mean and deviation, and the claim's verdict from the runs' own files; a run cut short is resumed from its
-    last checkpoint."""
+    """One call runs the rows' six runs, each once, and every number is its run's own; --seeds 2 (two runs
+    side by side) on the two rows of a claim runs only seed 1's three, on seed 1's encoder, and reports every
+    seed's number, their mean and deviation, and the claim's verdict from the runs' own files; a run cut short
+    is resumed from its last checkpoint."""
     result = harness(tmp_path)
     assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(NAMES, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
@@ -193,14 +195,14 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     # the same command with a second seed: seed 0's runs are skipped (no file in their folders changes), seed
     # 1's run, each chain on seed 1's encoder; every cell holds both seeds' own numbers
     before = mtimes(tmp_path / "runs")
-    again = harness(tmp_path, seeds=2)
+    again = harness(tmp_path, seeds=2, rows=SEEDED, jobs=2)
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if "-seed1" not in p} == before
-    assert {n: r["status"] for n, r in again["runs"].items()} == {**dict.fromkeys(NAMES, "skipped"),
+    assert {n: r["status"] for n, r in again["runs"].items()} == {**dict.fromkeys(SEEDED_NAMES, "skipped"),
                                                                   **dict.fromkeys(SEED1, "ran")}
     assert again["runs"]["assign-seed1"]["encoder"] == "embed-seed1"
     assert paper._flag_value(again["runs"]["assign-seed1"]["flags"], "--seed") == "1"
-    with open(tmp_path / "runs" / "semi-ours-supervised-seed1" / "eval_semi.json") as f:
-        assert json.load(f)["start"] == str(tmp_path / "runs" / "assign-wrn28_2-seed1" / "ckpt_ul.t7")
+    encoder = str(tmp_path / "runs" / "embed-seed1" / "ckpt_embed.t7")
+    assert f"using checkpoint {encoder}" in (tmp_path / "runs" / "assign-seed1" / "output.log").read_text()
     two = {(t, r["id"]): r for t, table in again["tables"].items() for r in table["rows"]}
     for key, row in two.items():
         for cell, first in zip(row["cells"], rows[key]["cells"]):
@@ -231,10 +233,10 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     (cut / "log_ul.jsonl").write_text("".join(lines[:-1]))
     others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
-    resumed = harness(tmp_path, seeds=2)
+    resumed = harness(tmp_path, seeds=2, rows=SEEDED)
     assert resumed["runs"]["assign"]["status"] == "resumed"
     assert {n: r["status"] for n, r in resumed["runs"].items() if n != "assign"} == \
-        dict.fromkeys(set(NAMES + SEED1) - {"assign"}, "skipped")
+        dict.fromkeys(set(SEEDED_NAMES + SEED1) - {"assign"}, "skipped")
     assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
     assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
     assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
