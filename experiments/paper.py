@@ -43,6 +43,7 @@ try:  # the scripts: their parsers are the source of every default, engine/files
     import semi as semi_script
     import super_and as stage1
     from engine import files
+    from engine.cli import positive_int
 except ImportError as err:  # run by a Python without the project's packages
     sys.exit(f"error: {err}; run the harness with the project's Python (make paper, or .venv/bin/python "
              "experiments/paper.py)")
@@ -704,16 +705,6 @@ def judge(table_id, table):
     return judged
 
 
-def _seed_count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1")
-    return value
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description="Run the paper's experiments section with the real scripts",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -723,7 +714,7 @@ def get_args_parser():
     p.add_argument("--scale", default="cpu", choices=list(SCALES),
                    help="paper: the paper's epochs and network; cpu: about an hour on 2 CPU cores; fair: each "
                         "stage levelled off on 1,000 images (docs/results.md); tiny: tests")
-    p.add_argument("--seeds", default=1, type=_seed_count,
+    p.add_argument("--seeds", default=1, type=positive_int,
                    help="run every run with this many seeds (0: the scripts' default seed, k: --seed k) and "
                         "report mean ± standard deviation and a verdict per claim")
     p.add_argument("--dataset", default="cifar10", help="the scripts' --dataset (the paper's tables: cifar10)")
@@ -733,7 +724,7 @@ def get_args_parser():
     p.add_argument("--step_seconds", default=None, type=float,
                    help="seconds per training step for the cost estimate (default with --scale paper: "
                         "bench/results-cpu.json's step at batch 128, width 64 on the project's 2-core CPU)")
-    p.add_argument("--jobs", default=1, type=_seed_count,
+    p.add_argument("--jobs", default=1, type=positive_int,
                    help="runs side by side (a run waits for its encoder): on a CPU, about one per core, each "
                         "on cores / jobs threads; their output goes to each run's output.log")
     p.add_argument("--dry_run", action="store_true", help="print the plan and the estimate; run nothing")
