@@ -22,7 +22,16 @@ import super_and as stage1
 from engine import cli, distributed
 from engine.distributed import speed_options
 from engine.files import JOINT_CKPT, JOINT_LOG
-from engine.lifecycle import RunLock, open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
+from engine.lifecycle import (
+    RunLock,
+    open_run,
+    read_checkpoint,
+    require_keys,
+    resume_arguments,
+    run_epoch,
+    set_lr,
+    training_state,
+)
 from engine.report import write_report
 from engine.script import open_script
 from lib.checkpoint import normalization
@@ -96,30 +105,39 @@ def build(args, device):
                  device)
 
 
-def load_joint(args, state):
-    """Read ``--resume`` (a file of this script) into the network, bank, anchors and heads; (path, ckpt)."""
+def read_joint(args):
+    """Read ``--resume``, a file of this script: (path, ckpt, the arguments to use). Continuing it, the flags
+    left out are the file's (``resume_arguments``; --rounds may grow, as stage 1's)."""
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
     if not ckpt.get("joint"):
         raise InputError(f"{path} is not a checkpoint of joint.py (which starts from a random network); "
-                         "pass its ckpt_joint.t7")
+                         f"pass its {CKPT}")
     require_keys(ckpt, path, ["fc", "ANs_discovery"] + ([] if args.test_only else list(stage1.TRAINING_KEYS)))
+    if not args.test_only:
+        args = resume_arguments(args, ckpt, path, get_args_parser(), free=("rounds",))
+    return path, ckpt, args
+
+
+def load_joint(args, state, path, ckpt):
+    """The file ``ckpt`` of --resume (``read_joint``) into the network, bank, anchors and heads."""
     stage1.check_bank(ckpt, path, args, len(state.bank.memory))
     saved = ckpt["args"].get("num_heads")
     if saved != args.num_heads:
         raise InputError(f"{path} was trained with --num_heads {saved}, not {args.num_heads}")
     stage1.restore(state, ckpt, path)
     state.heads.load_state_dict(ckpt["fc"])
-    return path, ckpt
 
 
 def main(args):
     if args.test_only and not args.resume:
-        raise InputError("--test_only needs the checkpoint to evaluate: pass --resume ckpt_joint.t7")
+        raise InputError(f"--test_only needs the checkpoint to evaluate: pass --resume {CKPT}")
     device = open_script(args)
     if args.export_predictions:
         cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
+    path, ckpt, args = read_joint(args) if args.resume else (None, None, args)
     state = build(args, device)
-    path, ckpt = load_joint(args, state) if args.resume else (None, None)
+    if path:
+        load_joint(args, state, path, ckpt)
     eval_set = state.eval_loader.dataset
     if args.test_only:
         clusters = stage2.evaluate(state.net, state.heads, state.eval_loader, device)
@@ -136,6 +154,8 @@ def main(args):
             for epoch in range(first_epoch, args.epochs):
                 train_and_save(run, state, epoch, args)
         if state.clusters is None:  # every epoch was done (killed before the report): score the checkpoint
+            print(f"nothing to train: {path} already ran {start[0]} rounds of {args.epochs} epochs (--rounds "
+                  f"{args.rounds}); evaluating it (a larger --rounds goes on)")
             state.clusters = stage2.evaluate(state.net, state.heads, state.eval_loader, device)  # every process
             state.selected_head = ckpt["selected_head"]
         if not distributed.is_main():

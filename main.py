@@ -32,13 +32,14 @@ from engine.lifecycle import (
     open_run,
     read_checkpoint,
     require_keys,
+    resume_arguments,
     run_epoch,
     set_lr,
     training_state,
 )
 from engine.report import plot_run, write_report
 from engine.script import open_script
-from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.checkpoint import checkpoint_kind, checkpoint_stage, load_network, normalization
 from lib.clustering import METHODS, cluster_embedding
 from lib.diagnostics import EpochEntropies
 from lib.errors import InputError
@@ -174,6 +175,19 @@ def check_flags(args):
                          "to continue or, with --test_only, to evaluate), or --init random for a random network")
 
 
+def read_start(args):
+    """The file of --resume (None and {} without one: --init random), checked against --init and --cluster
+    (``check_file``); a stage-2 run to continue gives the flags left out (``resume_arguments``; --epochs may
+    grow: the schedule does not depend on it). Returns (path, checkpoint, the arguments to use)."""
+    if not args.resume:
+        return None, {}, args
+    path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    if not args.test_only and "fc" in ckpt and "next_epoch" in ckpt:  # its own run, going on
+        args = resume_arguments(args, ckpt, path, get_args_parser(), free=("epochs",))
+    check_file(args, path, ckpt)
+    return path, ckpt, args
+
+
 def check_file(args, path, ckpt):
     """--init random and --cluster against the file of --resume (``path``, None: no file)."""
     if path is None:
@@ -184,7 +198,7 @@ def check_file(args, path, ckpt):
     if args.init == "random" and ckpt.get("init", "encoder") != "random":
         raise InputError(f"--init random: {path} holds a stage-2 run that started from an encoder; drop --init")
     if args.cluster and stage != 1:
-        raise InputError(f"--cluster clusters a stage-1 embedding; {path} is a stage-{stage} checkpoint: pass a "
+        raise InputError(f"--cluster clusters a stage-1 embedding; {path} is {checkpoint_kind(ckpt)}: pass a "
                          f"{EMBED_CKPT}")
     saved = ckpt.get("args", {}).get("dataset")
     if args.cluster and saved is not None and not datasets.same_images(saved, args.dataset):
@@ -215,7 +229,7 @@ def check_checkpoint(ckpt, path, args, num_classes):
         if dim != args.low_dim:
             raise InputError(f"{path} has heads for {dim}-dimensional embeddings; pass --low_dim {dim}")
     if args.test_only and stage != 2:
-        raise InputError(f"{path} is a stage-{stage} checkpoint with no heads to evaluate: train stage 2 from it "
+        raise InputError(f"{path} is {checkpoint_kind(ckpt)} with no heads to evaluate: train stage 2 from it "
                          f"with 'main.py --resume {args.resume}', or use super_and.py --test_only")
     if not args.test_only and ckpt.get("joint"):
         raise InputError(f"{path} is a joint-model file: continue it with 'joint.py --resume {args.resume}', or "
@@ -290,8 +304,7 @@ def main(args):
     device = open_script(args)
     if args.export_predictions:
         cli.check_output_file(args.export_predictions, "--export_predictions", args.model_dir)
-    path, ckpt = read_checkpoint(args.resume, args.model_dir) if args.resume else (None, {})  # None: --init random
-    check_file(args, path, ckpt)
+    path, ckpt, args = read_start(args)
     args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     eval_set, options = cluster_images(args, ckpt)
     eval_loader = datasets.make_loader(eval_set, 100, False, args.workers, device)

@@ -51,11 +51,12 @@ from engine.lifecycle import (
     read_checkpoint,
     require_finite,
     require_keys,
+    resume_arguments,
     set_lr,
     training_state,
 )
 from engine.script import open_script
-from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.checkpoint import checkpoint_kind, checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.optim import sgd_optimizer
 from lib.schedules import semi_lr
@@ -273,25 +274,29 @@ def train_epoch(state, epoch, args):
 
 def read_start(args):
     """``--resume``: read the file and check what needs no data: the network it holds, a trained classifier for
-    --test_only, an encoder's data set and size. Returns (path, checkpoint), (None, None) with --from_scratch."""
+    --test_only, an encoder's data set and size. A ckpt_semi.t7 to continue gives the flags left out
+    (``resume_arguments``). Returns (path, checkpoint, the arguments to use), (None, None, args) with
+    --from_scratch."""
     if args.from_scratch == bool(args.resume):
         raise InputError("pass either --resume CKPT (a stage-1, stage-2 or semi.py checkpoint) or --from_scratch")
     if args.from_scratch and args.test_only:
         raise InputError("--test_only evaluates a trained classifier: pass --resume ckpt_semi.t7 (a semi.py "
                          "checkpoint) instead of --from_scratch")
     if args.from_scratch:
-        return None, None
+        return None, None, args
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
     stage = checkpoint_stage(ckpt)
+    if stage == 3 and not args.test_only:  # going on: --epochs may grow (the schedule does not depend on it)
+        args = resume_arguments(args, ckpt, path, get_args_parser(), free=("epochs",))
     checks.same_backbone(ckpt, path, args)
     if stage != 3 and args.test_only:
-        raise InputError(f"{path} is a stage-{stage} checkpoint with no trained classifier: pass a ckpt_semi.t7 "
+        raise InputError(f"{path} is {checkpoint_kind(ckpt)} with no trained classifier: pass a ckpt_semi.t7 "
                          f"to --test_only, or fine-tune this encoder with 'semi.py --resume {args.resume}' first")
     if stage != 3:
         note = checks.encoder_start(ckpt, path, args, args.transfer)
         if note:
             print(note)
-    return path, ckpt
+    return path, ckpt, args
 
 
 def load_start(args, net, train_set, path, ckpt):
@@ -358,9 +363,9 @@ def main(args):
     if args.gpu_augment:
         raise InputError("--gpu_augment is the batched device augmentation of the two stages and joint.py; semi.py "
                          "augments its images in its loader: leave --gpu_augment out")
-    args = resolve_defaults(args)
     device = open_script(args)
-    path, ckpt = read_start(args)
+    path, ckpt, args = read_start(args)  # a run to continue: the flags left out are its own
+    args = resolve_defaults(args)
     # --test_only at the size the file was trained at; the memory that size costs, before any data is read
     args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     info = datasets.DATASETS[args.dataset]

@@ -31,9 +31,17 @@ from engine.cli import (
 )
 from engine.distributed import speed_options
 from engine.files import EMBED_CKPT, EMBED_LOG
-from engine.lifecycle import open_run, read_checkpoint, require_keys, run_epoch, set_lr, training_state
+from engine.lifecycle import (
+    open_run,
+    read_checkpoint,
+    require_keys,
+    resume_arguments,
+    run_epoch,
+    set_lr,
+    training_state,
+)
 from engine.script import open_script
-from lib.checkpoint import checkpoint_stage, load_network, normalization
+from lib.checkpoint import checkpoint_kind, checkpoint_stage, load_network, normalization
 from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
 from lib.memory_bank import MemoryBank
@@ -212,8 +220,7 @@ def load_stage1(args, state, path, ckpt):
     stage = checkpoint_stage(ckpt)
     if stage != 1:
         other = "'main.py --test_only --resume'" if stage == 2 else "'semi.py --test_only --resume'"
-        raise InputError(f"{path} is a stage-{stage} checkpoint; evaluate it with {other}, or pass a "
-                         f"{CKPT} here")
+        raise InputError(f"{path} is {checkpoint_kind(ckpt)}; evaluate it with {other}, or pass a {CKPT} here")
     check_bank(ckpt, path, args, len(state.labels))
     if not args.test_only and "next" not in ckpt:  # released files: their broken resume is not reproduced
         raise InputError(f"{path} holds no training state (a released or converted file): evaluate it with "
@@ -263,6 +270,9 @@ def main(args):
         raise InputError("--test_only needs the checkpoint to evaluate: pass --resume PATH")
     device = open_script(args, writes=not args.test_only)
     path, ckpt = read_checkpoint(args.resume, args.model_dir) if args.resume else (None, None)
+    if ckpt is not None and not args.test_only and checkpoint_stage(ckpt) == 1 and "next" in ckpt:
+        # going on: the flags left out are the file's; --rounds may grow (a round's anchors do not depend on it)
+        args = resume_arguments(args, ckpt, path, get_args_parser(), free=("rounds",))
     args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
     state = build(args, device)
     if args.resume:
@@ -281,6 +291,9 @@ def main(args):
             start_round(state, round_index, first_epoch, args)
             for epoch in range(first_epoch, args.epochs):
                 top1 = train_and_save(run, state, epoch, args)["knn_top1"]
+        if start[0] >= args.rounds:
+            print(f"nothing to train: {path} already ran {start[0]} rounds of {args.epochs} epochs (--rounds "
+                  f"{args.rounds}); pass a larger --rounds to go on")
     return top1
 
 

@@ -36,6 +36,39 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n" if _rank_zero() else None)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, into an ``Arguments`` that also knows which flags the command line gave (``given``):
+        a resumed run takes the others from its checkpoint (engine.lifecycle.resume_arguments)."""
+        parsed, rest = super().parse_known_args(args, Arguments() if namespace is None else namespace)
+        if isinstance(parsed, Arguments):
+            parsed.given = self._given(args)
+        return parsed, rest
+
+    def _given(self, args):
+        """The destinations the command line ``args`` sets: parsed again with every default a marker."""
+        saved = [(action, action.default) for action in self._actions]
+        saved_defaults = self._defaults
+        try:
+            for action in self._actions:
+                if action.default is not argparse.SUPPRESS:
+                    action.default = _UNSET
+            self._defaults = dict.fromkeys(saved_defaults, _UNSET)
+            again, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in saved:
+                action.default = default
+            self._defaults = saved_defaults
+        return frozenset(key for key, value in vars(again).items() if value is not _UNSET)
+
+
+_UNSET = object()  # a default the command line did not replace
+
+
+class Arguments(argparse.Namespace):
+    """The parsed flags, as ``argparse.Namespace``; ``given`` (the flags the command line named) is a slot, so
+    that ``vars(args)`` (what a checkpoint saves) holds the flags alone."""
+    __slots__ = ("given",)
+
 
 def _rank_zero():
     """Whether this process speaks for the job: rank 0 under torchrun (also before the process group is
@@ -116,6 +149,10 @@ def common_parser(dataset_names, network_names, lr_help="base learning rate (>= 
                    help="checkpoint to start from or continue: a name inside --model_dir, else a path")
     p.add_argument("--test_only", action="store_true", help="only evaluate --resume")
     p.add_argument("--seed", default=1567010775, type=seed, help="random seed (0 <= seed < 2^63)")
+    p.add_argument("--allow_change", nargs="+", default=[], metavar="FLAG",
+                   help="with --resume of a run to continue: let these flags (e.g. lr) take the new values given "
+                        "here; any other flag that changes the method mid-run is refused, and flags left out keep "
+                        "the checkpoint's values")
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default="./data", help="where data sets are read or downloaded; "
                       "with --dataset folder, the folder of images (sub-folders = classes)")

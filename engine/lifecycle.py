@@ -14,6 +14,7 @@ killed at, the documented command continues it: ``--resume <checkpoint>`` once a
 same command again before that. One run per folder: ``run.lock`` names its owner (PID, host) and a lock
 left by a killed run is taken over.
 """
+import argparse
 import contextlib
 import errno
 import glob
@@ -255,8 +256,65 @@ def read_checkpoint(name, model_dir, required=()):
     return path, ckpt
 
 
-def changed_arguments(saved, args, ignore=("resume", "workers", "device", "data_dir", "model_dir")):
-    """A note on the flags that differ from those the checkpoint was trained with (None if none)."""
+# ---- a resume goes on with the run it resumes ----
+
+# flags that say where and how a run runs now, never taken from the checkpoint it continues
+HERE_AND_NOW = ("resume", "model_dir", "test_only", "device", "workers", "allow_change", "from_scratch", "transfer",
+                "export_predictions", "kmeans_baseline", "cluster")
+# flags a resumed run may change without --allow_change: they change how it runs, not the method (the speed
+# options: bench/README.md); each script adds its run's length (``free``)
+FREE_ON_RESUME = HERE_AND_NOW + ("data_dir", "amp", "channels_last", "compile", "gpu_augment", "sync_bn")
+# flags a run cannot change at all, --allow_change or not: its images, its network, its labelled set
+FIXED_ON_RESUME = ("dataset", "subset", "image_size", "num_classes", "network", "width", "low_dim", "num_heads",
+                   "variant", "method", "labels_per_class")
+
+
+def given_flags(args, parser):
+    """The flags the command line gave (``engine.cli.Arguments.given``), and any whose value differs from
+    ``parser``'s default (arguments built or changed in code)."""
+    given = set(getattr(args, "given", ()) or ())
+    return given | {k for k, v in vars(args).items() if parser.get_default(k) != v}
+
+
+def resume_arguments(args, ckpt, path, parser, free=()):
+    """A resumed run goes on as it was trained: every flag the command line left out takes the value saved in
+    ``ckpt`` (but ``HERE_AND_NOW``); a flag given with another value than the saved one is refused with one
+    line when it changes the method mid-run, unless it is in ``FREE_ON_RESUME``, ``free`` (the run's length)
+    or --allow_change; one of ``FIXED_ON_RESUME`` is refused always. Returns the arguments to run with, a
+    plain ``argparse.Namespace`` (``args`` is left alone)."""
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    given = given_flags(args, parser)
+    allowed = {flag.lstrip("-") for flag in getattr(args, "allow_change", None) or ()}
+    unknown = sorted(allowed - set(vars(args)))
+    if unknown:
+        raise InputError(f"--allow_change {unknown[0]}: not a flag of this script; name flags without '--' (e.g. "
+                         "--allow_change lr)")
+    values = dict(vars(args))
+    for key, value in saved.items():
+        if key in values and key not in given and key not in HERE_AND_NOW:
+            values[key] = value
+    for key in [k for k in values if k in saved and k in given]:  # in the parser's order
+        if saved[key] == values[key] or key in FREE_ON_RESUME + tuple(free):
+            continue
+        was = f"{path} was trained with --{key} {_flag_text(saved[key])}, not {_flag_text(values[key])}"
+        if key in FIXED_ON_RESUME:
+            same = (f"leave --{key} out" if saved[key] is None
+                    else f"pass --{key} {_flag_text(saved[key])} (or leave it out)")
+            raise InputError(f"{was}; {same} to go on, or start a new run in another --model_dir")
+        if key not in allowed:
+            raise InputError(f"{was}: that would change the method mid-run; leave --{key} out to go on as trained, "
+                             f"add --allow_change {key} to change it on purpose, or start a new run in another "
+                             "--model_dir")
+    return argparse.Namespace(**values)
+
+
+def _flag_text(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def changed_arguments(saved, args, ignore=HERE_AND_NOW + ("data_dir",)):
+    """A note on the flags that differ from those the checkpoint was trained with (None if none): after
+    ``resume_arguments``, those the command changed."""
     changed = [f"--{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
                if k not in ignore and hasattr(args, k) and getattr(args, k) != v]
     return "changed arguments: " + ", ".join(changed) if changed else None

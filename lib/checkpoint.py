@@ -49,14 +49,15 @@ def load_checkpoint(path):
             raise InputError(f"{path} contains objects other than tensors and plain data; refused "
                              "(loading it could run code)") from None
         raise InputError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint; "
-                         "pass an intact ckpt_embed.t7 or ckpt_ul.t7") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+                         "pass an intact one") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError) as err:  # IndexError: a
+        # text file the unpickler reads as opcodes
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
-                         f"({reason}); pass an intact ckpt_embed.t7 or ckpt_ul.t7") from None
+                         f"({reason}); pass an intact one") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("net"), dict):
-        raise InputError(f"{path} is not a checkpoint of this method (no 'net' state dict); "
-                         "pass a ckpt_embed.t7 (stage 1) or ckpt_ul.t7 (stage 2)")
+        raise InputError(f"{path} is not a checkpoint of this method (no 'net' state dict); pass a ckpt_embed.t7 "
+                         "(stage 1), ckpt_ul.t7 (stage 2), ckpt_joint.t7 (joint.py) or ckpt_semi.t7 (semi.py)")
     return ckpt
 
 
@@ -70,6 +71,14 @@ def checkpoint_stage(ckpt):
     if "npc" in ckpt:
         return 1
     raise InputError("the checkpoint has neither 'npc' (stage 1) nor 'fc' (stage 2): not a file of this method")
+
+
+def checkpoint_kind(ckpt):
+    """The file in words, for a message: "a stage-N checkpoint" (``checkpoint_stage``), or "a joint-model
+    checkpoint (joint.py)" for one of joint.py, which holds heads as a stage-2 file does."""
+    if ckpt.get("joint"):
+        return "a joint-model checkpoint (joint.py)"
+    return f"a stage-{checkpoint_stage(ckpt)} checkpoint"
 
 
 def normalization(dataset):

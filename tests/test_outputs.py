@@ -122,7 +122,8 @@ def test_stage1_past_epoch_120(stage1_run, tmp_path, monkeypatch):
         ckpt["epoch"], ckpt["next"], ckpt["log_record"]["epoch"] = 118, {"round": 0, "epoch": 119}, 118
     edited(stage1_run / "ckpt_embed.t7", tmp_path / "ckpt_embed.t7", at_119)
     steps = spy_steps(monkeypatch, super_and)
-    run_main(super_and, STAGE1 + ["--epochs", "122", "--resume", "ckpt_embed.t7", "--model_dir", tmp_path])
+    run_main(super_and, STAGE1 + ["--epochs", "122", "--allow_change", "epochs", "--resume", "ckpt_embed.t7",
+                                  "--model_dir", tmp_path])  # a longer round, on purpose
     records = [r for r in read_log(tmp_path / "log_embed.jsonl") if r["epoch"] >= 119]
     assert [(r["round"], r["epoch"], r["lr"], r["ue_weight"]) for r in records] == [
         (0, 119, 0.03, 0.2), (0, 120, 0.003, 0.2), (0, 121, 0.003, 0.2)]
@@ -243,8 +244,9 @@ def test_stage2_acc_nmi_ari_equal_scikit_learns_on_the_predictions(stage2_with_p
     def spread(c):
         c["fc"] = spread_heads(feats, train.targets)
     edited(stage2_with_predictions / "ckpt_ul_last.t7", tmp_path / "ckpt_ul_last.t7", spread)
-    run_main(stage2, STAGE2 + ["--epochs", "2", "--head_norm", "paper", "--resume", "ckpt_ul_last.t7",
-                               "--model_dir", tmp_path, "--export_predictions", tmp_path / "predictions.csv"])
+    run_main(stage2, STAGE2 + ["--epochs", "2", "--head_norm", "paper", "--allow_change", "head_norm", "--resume",
+                               "ckpt_ul_last.t7", "--model_dir", tmp_path, "--export_predictions",
+                               tmp_path / "predictions.csv"])
     record = read_log(tmp_path / "log_ul.jsonl")[-1]
     summary = json.loads((tmp_path / "eval.json").read_text())
     rows = read_csv(tmp_path / "predictions.csv")

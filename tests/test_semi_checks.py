@@ -151,5 +151,6 @@ def test_wideresnet_run_records_its_network(tmp_path, capsys):
     ckpt = load_checkpoint(tmp_path / "ckpt_semi.t7")
     assert ckpt["args"]["network"] == "wrn28_2" and "layer1.0.bn1.weight" in ckpt["net"]
     assert "conv1_sobel.weight" not in ckpt["net"]  # one RGB trunk
-    expect_error(capsys, semi, TINY + ["--epochs", "2", "--resume", "ckpt_semi.t7", "--model_dir", tmp_path],
-                 "--network wrn28_2, not resnet18", "pass --network wrn28_2")
+    expect_error(capsys, semi, TINY + ["--network", "resnet18", "--epochs", "2", "--resume", "ckpt_semi.t7",
+                                       "--model_dir", tmp_path], "--network wrn28_2, not resnet18",
+                 "pass --network wrn28_2")

@@ -115,11 +115,11 @@ def test_random_init_starts_from_the_seeded_network_and_resumes_exactly(tmp_path
     trained = load_checkpoint(tmp_path / "lr0" / "ckpt_ul_last.t7")["net"]
     for key in ("conv1.weight", "layer4.1.conv2.weight", "linear.weight"):
         assert torch.equal(trained[key], drawn[key]), key
-    # continued without repeating --init: the file says where the run came from, and its next file too
+    # continued without repeating --init: the file says where the run came from, and so do its arguments
     run_main(stage2, TINY + ["--subset", "32", "--batch_size", "16", "--epochs", "2", "--lr", "0", "--resume",
                              "ckpt_ul_last.t7", "--model_dir", tmp_path / "lr0"])
     continued = load_checkpoint(tmp_path / "lr0" / "ckpt_ul_last.t7")
-    assert continued["epoch"] == 1 and continued["init"] == "random" and continued["args"]["init"] == "encoder"
+    assert continued["epoch"] == 1 and continued["init"] == "random" and continued["args"]["init"] == "random"
 
 
 def test_contradicting_flags_are_one_line(stage1, tmp_path, capsys, no_curves):

@@ -192,7 +192,7 @@ def test_pickle_with_code_is_refused_and_never_run(capsys, tmp_path):
 
 def test_bank_size_mismatch(capsys, tmp_path, good_ckpt):
     expect_error(capsys, NARROW + ["--subset", "48", "--batch_size", "16", "--resume", good_ckpt,
-                                   "--model_dir", tmp_path / "o"], "64 images", "48")
+                                   "--model_dir", tmp_path / "o"], "--subset 64, not 48")
 
 
 def test_dimension_mismatch(capsys, tmp_path, good_ckpt):

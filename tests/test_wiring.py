@@ -217,7 +217,7 @@ def stage1_bank_of_256(tmp_path_factory):
     net = data_statistics(network(first["net"]), train)
     crafted = {**first, "net": net.state_dict(), "npc": {**first["npc"], "memory": features_of(net, train)}}
     torch.save(crafted, out / "ckpt_embed.t7")
-    run_main(super_and, flags + ["--rounds", "2", "--lr", "0", "--resume", "ckpt_embed.t7"])
+    run_main(super_and, flags + ["--rounds", "2", "--lr", "0", "--allow_change", "lr", "--resume", "ckpt_embed.t7"])
     return out, first
 
 
@@ -649,7 +649,8 @@ def test_semi_test_accuracy_is_the_checkpoints(tmp_path):
     weight = 100 * torch.stack([feats[targets == c].mean(0) - centre for c in range(10)])
     first["classifier"] = {"weight": weight, "bias": -weight @ centre}
     torch.save(first, tmp_path / "ckpt_semi.t7")
-    summary = run_main(semi, flags + ["--epochs", "2", "--lr", "0", "--resume", "ckpt_semi.t7"])
+    summary = run_main(semi, flags + ["--epochs", "2", "--lr", "0", "--allow_change", "lr", "--resume",
+                                      "ckpt_semi.t7"])
     ckpt = load_checkpoint(tmp_path / "ckpt_semi.t7")
     test = datasets.build_dataset("digits", "data", "test", subset=64)
     want = semi_accuracy(ckpt, test)
