@@ -5,6 +5,7 @@ before any work starts, and ``--help`` states the range beside the default.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ import tempfile
 from lib.errors import Diverged, InputError
 
 from . import distributed
-from .files import CACHE, RUN_FILES
+from .files import CACHE, HARNESS_FILES, RUN_FILES
 from .lifecycle import (
     Fault,
     Interrupted,
@@ -107,6 +108,13 @@ half_open_unit = _number(float, low=0, high=1, high_open=True)  # [0, 1): moment
 unit_interval = _number(float, low=0, high=1)  # [0, 1]: shares of the data
 unit_interval_open_low = _number(float, low=0, high=1, low_open=True)  # (0, 1]: a fraction of a schedule
 seed = _number(int, low=0, high=2**63 - 1)
+
+
+def int_between(low, high):
+    """An argparse type: an integer in [low, high]."""
+    return _number(int, low=low, high=high)
+
+
 MAX_IMAGE_SIZE = 512  # pixels
 image_size = _number(int, low=8, high=MAX_IMAGE_SIZE)  # an --image_size: [8, 512] pixels
 
@@ -217,6 +225,9 @@ def check_output_file(path, flag, model_dir):
                          "choose another file")
     if path.endswith((".t7", ".pt", ".pth")) or (os.path.isfile(path) and is_checkpoint(path)):
         raise InputError(f"{flag} {path} names a checkpoint; writing there would destroy it: choose another file")
+    kind = run_file_kind(path)
+    if kind:
+        raise InputError(f"{flag} {path} is {kind}; writing there would destroy it: choose another file")
     if is_device(path):
         if not os.access(path, os.W_OK):
             raise InputError(f"{flag} {path} cannot be written; choose another file")
@@ -236,6 +247,33 @@ def _written_by_run(path, model_dir):
         if os.path.exists(path) and os.path.exists(mine) and os.path.samefile(path, mine):
             return True
     return False
+
+
+# what a run's JSON file holds (a log's record, a lock, a report, the harness's command): a key of each
+RUN_FILE_KEYS = {"epoch": "a run's log", "pid": "a run's lock", "selected_head": "a run's report",
+                 "test_acc": "a run's report", "acc": "a run's report", "script": "a run's record"}
+
+
+def run_file_kind(path):
+    """What run file the existing file ``path`` is, wherever it lies (None: none, or no such file): by name
+    (``RUN_FILES`` of any run folder, the harness's files) or by content (a JSON object, or a log whose first
+    line is one, with a key of ``RUN_FILE_KEYS``)."""
+    if not os.path.isfile(path):  # a new file, whatever its name, destroys nothing
+        return None
+    name = os.path.basename(os.path.normpath(path))
+    if name in RUN_FILES or name in HARNESS_FILES:
+        return f"a run's file ({name})"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return None
+    for text in (head, head.split(b"\n", 1)[0]):  # a whole JSON file (eval.json), a log's first line
+        with contextlib.suppress(UnicodeDecodeError, ValueError):
+            record = json.loads(text.decode())
+            if isinstance(record, dict):
+                return next((what for key, what in RUN_FILE_KEYS.items() if key in record), None)
+    return None
 
 
 def is_checkpoint(path):

@@ -202,6 +202,40 @@ def test_tool_bad_input(stage1_ckpt, stage2_run, tmp_path, capsys):
                  "10 clusters", "2 classes")
 
 
+def test_a_full_device_is_an_error_naming_it_and_nothing_said_written(tiny):
+    """The picture is drawn whole, then written whole: /dev/full (a full disk) is an OSError naming the file,
+    which the command line turns into one line and exit 1 (engine.cli.run_cli) before any 'wrote'."""
+    import errno
+
+    from engine.lifecycle import describe_fault
+    net, heads, data = tiny
+    with pytest.raises(OSError) as failed:
+        gradcam_figure(net, heads, 0, data, np.array([0, 1, 2]), 1, "/dev/full")
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == "/dev/full"
+    assert describe_fault(failed.value).startswith("cannot write /dev/full: no space left")
+
+
+def test_tool_refuses_another_data_set_an_unbounded_per_class_and_a_run_file(tmp_path, capsys):
+    """A checkpoint of digits explained on Fashion-MNIST, --per_class beyond TOOL.MAX_PER_CLASS, an --out that is
+    another run's log (by name) or a copy of it (by content): one line, exit 2, nothing written."""
+    from lib.checkpoint import save_checkpoint
+    save_checkpoint({"net": {"linear.weight": torch.zeros(2, 2)}, "fc": {}, "args": {"dataset": "digits"}},
+                    tmp_path / "ckpt_ul.t7")
+    (tmp_path / "run").mkdir()
+    log = tmp_path / "run" / "log_ul.jsonl"
+    log.write_text('{"epoch": 0, "loss": 1.5}\n')
+    (tmp_path / "copy.png").write_text('{"epoch": 0, "loss": 1.5}\n')
+    base = ["--resume", "ckpt_ul.t7", "--model_dir", tmp_path, "--device", "cpu"]
+    expect_error(capsys, TOOL, base + ["--dataset", "fashion-mnist", "--out", tmp_path / "a.png"],
+                 "trained on digits, not --dataset fashion-mnist")
+    expect_error(capsys, TOOL, base + ["--per_class", "100000", "--out", tmp_path / "a.png"], "--per_class",
+                 f"outside [1, {TOOL.MAX_PER_CLASS}]")
+    expect_error(capsys, TOOL, base + ["--out", log], "a run's file (log_ul.jsonl)")
+    expect_error(capsys, TOOL, base + ["--out", tmp_path / "copy.png"], "is a run's log")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_ul.t7", "copy.png", "run"]
+    assert log.read_text() == (tmp_path / "copy.png").read_text() == '{"epoch": 0, "loss": 1.5}\n'
+
+
 def test_a_network_without_the_sobel_trunk_is_one_line():
     from lib.errors import InputError
     from models import NETWORKS

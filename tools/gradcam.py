@@ -14,6 +14,7 @@ The attribution's target is the logit v·Ŵ_c/τ_c of the assigned cluster c (Eq
 the score Grad-CAM is defined on; the probability would saturate at the confident images the figure shows
 (its gradient is p_c (1 - p_c) times smaller). The argmax, and so the assigned cluster, is the same.
 """
+import io
 import os
 import sys
 
@@ -36,12 +37,13 @@ from engine.cli import (  # noqa: E402
     ArgumentParser,
     check_output_file,
     image_size,
+    int_between,
     non_negative_int,
     positive_float,
     positive_int,
     run_cli,
 )
-from engine.lifecycle import read_checkpoint  # noqa: E402
+from engine.lifecycle import atomic_file, read_checkpoint  # noqa: E402
 from engine.system import choose_device  # noqa: E402
 from lib.checkpoint import checkpoint_stage, load_network, strip_prefix  # noqa: E402
 from lib.errors import InputError  # noqa: E402
@@ -51,6 +53,7 @@ from models.heads import NORMS  # noqa: E402
 
 # main.py's defaults, for files without 'args'
 DEFAULTS = {key: stage2.get_args_parser().get_default(key) for key in ("tau_c", "head_norm", "image_size")}
+MAX_PER_CLASS = 16  # images per row: the picture grows with it (two panels an image), its memory too
 
 
 def get_args_parser():
@@ -63,8 +66,8 @@ def get_args_parser():
     p.add_argument("--data_dir", default="./data", help="where data sets are read; with --dataset folder, the folder")
     p.add_argument("--subset", default=None, type=positive_int, help="use only the first N images")
     p.add_argument("--out", default="gradcam.png", help="the picture to write (PNG)")
-    p.add_argument("--per_class", default=2, type=positive_int,
-                   help="correct and wrong images shown per class (per cluster without labels)")
+    p.add_argument("--per_class", default=2, type=int_between(1, MAX_PER_CLASS),
+                   help=f"correct and wrong images shown per class (per cluster without labels; 1 to {MAX_PER_CLASS})")
     p.add_argument("--head", default=None, type=non_negative_int,
                    help="the head to explain (default: the checkpoint's selected head, else head 0)")
     p.add_argument("--tau_c", default=None, type=positive_float,
@@ -113,6 +116,10 @@ def main(args):
     check_output_file(args.out, "--out", args.model_dir)
     device = choose_device(args.device)
     path, ckpt = read_checkpoint(args.resume, args.model_dir)
+    trained = (ckpt.get("args") or {}).get("dataset")
+    if trained is not None and args.dataset != "folder" and not datasets.same_images(trained, args.dataset):
+        raise InputError(f"{path} was trained on {trained}, not --dataset {args.dataset}; pass --dataset {trained} "
+                         "(or --dataset folder for your own images)")
     args = evaluation_image_size(args, ckpt, None)  # the trained size, or one line saying the flag's differs
     saved = {**DEFAULTS, **{k: v for k, v in (ckpt.get("args") or {}).items() if k in DEFAULTS}}
     for key in DEFAULTS:  # a flag given overrides the checkpoint
@@ -295,8 +302,11 @@ def plot_gradcam(rows, pictures, maps, probs, targets, path, per_class, class_na
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    picture = io.BytesIO()  # drawn whole, then written whole: a failed write (a full disk) is an OSError
+    fig.savefig(picture, dpi=DPI, format="png")
     plt.close(fig)
+    with atomic_file(path, "wb") as f:
+        f.write(picture.getvalue())
 
 
 def gradcam_figure(net, heads, head, dataset, mapping, per_class, path, *, predictions=None, device=None,
