@@ -251,6 +251,8 @@ def cluster_images(args, ckpt):
     heads = next(iter(ckpt["fc"].values())).shape[1] if flat and args.num_classes is None and "fc" in ckpt else None
     options = {"num_classes": heads, "normalization": ckpt["normalization"]
                if folder and args.test_only and "normalization" in ckpt else None}
+    checks.folder_before_cache(args, labelled_for=args.cluster and f"--cluster {args.cluster}",
+                               clustering=not args.test_only, num_classes=heads)  # before the folder's cache
     images = datasets.from_args(args, datasets.DATASETS[args.dataset].cluster_split, **options)
     if folder and images.class_names is None and not args.test_only:
         datasets.folder.check_cluster_count(images.num_classes, len(images), args.data_dir)

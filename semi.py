@@ -368,7 +368,10 @@ def main(args):
     args = resolve_defaults(args)
     # --test_only at the size the file was trained at; the memory that size costs, before any data is read
     args = checks.check_image_size(args, ckpt, device, get_args_parser().get_default("image_size"))
+    checks.folder_before_cache(args, labelled_for="few-label training", per_class=None if args.test_only else
+                               args.labels_per_class, batch=None if args.test_only else args.batch_size)
     info = datasets.DATASETS[args.dataset]
+    datasets.require_files(args, ["train", info.test_split])  # all there before any is read
     train_set, test_set = datasets.from_args(args, "train"), datasets.from_args(args, info.test_split or "train")
     if not train_set.has_labels:
         raise InputError(f"{args.dataset}: few-label training needs labelled images (sub-folders as classes)")

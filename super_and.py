@@ -182,6 +182,7 @@ def check_flags(args, num_samples):
 def build(args, device):
     """The data, network, memory bank, anchors and optimizer of a run."""
     info = datasets.DATASETS[args.dataset]
+    datasets.require_files(args, [info.embed_split, info.test_split])  # all there before any is read
     train_set = datasets.from_args(args, info.embed_split, views=2)
     test_set = datasets.from_args(args, info.test_split) if info.test_split else None
     if not args.test_only:

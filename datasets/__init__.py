@@ -11,11 +11,12 @@ datasets/loaders.py. Nothing here imports ``engine``: the process group is read 
 (datasets/processes.py).
 """
 from . import arrays, folder, sources, stl10
-from .build import build_dataset, from_args
+from .build import build_dataset, from_args, require_files
 from .images import ImageDataset
 from .loaders import make_loader, make_train_loader
 from .registry import DATASETS, DatasetInfo, same_images
 from .transforms import eval_transform, train_transform
 
 __all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "arrays", "build_dataset", "eval_transform", "folder",
-           "from_args", "make_loader", "make_train_loader", "same_images", "sources", "stl10", "train_transform"]
+           "from_args", "make_loader", "make_train_loader", "require_files", "same_images", "sources", "stl10",
+           "train_transform"]

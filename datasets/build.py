@@ -81,6 +81,15 @@ def cache_dir_of(model_dir, data_dir):
     return os.path.join(model_dir, CACHE, f"{os.path.basename(os.path.abspath(data_dir))}-{tag}")
 
 
+def require_files(args, splits):
+    """The files of every split a script reads (``splits``, None left out), present before the first is read,
+    so that a missing one is refused before anything derived from another is written (SVHN's normalization)."""
+    if args.dataset == "svhn":
+        from .sources import svhn_files
+        entry = lookup(args.dataset)
+        svhn_files(args.data_dir, [part for split in splits if split for part in entry.parts(split)])
+
+
 def from_args(args, split, views=1, *, num_classes=None, normalization=None):
     """``build_dataset`` with a script's flags: --dataset, --data_dir, --subset, --image_size, --num_classes;
     a folder's decoded images are cached in <model_dir>/cache. ``args`` is only read.

@@ -64,6 +64,14 @@ class FolderImages:
     std: tuple
 
 
+def printable(name):
+    """``name`` (a file or class folder's name, a path) as text any picture, JSON file or CSV row can hold: bytes
+    that are not UTF-8 (which Python keeps as surrogates) as ``\\xNN``, control characters (a newline) as
+    their escapes; a name that needs none comes back unchanged."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _hidden(name):
     return name.startswith(".")
 
@@ -277,7 +285,8 @@ def load(folder, image_size, cache_dir=None, num_classes=None):
             raise InputError(f"class sub-folder {os.path.join(folder, empty[0])} has no readable images")
     paths = [os.path.join(folder, rel) for rel, kept in zip(files, keep) if kept]
     data = MappedImages.from_npy(os.path.join(cache_dir, record["npy"]), record["images"])
-    return FolderImages(data, targets, paths, class_names, len(class_names) if class_names else num_classes,
+    shown = None if class_names is None else tuple(printable(name) for name in class_names)  # names to show
+    return FolderImages(data, targets, paths, shown, len(class_names) if class_names else num_classes,
                         tuple(record["mean"]), tuple(record["std"]))
 
 

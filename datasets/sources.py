@@ -183,6 +183,13 @@ def _svhn_path(data_dir, part):
     return path
 
 
+def svhn_files(data_dir, parts):
+    """Every file of ``parts`` there (downloaded when missing), or one InputError, before any of them is read:
+    the training images' normalization is cached in ``data_dir`` on first read."""
+    for part in parts:
+        _svhn_path(data_dir, part)
+
+
 def svhn(data_dir, part):
     """SVHN's cropped digits (Netzer et al., 2011), 73,257 train and 26,032 test 32x32 RGB images.
 
@@ -203,6 +210,12 @@ def svhn(data_dir, part):
             or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]):
         raise InputError(f"{path} does not hold SVHN's X (32x32x3xN uint8) and y (N labels); "
                          f"delete it to download it again")
+    if labels.dtype.kind not in "iuf":  # text or objects: not the digits 1..10
+        raise InputError(f"{path} holds labels of type {labels.dtype}, not numbers; delete it to download it again")
+    if images.shape[3] == 0:
+        raise InputError(f"{path} holds no images; delete it to download it again")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise InputError(f"{path} has labels that are not whole numbers; delete it to download it again")
     labels = labels.reshape(-1).astype(np.int64)
     if labels.size and (labels.min() < 1 or labels.max() > 10):
         raise InputError(f"{path} has labels outside 1..10; delete it to download it again")

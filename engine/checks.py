@@ -1,7 +1,10 @@
 """The input size an evaluation uses (the one the file was trained at) and the memory a size costs, checked
-before any data or network is allocated; semi.py's checks of its ``--resume`` file (one clear error line for
-a file of another data set, size or shape, rather than a mismatch deep inside ``load_state_dict``)."""
+before any data or network is allocated; what an image folder's file names decide, before its images are
+decoded; semi.py's checks of its ``--resume`` file (one clear error line for a file of another data set, size
+or shape, rather than a mismatch deep inside ``load_state_dict``)."""
 import argparse
+import contextlib
+import io
 import os
 
 import torch
@@ -108,6 +111,38 @@ def check_memory(args, device, train=True):
             raise InputError(f"--image_size {args.image_size} needs about {_gib(estimate)} of {place} memory "
                              f"({parts}; {args.network}, width {args.width}) but {_gib(free)} is free; lower "
                              f"--image_size or --batch_size")
+
+
+# ---- an image folder: what its file names decide, before its images are decoded into a cache ----
+
+def folder_before_cache(args, labelled_for=None, per_class=None, batch=None, clustering=False, num_classes=None):
+    """--dataset folder, before anything is written (the cache in --model_dir): the folder's files and class
+    sub-folders (``datasets.folder.scan``, names only, after --subset) hold what the run needs: labels
+    (``labelled_for``: what needs them), ``per_class`` files of each class (and ``batch`` of them in all),
+    and where clusters are made of an unlabelled folder (``clustering``), 2 <= K <= its files (K: ``num_classes``,
+    else --num_classes).
+    Files that turn out not to be images are found when decoded: the decoded folder is checked again after."""
+    if args.dataset != "folder" or not os.path.isdir(args.data_dir):
+        return
+    with contextlib.redirect_stderr(io.StringIO()):  # its warnings are printed once, when the folder is read
+        files, targets, class_names = datasets.folder.scan(
+            args.data_dir, skip=datasets.build.cache_dir_of(args.model_dir, args.data_dir))
+    files, targets = files[:args.subset], targets[:args.subset]
+    if labelled_for and class_names is None:
+        raise InputError(f"{labelled_for} needs labelled images (sub-folders as classes); {args.data_dir} is a flat "
+                         "folder")
+    if per_class and class_names is not None:
+        counts = torch.bincount(torch.as_tensor(targets), minlength=len(class_names)).tolist()
+        short = [(name, n) for name, n in zip(class_names, counts) if n < per_class]
+        if short:
+            raise InputError(f"--labels_per_class {per_class}: the class {datasets.folder.printable(short[0][0])!r} "
+                             f"of {args.data_dir} has only {short[0][1]} files; lower --labels_per_class")
+        if batch and per_class * len(class_names) < batch:
+            raise InputError(f"{per_class * len(class_names)} labelled images, fewer than --batch_size {batch}; "
+                             "raise --labels_per_class or lower --batch_size")
+    if clustering and class_names is None:
+        count = args.num_classes if num_classes is None else num_classes
+        datasets.folder.check_cluster_count(count, len(files), args.data_dir)
 
 
 # ---- semi.py: few-label fine-tuning from an encoder (stage 1 or 2), or continued from its own file ----

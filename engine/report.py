@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from datasets.folder import printable  # noqa: E402
 from lib.protocols import clustering_metrics, hungarian_match, selected_metrics  # noqa: E402
 
 from .files import CLUSTERS, CONFUSION, CURVES, EVAL, MUTUAL_INFORMATION, PER_CLASS  # noqa: E402
@@ -195,7 +196,8 @@ def write_predictions(path, dataset, preds, probs, selected):
         writer = csv.writer(f)
         writer.writerow(["index", "path", "label", "cluster", "probability"] + [f"head{h}" for h in heads])
         for i in range(len(dataset)):
-            writer.writerow([i, dataset.paths[i] if dataset.paths else "", int(dataset.targets[i]),
+            # a path of bytes that are not UTF-8 or with a newline in it, escaped: one line per image
+            writer.writerow([i, printable(dataset.paths[i]) if dataset.paths else "", int(dataset.targets[i]),
                              int(preds[selected][i]), f"{float(probs[selected][i]):.6f}"]
                             + [int(preds[h][i]) for h in heads])
 
