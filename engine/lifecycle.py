@@ -353,10 +353,12 @@ PID_MAX = 2**22  # Linux's largest process id (/proc/sys/kernel/pid_max at most)
 
 
 class RunLock:
-    """``run.lock`` in the run folder: {pid, host, script, started}, created exclusively."""
+    """``run.lock`` in the run folder: {pid, host, script, started}, created exclusively. ``name`` and ``flag``:
+    another lock file and the flag that names its folder (experiments/paper.py's <out>/paper.lock, --out)."""
 
-    def __init__(self, model_dir):
-        self.path = os.path.join(model_dir, LOCK)
+    def __init__(self, model_dir, name=LOCK, flag="--model_dir"):
+        self.path = os.path.join(model_dir, name)
+        self.flag = flag
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "script": os.path.basename(sys.argv[0]),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "process_start": _process_start(os.getpid())}
         self.held = False
@@ -447,7 +449,7 @@ class RunLock:
                 raise InputError(
                     f"{os.path.dirname(self.path)} is in use by {owner.get('script', 'a run')} (PID "
                     f"{owner['pid']} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
-                    f"choose another --model_dir (if that run is gone, delete {self.path})")
+                    f"choose another {self.flag} (if that run is gone, delete {self.path})")
             with uninterrupted():
                 if self._holder() == text:  # still the dead run's lock: take it over
                     with contextlib.suppress(FileNotFoundError):

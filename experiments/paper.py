@@ -19,7 +19,6 @@ flags with its script's own parser.
 encoder; all runs of seed 0 come first, then seed 1's, so a cut measurement has whole tables of fewer seeds.
 The paper's claims (``CLAIMS``: one row above another) are judged over the seeds by ``experiments/verdicts.py``.
 """
-import argparse
 import json
 import math
 import os
@@ -43,7 +42,10 @@ try:  # the scripts: their parsers are the source of every default, engine/files
     import semi as semi_script
     import super_and as stage1
     from engine import files
-    from engine.cli import positive_int
+    from engine.cli import ArgumentParser, check_output_dir, positive_float, positive_int
+    from engine.lifecycle import RunLock, Terminated, describe_fault, handle_signals, uninterrupted
+    from engine.system import choose_device
+    from lib.errors import InputError
 except ImportError as err:  # run by a Python without the project's packages
     sys.exit(f"error: {err}; run the harness with the project's Python (make paper, or .venv/bin/python "
              "experiments/paper.py)")
@@ -57,7 +59,11 @@ SEMI_LAST = files.SEMI_CKPT  # semi.py's, likewise
 # the file a run of each kind hands to the runs it encodes for: stage 1's last, stage 2's lowest-loss epoch
 ENCODER_FILES = {"embed": ENCODER, "assign": files.BEST}
 EVALS = {"semi": files.SEMI_EVAL}  # the file a finished run writes, by kind (others: eval.json)
-COMMAND = "command.json"  # what the harness ran in a folder: a folder of another command is refused
+COMMAND = files.COMMAND  # what the harness ran in a folder: a folder of another command is refused
+LOCK = files.HARNESS_LOCK  # <out>/paper.lock: one harness per --out
+# files only a script's run folder holds: --out is never one (its tables would sit among a run's files)
+RUN_FOLDER_FILES = (files.LOCK, ENCODER, files.BEST, LAST, JOINT_LAST, SEMI_LAST, *LOGS.values(), files.EVAL,
+                    files.SEMI_EVAL)
 OUTPUT = "output.log"  # the scripts' console output, appended
 
 # ---- the runs ----------------------------------------------------------------------------------------
@@ -316,7 +322,56 @@ def split_size(dataset, split):
 
 
 class HarnessError(Exception):
-    """A problem the user must fix (a folder of another command); one line, exit status 2."""
+    """A problem the user must fix (a folder of another command); one line, exit status ``status`` (2: bad
+    input; a script's own error line keeps that script's status)."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- checks before any work --------------------------------------------------------------------------
+
+def check_out(out):
+    """--out is a folder the harness can write (or can create, the scripts' own check), and not a script's run
+    folder."""
+    try:
+        check_output_dir(out, "--out")
+    except InputError as err:
+        raise HarnessError(str(err)) from None
+    own = [name for name in RUN_FOLDER_FILES if os.path.isdir(out) and os.path.lexists(os.path.join(out, name))]
+    if own:
+        raise HarnessError(f"--out {out} is a run folder of the scripts (it holds {own[0]}); the harness keeps its "
+                           "runs in <out>/runs/: choose another --out")
+
+
+def check_data(args):
+    """The device and the data set's files, as the scripts check them (engine.system.choose_device, the data
+    set's reader on every split the runs read: a download where one is missing), each one line."""
+    entry = datasets.DATASETS[args.dataset]
+    data_dir = args.data_dir or stage1.get_args_parser().get_default("data_dir")
+    try:
+        choose_device(args.device or "auto")
+        if entry.name == "folder":
+            datasets.folder.scan(data_dir)
+        else:
+            splits = {entry.embed_split, entry.cluster_split, entry.test_split or entry.embed_split}
+            entry.read(data_dir, sorted({part for split in splits for part in entry.parts(split)}))
+    except InputError as err:
+        raise HarnessError(str(err)) from None
+
+
+def check_args(args):
+    """Every flag before any work (the parser has checked each one's range and --dataset's name): --rows,
+    --out and, unless --dry_run, the device and the data set's files."""
+    rows = {f"{t}:{r.id}" for t in args.tables for r in TABLES[t].rows}
+    unknown = sorted(set(args.rows or ()) - rows)
+    if unknown:
+        raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
+                           f"(rows: {' '.join(sorted(rows))})")
+    check_out(args.out)
+    if not args.dry_run:
+        check_data(args)
 
 
 # ---- commands ----------------------------------------------------------------------------------------
@@ -364,16 +419,29 @@ def command(run, flags, out, resume=None, seed=0):
 # ---- the state of a run folder -----------------------------------------------------------------------
 
 def read_log(path):
-    """The records of a JSON-lines log; a last line cut by a kill is dropped."""
+    """The records of a JSON-lines log; a last line cut by a kill is dropped, any other line that is not a JSON
+    object is one HarnessError naming the file."""
     if not os.path.exists(path):
         return []
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as err:
+        raise HarnessError(f"{path} cannot be read ({err.strerror}); repair it or move its run folder away") from None
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode())
+        except (UnicodeDecodeError, ValueError):
+            if number == len(lines):  # no newline after it: cut by a kill
                 break
+            record = None
+        if not isinstance(record, dict):
+            raise HarnessError(f"{path}: line {number} is not a JSON object; the log is damaged: repair it or move "
+                               "its run folder away (the run starts again)")
+        records.append(record)
     return records
 
 
@@ -409,8 +477,11 @@ def check_folder(run, flags, path):
     record = {"script": run.script, "flags": matched(flags), "encoder": run.encoder}
     own = os.path.join(path, COMMAND)
     if os.path.exists(own):
-        with open(own) as f:
-            saved = json.load(f)
+        saved = read_json(own, f"delete it if {path} holds the run of this command (it is written again), else "
+                               "move that folder away")
+        if not isinstance(saved, dict):
+            raise HarnessError(f"{own} is damaged (a JSON {type(saved).__name__}, not an object): delete it if {path} "
+                               "holds the run of this command (it is written again), else move that folder away")
         if saved != record:
             raise HarnessError(f"{path} holds a run of another command ({' '.join(saved.get('flags', []))}); "
                                "choose another --out or move that folder away")
@@ -420,21 +491,49 @@ def check_folder(run, flags, path):
         json.dump(record, f, indent=1)
 
 
+def read_json(path, fix):
+    """The JSON value of ``path`` (None: no such file); a file that cannot be read or parsed is one HarnessError
+    naming it and saying ``fix``."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise HarnessError(f"{path} is damaged ({type(err).__name__}): {fix}") from None
+
+
 def read_number(cell, out, seed=0):
-    """The measured number of ``cell`` at seed index ``seed`` (None where its file or key is absent)."""
+    """The measured number of ``cell`` at seed index ``seed`` (None where its file or key is absent); a damaged
+    file, or a value that is not a finite number (a list of them for ``reduce``), is one HarnessError naming the
+    file."""
     path = folder(out, cell.run, seed)
     if cell.source == "eval":
-        try:
-            with open(os.path.join(path, EVALS.get(cell.run.kind, files.EVAL))) as f:
-                value = json.load(f).get(cell.key)
-        except FileNotFoundError:
-            return None
+        source = os.path.join(path, EVALS.get(cell.run.kind, files.EVAL))
+        saved = read_json(source, "delete it and run the same command again (the run is scored again)")
+        if saved is not None and not isinstance(saved, dict):
+            _damaged_number(source, cell.key, saved)
+        value = None if saved is None else saved.get(cell.key)
     else:
-        records = read_log(os.path.join(path, LOGS[cell.run.script]))
+        source = os.path.join(path, LOGS[cell.run.script])
+        records = read_log(source)
         value = records[-1].get(cell.key) if records else None
-    if value is not None and cell.reduce == "mean":
-        value = sum(value) / len(value)
-    return value
+    if value is None:
+        return None
+    if cell.reduce == "mean":
+        if not isinstance(value, list) or not value or not all(map(_is_finite, value)):
+            _damaged_number(source, cell.key, value)
+        return sum(value) / len(value)
+    return value if _is_finite(value) else _damaged_number(source, cell.key, value)
+
+
+def _is_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _damaged_number(source, key, value):
+    raise HarnessError(f"{source}: {key!r} holds {json.dumps(value)[:40]}, not a finite number: the file is damaged; "
+                       "delete it (or its run folder) and run the same command again")
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -451,21 +550,40 @@ def execute(argv, path, quiet=False, env=None):
         print("    $ python " + " ".join(shown), flush=True)
     with open(os.path.join(path, OUTPUT), "a") as log, \
             subprocess.Popen(argv, stdout=log if quiet else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             bufsize=1, env=env) as proc:
+                             bufsize=1, env=env, errors="backslashreplace") as proc:
         LIVE.add(proc)
         try:
             for line in proc.stdout or ():
                 log.write(line)
                 print("    | " + line, end="", flush=True)
             proc.wait()
+        except KeyboardInterrupt as stop:  # in this thread (one job): Ctrl-C reached the script too; SIGTERM
+            if isinstance(stop, Terminated) and proc.poll() is None:  # is passed on to it
+                proc.send_signal(signal.SIGTERM)
+            with uninterrupted(deliver=False):  # while it finishes its last write
+                proc.wait()
+            raise
         finally:
             LIVE.discard(proc)
     return proc.returncode
 
 
+def error_line(path, offset):
+    """The last ``error:`` line a script wrote to <folder>/output.log past ``offset`` (None: none)."""
+    try:
+        with open(os.path.join(path, OUTPUT), "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="backslashreplace").splitlines()
+    except OSError:
+        return None
+    errors = [line.strip() for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
 def run_one(run, flags, out, seed=0, quiet=False, env=None):
     """Bring ``run`` (at seed index ``seed``) to its end: skip it when finished, resume it from its last
-    checkpoint, or start it. Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'."""
+    checkpoint, or start it. Returns the action taken ('skipped', 'resumed', 'ran') or 'failed (exit N)'; a
+    script's own error line (bad input, a fault) is a HarnessError with its exit status."""
     path = folder(out, run, seed)
     check_folder(run, flags, path)
     if finished(run, flags, path):
@@ -474,9 +592,14 @@ def run_one(run, flags, out, seed=0, quiet=False, env=None):
     resumable = own is not None and os.path.exists(os.path.join(path, own))
     # a run killed after its last epoch's checkpoint but before its report: the script, resumed, scores that
     # checkpoint and writes eval.json (eval_semi.json)
+    log = os.path.join(path, OUTPUT)
+    offset = os.path.getsize(log) if os.path.isfile(log) else 0
     status = execute(command(run, flags, out, resume=own if resumable else None, seed=seed), path, quiet, env)
     if status in (130, 143):  # the run was stopped by Ctrl-C or SIGTERM (also when they missed the harness)
-        raise KeyboardInterrupt
+        raise Terminated() if status == 143 else KeyboardInterrupt()
+    error = error_line(path, offset) if status in (1, 2) else None
+    if error:  # bad input or a fault outside the run: every later run would meet it too, so the harness stops
+        raise HarnessError(f"{error.removeprefix('error: ')} (run {job_name(run, seed)}; its output: {log})", status)
     if status != 0:
         return f"failed (exit {status})"
     return "resumed" if resumable else "ran"
@@ -706,8 +829,7 @@ def judge(table_id, table):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Run the paper's experiments section with the real scripts",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Run the paper's experiments section with the real scripts")
     p.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES), help="tables to run")
     p.add_argument("--rows", nargs="+", default=None, metavar="TABLE:ROW",
                    help="only these rows, e.g. 3:lambda0 3:two_stage (default: every row of --tables)")
@@ -717,11 +839,12 @@ def get_args_parser():
     p.add_argument("--seeds", default=1, type=positive_int,
                    help="run every run with this many seeds (0: the scripts' default seed, k: --seed k) and "
                         "report mean ± standard deviation and a verdict per claim")
-    p.add_argument("--dataset", default="cifar10", help="the scripts' --dataset (the paper's tables: cifar10)")
+    p.add_argument("--dataset", default="cifar10", choices=list(datasets.DATASETS),
+                   help="the scripts' --dataset (the paper's tables: cifar10)")
     p.add_argument("--out", default="runs/paper", help="folder of the runs and of tables.md / tables.json")
     p.add_argument("--data_dir", default=None, help="passed to the scripts")
     p.add_argument("--device", default=None, help="passed to the scripts")
-    p.add_argument("--step_seconds", default=None, type=float,
+    p.add_argument("--step_seconds", default=None, type=positive_float,
                    help="seconds per training step for the cost estimate (default with --scale paper: "
                         "bench/results-cpu.json's step at batch 128, width 64 on the project's 2-core CPU)")
     p.add_argument("--jobs", default=1, type=positive_int,
@@ -732,13 +855,19 @@ def get_args_parser():
 
 
 def main(args):
+    """Check every flag, take <out>/paper.lock (one harness per --out; none with --dry_run, which writes
+    nothing), then ``run_tables``."""
+    check_args(args)
+    if args.dry_run:
+        return run_tables(args)
+    with RunLock(args.out, name=LOCK, flag="--out"):
+        return run_tables(args)
+
+
+def run_tables(args):
+    """The plan, its estimate, the runs (``run_all``) and the tables: (tables.json's content, failed runs)."""
     extra = (["--data_dir", args.data_dir] if args.data_dir else []) + (["--device", args.device] if args.device
                                                                        else [])
-    known = {f"{t}:{r.id}" for t in args.tables for r in TABLES[t].rows}
-    unknown = sorted(set(args.rows or ()) - known)
-    if unknown:
-        raise HarnessError(f"--rows {' '.join(unknown)}: no such row in --tables {' '.join(args.tables)} "
-                           f"(rows: {' '.join(sorted(known))})")
     rows, runs = plan(args.tables, args.scale, args.dataset, extra, set(args.rows or ()), args.seeds)
     step = args.step_seconds or (measured_step_seconds() if args.scale == "paper" else None)
     steps, hours = estimate(runs, args.dataset, args.scale, step or 0)
@@ -818,7 +947,7 @@ def side_by_side(tasks, jobs, stopping):
     except BaseException:  # Ctrl-C (the scripts got it too), SIGTERM or an error: stop what still runs
         stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.time() + 10
+        deadline = time.time() + (0 if isinstance(sys.exc_info()[1], Terminated) else 10)  # SIGTERM: not theirs
         while LIVE and time.time() < deadline:
             time.sleep(0.1)
         for proc in list(LIVE):
@@ -840,15 +969,28 @@ for _encoder in (EMBED_WRN, ASSIGN_WRN):
     RUNS.setdefault(_encoder.name, _encoder)
 
 
-if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
+def cli(argv=None):
+    """The command line: ``main`` with every way of stopping one line on standard error and an exit status:
+    bad input 2 (a script's error line: that script's status), a fault (a full disk) 1, Ctrl-C 130, SIGTERM
+    143 (as Ctrl-C: the running script stopped, the finished runs kept), a failed run 1."""
+    parsed = get_args_parser().parse_args(argv)
     try:
-        _, failures = main(parsed)
-    except HarnessError as err:
+        with handle_signals():
+            _, failures = main(parsed)
+    except (HarnessError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue (finished runs are skipped, the "
-              "interrupted one resumed)", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(err, "status", 2)) from None
+    except OSError as err:
+        print(f"error: {describe_fault(err)}; the finished runs are intact: run the same command again",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated) or getattr(stop, "terminated", False)
+        print(f"{'terminated' if terminated else 'interrupted'}: run the same command again to continue (finished "
+              "runs are skipped, the interrupted one resumed)", file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
     raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    cli()
