@@ -46,19 +46,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, rest
 
     def _given(self, args):
-        """The destinations the command line ``args`` sets: parsed again with every default a marker."""
-        saved = [(action, action.default) for action in self._actions]
-        saved_defaults = self._defaults
-        try:
-            for action in self._actions:
-                if action.default is not argparse.SUPPRESS:
-                    action.default = _UNSET
-            self._defaults = dict.fromkeys(saved_defaults, _UNSET)
-            again, _ = super().parse_known_args(args, argparse.Namespace())
-        finally:
-            for action, default in saved:
-                action.default = default
-            self._defaults = saved_defaults
+        """The destinations the command line ``args`` sets: parsed again into a namespace that already holds a
+        marker for every destination (argparse fills in only the defaults a namespace lacks)."""
+        dests = vars(super().parse_known_args(args, argparse.Namespace())[0])
+        again, _ = super().parse_known_args(args, argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
         return frozenset(key for key, value in vars(again).items() if value is not _UNSET)
 
 
