@@ -1,6 +1,8 @@
 """The paper's experiments (docs/method.md, "The paper's experiments"): heads without weight normalization
 (Table 3) against a hand computation, the harness's tables as data, and (slow) the harness end to end on
-digits: its numbers are the runs' own, a second call runs nothing, a run cut short is resumed."""
+digits: its numbers are the runs' own, a second call runs only what is new, a run cut short is resumed."""
+import contextlib
+import importlib
 import json
 import math
 import os
@@ -10,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 from experiments import paper, verdicts
 from models import MultiHeadNormFC, NormFC
 
@@ -126,15 +128,44 @@ NAMES = ("embed", "embed-wrn28_2", "assign", "sequential-kmeans", "assign-wrn28_
 # a second seed on the claim's two rows alone (three runs more), two runs side by side
 SEEDED, SEEDED_NAMES = ["3:two_stage", "3:kmeans"], ("embed", "assign", "sequential-kmeans")
 SEED1 = tuple(f"{n}-seed1" for n in SEEDED_NAMES)
+SCRIPTS = {"super_and.py": "super_and", "main.py": "main", "semi.py": "semi", "joint.py": "joint"}
+
+
+def harness_argv(out, seeds, rows, jobs):
+    return ["--tables", "2", "3", "C", "D", "4", "--rows", *rows, "--scale", "tiny", "--dataset", "digits",
+            "--out", str(out), "--seeds", str(seeds), "--jobs", str(jobs)]
 
 
 def harness(out, seeds=1, rows=ROWS, jobs=1):
+    """The harness as a user starts it: a process, each run a process of its own."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "paper.py"),
-                           "--tables", "2", "3", "C", "D", "4", "--rows", *rows, "--scale", "tiny", "--dataset",
-                           "digits", "--out", str(out), "--seeds", str(seeds), "--jobs", str(jobs)],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+                           *harness_argv(out, seeds, rows, jobs)], cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "tables.json") as f:
+        return json.load(f)
+
+
+def in_process(argv, path, quiet=False, env=None):
+    """``paper.execute`` with the script's ``main`` run in this process (as the other tests run the scripts), its
+    output appended to the run's output.log: the harness's plan, folders and tables at a process's import cost
+    less."""
+    module = importlib.import_module(SCRIPTS[os.path.basename(argv[1])])
+    with open(os.path.join(path, paper.OUTPUT), "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            run_main(module, argv[2:])
+        except SystemExit as stop:
+            return stop.code
+    return 0
+
+
+def harness_here(out, monkeypatch, seeds=1, rows=ROWS):
+    """The harness's own command line (``paper.cli``) in this process, its runs through ``in_process``."""
+    monkeypatch.setattr(paper, "execute", in_process)
+    with pytest.raises(SystemExit) as stop:
+        paper.cli(harness_argv(out, seeds, rows, 1))
+    assert stop.value.code == 0
     with open(out / "tables.json") as f:
         return json.load(f)
 
@@ -167,12 +198,13 @@ def numbers(result):
 
 
 @pytest.mark.slow
-def test_harness_end_to_end_skips_and_resumes(tmp_path):
-    """One call runs the rows' six runs, each once, and every number is its run's own; --seeds 2 (two runs
-    side by side) on the two rows of a claim runs only seed 1's three, on seed 1's encoder, and reports every
-    seed's number, their mean and deviation, and the claim's verdict from the runs' own files; a run cut short
-    is resumed from its last checkpoint."""
-    result = harness(tmp_path)
+def test_harness_end_to_end_skips_and_resumes(tmp_path, monkeypatch):
+    """One call runs the rows' six runs, each once (in this process), and every number is its run's own; then
+    the user's command, as processes: --seeds 2 (two runs side by side) on the two rows of a claim runs only
+    seed 1's three, on seed 1's encoder, resumes seed 0's run that was cut short from its last checkpoint, skips
+    the others, and reports every seed's number, their mean and deviation, and the claim's verdict from the
+    runs' own files."""
+    result = harness_here(tmp_path, monkeypatch)
     assert {n: r["status"] for n, r in result["runs"].items()} == dict.fromkeys(NAMES, "ran")
     rows = {(t, r["id"]): r for t, table in result["tables"].items() for r in table["rows"]}
     measured = [c for r in rows.values() for c in r["cells"] if c["measured"] is not None]
@@ -192,13 +224,28 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     assert (tmp_path / "runs" / "assign" / "mutual_information.png").exists()
     assert os.path.exists(tmp_path / "tables.md")
 
-    # the same command with a second seed: seed 0's runs are skipped (no file in their folders changes), seed
-    # 1's run, each chain on seed 1's encoder; every cell holds both seeds' own numbers
-    before = mtimes(tmp_path / "runs")
+    # seed 0's stage-2 run cut short (no eval.json, its log's last line gone)
+    cut = tmp_path / "runs" / "assign"
+    with open(cut / "eval.json") as f:
+        acc = json.load(f)["acc"]
+    os.remove(cut / "eval.json")
+    lines = (cut / "log_ul.jsonl").read_text().splitlines(keepends=True)
+    (cut / "log_ul.jsonl").write_text("".join(lines[:-1]))
+    last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
+
+    # the user's command with a second seed: seed 0's finished runs are skipped (no file in their folders
+    # changes), the cut one resumed, seed 1's run, each chain on seed 1's encoder; every cell holds both seeds'
+    # own numbers
+    before = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
     again = harness(tmp_path, seeds=2, rows=SEEDED, jobs=2)
-    assert {p: t for p, t in mtimes(tmp_path / "runs").items() if "-seed1" not in p} == before
-    assert {n: r["status"] for n, r in again["runs"].items()} == {**dict.fromkeys(SEEDED_NAMES, "skipped"),
-                                                                  **dict.fromkeys(SEED1, "ran")}
+    assert {p: t for p, t in mtimes(tmp_path / "runs").items() if "-seed1" not in p and not p.startswith(str(cut))} \
+        == before
+    assert {n: r["status"] for n, r in again["runs"].items()} == {
+        **dict.fromkeys(SEEDED_NAMES, "skipped"), "assign": "resumed", **dict.fromkeys(SEED1, "ran")}
+    assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
+    assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
+    with open(cut / "eval.json") as f:
+        assert json.load(f)["acc"] == acc
     assert again["runs"]["assign-seed1"]["encoder"] == "embed-seed1"
     assert paper._flag_value(again["runs"]["assign-seed1"]["flags"], "--seed") == "1"
     encoder = str(tmp_path / "runs" / "embed-seed1" / "ckpt_embed.t7")
@@ -212,6 +259,7 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
             assert cell["values"] == own and own[0] == first["measured"], key
             assert cell["mean"] == pytest.approx((own[0] + own[1]) / 2, abs=1e-12)
             assert cell["std"] == pytest.approx(abs(own[0] - own[1]) / math.sqrt(2), abs=1e-12) and cell["n"] == 2
+    assert two[("3", "two_stage")]["cells"][0]["values"][0] == acc  # seed 0's, from the resumed run's report
     # the claim two-stage > k-means, by the stated rule: paired differences, mean against two standard errors
     better, worse = (two[("3", r)]["cells"][0]["values"] for r in ("two_stage", "kmeans"))
     d = [a - b for a, b in zip(better, worse)]
@@ -223,27 +271,6 @@ def test_harness_end_to_end_skips_and_resumes(tmp_path):
     assert claim["verdict"] in (tmp_path / "tables.md").read_text()
     for picture in ("tables.png", "curves.png"):
         assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # a run cut short (no eval.json, its log's last line gone) is resumed from its last checkpoint
-    cut = tmp_path / "runs" / "assign"
-    with open(cut / "eval.json") as f:
-        acc = json.load(f)["acc"]
-    os.remove(cut / "eval.json")
-    lines = (cut / "log_ul.jsonl").read_text().splitlines(keepends=True)
-    (cut / "log_ul.jsonl").write_text("".join(lines[:-1]))
-    others = {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))}
-    last = os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns
-    resumed = harness(tmp_path, seeds=2, rows=SEEDED)
-    assert resumed["runs"]["assign"]["status"] == "resumed"
-    assert {n: r["status"] for n, r in resumed["runs"].items() if n != "assign"} == \
-        dict.fromkeys(set(SEEDED_NAMES + SEED1) - {"assign"}, "skipped")
-    assert {p: t for p, t in mtimes(tmp_path / "runs").items() if not p.startswith(str(cut))} == others
-    assert os.stat(cut / "ckpt_ul_last.t7").st_mtime_ns == last  # its epochs were done: nothing retrained
-    assert (cut / "log_ul.jsonl").read_text().splitlines(keepends=True) == lines  # the log repaired
-    with open(cut / "eval.json") as f:
-        assert json.load(f)["acc"] == acc
-    new_rows = {(t, r["id"]): r for t, table in resumed["tables"].items() for r in table["rows"]}
-    assert new_rows[("3", "two_stage")]["cells"][0]["values"][0] == acc  # seed 0 (measured: both seeds' mean)
 
 
 def test_verdict_rule_on_hand_made_numbers():
