@@ -15,7 +15,7 @@ import engine.lifecycle
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, ROOT, SMALL, expect_error, run_main, run_script, same_state, start_script
+from conftest import NARROW, ROOT, SMALL, expect_error, run_main, run_script, same_state, skip_pictures, start_script
 from engine.cli import check_output_file
 from engine.lifecycle import RUN_FILES, JsonLog, RunLock, atomic_file, open_run, write_text_atomic
 from lib.checkpoint import load_checkpoint, save_checkpoint
@@ -383,7 +383,8 @@ def check_terminated(status, err, moment, folder):
 
 
 @pytest.mark.slow
-def test_sigterm_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path):
+def test_sigterm_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path, monkeypatch):
+    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
     command = SMALL + ["--rounds", "2", "--epochs", "2"]
     run_main(super_and, command + ["--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
@@ -399,7 +400,8 @@ def test_sigterm_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path):
+def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path, monkeypatch):
+    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
     command = SMALL + ["--epochs", "3"]
     run_main(stage2, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
@@ -415,7 +417,8 @@ def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt
 
 
 @pytest.mark.slow
-def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path):
+def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path, monkeypatch):
+    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
     command = SEMI + ["--epochs", "12"]  # a few hundredths of a second an epoch: the moment within 0.02 s
     run_main(semi, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
