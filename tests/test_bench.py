@@ -23,8 +23,9 @@ def positive(value):
 
 def test_quick_benchmark_writes_every_number(tmp_path):
     out = tmp_path / "bench.json"
+    smaller = ["--num_samples", "1000", "--width", "8", "--batch_size", "8", "--loader_batches", "3", "--workers", "0"]
     run = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--device", "cpu", "--ans_sizes", "2000",
-                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          *smaller, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {k: result.get(k) for k in POSITIVE if not positive(result.get(k))} == {}
