@@ -10,22 +10,28 @@ import csv
 import json
 import os
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from datasets.folder import printable
+from lib.protocols import clustering_metrics, hungarian_match, selected_metrics
 
-from datasets.folder import printable  # noqa: E402
-from lib.protocols import clustering_metrics, hungarian_match, selected_metrics  # noqa: E402
+from .files import CLUSTERS, CONFUSION, CURVES, EVAL, MUTUAL_INFORMATION, PER_CLASS
+from .lifecycle import atomic_file
 
-from .files import CLUSTERS, CONFUSION, CURVES, EVAL, MUTUAL_INFORMATION, PER_CLASS  # noqa: E402
-from .lifecycle import atomic_file  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported when a run first draws (not when a script starts: about a
+    second of every start otherwise)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def plot_curves(records, path):
     """Loss parts and per-head Hungarian accuracy per epoch, from the stage-2 log records."""
+    plt = pyplot()
     if not records:
         return
     epochs = [r["epoch"] for r in records]
@@ -64,6 +70,7 @@ def plot_run(records, out_dir, dataset):
 def plot_mutual_information(records, path, num_classes=None):
     """Fig. 4(a): H(y) and H(y|ŷ) per epoch (left, right), each head thin and the mean over heads thick, with
     log C, the largest H(y), dotted; the epochs whose record lacks them (older logs) are left out."""
+    plt = pyplot()
     records = [r for r in records if "h_y" in r]
     if not records:
         return
@@ -88,6 +95,7 @@ def plot_mutual_information(records, path, num_classes=None):
 def plot_per_class_accuracy(records, path, class_names=None, epochs=FIG4_EPOCHS):
     """Fig. 4(b): the selected head's per-class accuracy (Hungarian-matched) at the paper's ``epochs`` where
     the log has them, and at its last epoch."""
+    plt = pyplot()
     by_epoch = {r["epoch"]: r for r in records if "class_acc" in r}
     if not by_epoch:
         return
@@ -117,6 +125,7 @@ def confusion_as_drawn(confusion, mapping):
 
 def plot_confusion(confusion, mapping, path, title, class_names=None):
     """Rows: true class (named); columns: clusters, ordered by the class the Hungarian matching gave them."""
+    plt = pyplot()
     num_classes = confusion.shape[0]
     matrix, order = confusion_as_drawn(confusion, mapping)
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * num_classes, 0.8 + 0.45 * num_classes))
@@ -154,6 +163,7 @@ def plot_clusters(dataset, preds, probs, path, mapping=None, per_row=8, max_rows
     """``clusters.png``: one row per cluster (the largest ``max_rows``), its most confident images,
     its size and, with labels, its matched class and purity. The images are laid out in one array and
     drawn once (a grid of axes, one per image, takes about a second to lay out)."""
+    plt = pyplot()
     preds, probs = np.asarray(preds), np.asarray(probs, dtype=np.float64)
     rows = cluster_summary(preds, probs, dataset.targets.numpy(), mapping, dataset.num_classes, per_row)
     rows = sorted(rows, key=lambda r: -r["size"])[:max_rows]
