@@ -1,12 +1,15 @@
 """Faults a run meets, each one line and an exit status, nothing of the run lost: outputs pointed at the run's
 own files, a full disk or a closed standard output, SIGTERM, damaged locks, logs and checkpoints."""
+import contextlib
 import errno
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ import engine.lifecycle
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, ROOT, SMALL, expect_error, run_main, run_script, same_state, skip_pictures, start_script
+from conftest import NARROW, ROOT, SMALL, expect_error, run_main, same_state, skip_pictures, start_script
 from engine.cli import check_output_file
 from engine.lifecycle import RUN_FILES, JsonLog, RunLock, atomic_file, open_run, write_text_atomic
 from lib.checkpoint import load_checkpoint, save_checkpoint
@@ -121,24 +124,27 @@ def test_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, monk
     assert (tmp_path / "log.jsonl").read_bytes() == before
 
 
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """Writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored) in this process until the block ends; the
+    soft limit goes back to what it was (a process may raise its soft limit up to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def test_checkpoint_that_cannot_be_written_is_an_os_error_naming_it(tmp_path):
     """torch.save turns a failed write into a RuntimeError that says nothing; the save says what it was."""
-    script = f"""
-import os, resource, signal, sys
-sys.path.insert(0, {ROOT!r})
-import torch
-from lib.checkpoint import save_checkpoint
-save_checkpoint({{"w": torch.zeros(10)}}, sys.argv[1])
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
-try:
-    save_checkpoint({{"w": torch.zeros(100000)}}, sys.argv[1])
-except OSError as err:
-    print(type(err).__name__, err.errno, err.filename)
-"""
     path = tmp_path / "ckpt.t7"
-    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
-    assert result.stdout.split() == ["OSError", str(errno.EFBIG), str(path)], result.stderr
+    save_checkpoint({"w": torch.zeros(10)}, path)
+    with file_size_limit(20000), pytest.raises(OSError) as failed:
+        save_checkpoint({"w": torch.zeros(100000)}, path)
+    assert (failed.type, failed.value.errno, str(failed.value.filename)) == (OSError, errno.EFBIG, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(10))
     assert os.listdir(tmp_path) == ["ckpt.t7"]
 
@@ -222,8 +228,7 @@ def test_batch_size_of_one_is_refused(capsys):
         assert one_error_line(err).startswith("error: argument --batch_size: 1 is outside [2, inf]")
 
 
-@pytest.mark.slow  # a Python process of its own
-def test_refused_pickle_prints_no_warning_first(tmp_path):
+def test_refused_pickle_prints_no_warning_first(tmp_path, capsys):
     import pickle
 
     class Payload:
@@ -232,20 +237,25 @@ def test_refused_pickle_prints_no_warning_first(tmp_path):
 
     with open(tmp_path / "evil.t7", "wb") as f:
         pickle.dump({"net": Payload()}, f, protocol=4)  # a plain pickle: torch warns about its protocol
-    result = run_script("main.py", SMALL + ["--test_only", "--resume", tmp_path / "evil.t7", "--model_dir",
-                                            tmp_path / "run"])
-    assert result.returncode == 2
-    assert "refused (loading it could run code)" in one_error_line(result.stderr)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # every warning, also one this process has shown before
+        expect_error(capsys, stage2, SMALL + ["--test_only", "--resume", tmp_path / "evil.t7", "--model_dir",
+                                              tmp_path / "run"], "refused (loading it could run code)")
+    assert [str(w.message) for w in warned] == []
 
 
-@pytest.mark.slow  # a Python process of its own
-def test_bad_flag_under_torchrun_is_said_by_rank_zero_alone(tmp_path):
-    results = [run_script("super_and.py", ["--batch_size", "0"], env={"RANK": str(rank), "WORLD_SIZE": "2",
-                                                                       "LOCAL_RANK": str(rank)})
-               for rank in (0, 1)]
-    assert [r.returncode for r in results] == [2, 2]
-    assert "--batch_size" in one_error_line(results[0].stderr)
-    assert results[1].stderr == ""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_bad_flag_under_torchrun_is_said_by_rank_zero_alone(rank, monkeypatch, capsys):
+    for name, value in (("RANK", rank), ("WORLD_SIZE", 2), ("LOCAL_RANK", rank)):  # as torchrun starts each
+        monkeypatch.setenv(name, str(value))
+    with pytest.raises(SystemExit) as stop:
+        run_main(super_and, ["--batch_size", "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert "--batch_size" in one_error_line(err)
+    else:
+        assert err == ""
 
 
 # ---- whole runs ----
@@ -260,12 +270,13 @@ def test_export_onto_a_real_run_leaves_it_whole(name, stage2_run, capsys):
 
 
 @pytest.mark.slow
-def test_export_to_a_full_disk_is_one_line(stage2_run):
+def test_export_to_a_full_disk_is_one_line(stage2_run, capsys):
     before = folder_bytes(stage2_run)
-    result = run_script("main.py", SMALL + ["--test_only", "--resume", "ckpt_ul.t7", "--model_dir", stage2_run,
-                                            "--export_predictions", "/dev/full"])
-    assert result.returncode == 1
-    line = one_error_line(result.stderr)
+    with pytest.raises(SystemExit) as stop:
+        run_main(stage2, SMALL + ["--test_only", "--resume", "ckpt_ul.t7", "--model_dir", stage2_run,
+                                  "--export_predictions", "/dev/full"])
+    assert stop.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: cannot write /dev/full: no space left on the device") and "same command" in line
     after = folder_bytes(stage2_run)
     assert {k: after[k] for k in after if k.startswith(("ckpt", "log"))} == \
@@ -274,24 +285,18 @@ def test_export_to_a_full_disk_is_one_line(stage2_run):
 
 
 @pytest.mark.slow
-def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_last_one(stage1_ckpt, tmp_path):
+def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_last_one(stage1_ckpt, tmp_path, capsys):
     """Stage 1 continued under a file-size limit below a checkpoint's size: the next save fails."""
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "ckpt_embed.t7").write_bytes(stage1_ckpt.read_bytes())
     (folder / "log_embed.jsonl").write_bytes((stage1_ckpt.parent / "log_embed.jsonl").read_bytes())
     before = folder_bytes(folder)
-    limit = os.path.getsize(stage1_ckpt) // 2
-
-    def small_files():
-        import resource
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
-    result = run_script("super_and.py", SMALL + ["--rounds", "2", "--epochs", "1", "--resume", "ckpt_embed.t7",
-                                                 "--model_dir", folder], preexec_fn=small_files)
-    assert result.returncode == 1
-    line = one_error_line(result.stderr)
+    with file_size_limit(os.path.getsize(stage1_ckpt) // 2), pytest.raises(SystemExit) as stop:
+        run_main(super_and, SMALL + ["--rounds", "2", "--epochs", "1", "--resume", "ckpt_embed.t7", "--model_dir",
+                                     folder])
+    assert stop.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: cannot write {folder / 'ckpt_embed.t7'}: file too large"), line
     assert line.endswith(f"resume with the same command and --resume ckpt_embed.t7 (the last checkpoint, "
                          f"{folder / 'ckpt_embed.t7'}, is intact)")
