@@ -92,7 +92,12 @@ def one_thread():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs them)."""
+    """The test files that hold end-to-end (``slow``) tests first, each file's tests together and in order: the
+    two test processes of ``make test`` then end on many short tests rather than one waiting on the other's
+    long one. Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs
+    them)."""
+    heavy = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in heavy)  # a stable sort
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs it where there is one)")
@@ -160,10 +165,22 @@ def skip_pictures(monkeypatch):
     pictures)."""
     import engine.report as report
     drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
-    for module in list(sys.modules.values()):
+    tests, venv = os.path.join(ROOT, "tests", ""), os.path.join(ROOT, ".venv", "")
+    ours = [m for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(ROOT + os.sep)
+            and not m.__file__.startswith((tests, venv))]  # the project's modules, not the tests' own calls
+    for module in ours:
         for name, drawer in drawers.items():
             if getattr(module, name, None) is drawer:
                 monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture(autouse=True)
+def pictures_where_checked(request, monkeypatch):
+    """A run in the test's process draws its pictures only in tests marked ``pictures`` (those that check them):
+    elsewhere matplotlib's second or two per run buys nothing. Runs of session- and module-scoped fixtures and
+    runs in processes of their own draw them."""
+    if "pictures" not in request.keywords:
+        skip_pictures(monkeypatch)
 
 
 @pytest.fixture(scope="module")

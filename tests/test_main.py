@@ -68,6 +68,7 @@ def test_run_writes_log_checkpoints_and_pictures(stage1_ckpt, three_epoch_run):
     assert torch.equal(start["sobel.1.weight"], last["net"]["sobel.1.weight"])
 
 
+@pytest.mark.pictures
 def test_test_only_writes_eval_confusion_and_predictions(three_epoch_run, tmp_path, capsys):
     csv_path = tmp_path / "pred.csv"
     out = tmp_path / "eval"

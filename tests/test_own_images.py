@@ -97,6 +97,7 @@ def test_semi_on_a_labelled_folder(trained, folders, tmp_path):
     assert summary["labelled"] == 6 and 0 <= summary["test_acc"] <= 100
 
 
+@pytest.mark.pictures
 def test_both_stages_on_an_unlabelled_folder(folders, tmp_path):
     flags = ["--dataset", "folder", "--data_dir", folders / "new", *NET, "--batch_size", "6", "--num_classes", "3"]
     run_main(super_and, flags + ["--rounds", "1", "--epochs", "1", "--model_dir", tmp_path])

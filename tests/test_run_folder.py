@@ -29,6 +29,7 @@ def read_log(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.pictures
 def test_readme_commands_in_one_folder_with_the_defaults(tmp_path, monkeypatch, capsys):
     """Stage 1, stage 2, stage-2 resume, both --test_only, and stage 1 continued: all in ./checkpoint/, the
     README's commands with their default folder (the first as a process, the rest in this one)."""

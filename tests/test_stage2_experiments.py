@@ -174,6 +174,7 @@ def test_head_norm_none_step_uses_the_drawn_weights(tmp_path, spy, no_curves):
 
 # ---- Fig. 4's diagnostics ----
 
+@pytest.mark.pictures
 @pytest.mark.slow
 def test_one_step_epochs_log_the_steps_entropies_and_the_checkpoints_per_class_accuracy(tmp_path, spy):
     run_main(stage2, TINY + ["--subset", "32", "--batch_size", "32", "--epochs", "2", "--init", "random",
