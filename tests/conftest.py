@@ -191,10 +191,11 @@ def no_pictures():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def digits_read_once():
-    """scikit-learn's digits decoded once for a whole test module: the ``digits`` entry's reader keeps what it
-    read and gives every later read a copy (a tiny run then costs its training, not 0.2 s of image resizing)."""
+    """scikit-learn's digits decoded once per test process: the ``digits`` entry's reader keeps what it read and
+    gives every later read a copy (a tiny run then costs its training, not 0.2 s of image resizing). The
+    reader's own tests call ``datasets.sources.digits``; runs in processes of their own read as users' do."""
     import datasets
     reader = datasets.DATASETS["digits"].read
     read, kept = reader.read, {}

@@ -18,7 +18,7 @@ import engine.lifecycle
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, ROOT, SMALL, expect_error, run_main, same_state, skip_pictures, start_script
+from conftest import NARROW, ROOT, SMALL, expect_error, run_main, same_state, start_script
 from engine.cli import check_output_file
 from engine.lifecycle import RUN_FILES, JsonLog, RunLock, atomic_file, open_run, write_text_atomic
 from lib.checkpoint import load_checkpoint, save_checkpoint
@@ -357,11 +357,11 @@ def test_checkpoint_with_other_parameter_groups_is_one_line(stage1_ckpt, capsys,
 
 # ---- 3. SIGTERM as Ctrl-C ----
 
-def terminate_at_a_random_moment(script, args, folder, log_name, epochs, max_extra=0.5):
+def terminate_at_a_random_moment(script, args, folder, log_name, epochs, max_extra=0.5, stop=signal.SIGTERM):
     """Start ``script``, wait until it holds ``folder`` and has logged a random number of its ``epochs`` (at
     most ``epochs - 2``), a random fraction of ``max_extra`` seconds more (less than two epochs take), then
-    SIGTERM it. Returns (status, stderr, the moment drawn: its seed, the lines and the seconds, for the
-    assertion messages)."""
+    send it ``stop`` (SIGTERM, or SIGINT: Ctrl-C). Returns (status, stderr, the moment drawn: its seed, the lines
+    and the seconds, for the assertion messages)."""
     seed = int.from_bytes(os.urandom(4), "little")  # every run of the test draws another moment
     rng = random.Random(seed)
     lines, extra = rng.randrange(epochs - 1), rng.uniform(0, max_extra)
@@ -375,38 +375,38 @@ def terminate_at_a_random_moment(script, args, folder, log_name, epochs, max_ext
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
         time.sleep(0.02)
     time.sleep(extra)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     err = proc.communicate(timeout=120)[1]
     return proc.returncode, err, {"seed": seed, "lines": lines, "seconds": extra}
 
 
-def check_terminated(status, err, moment, folder):
+def check_terminated(status, err, moment, folder, word="terminated", code=143):
     lines = err.strip().splitlines()
-    assert status == 143, (moment, err)
-    assert len(lines) == 1 and lines[0].startswith("terminated: "), (moment, err)
+    assert status == code, (moment, err)
+    assert len(lines) == 1 and lines[0].startswith(f"{word}: "), (moment, err)
     assert "run.lock" not in os.listdir(folder), moment
 
 
 @pytest.mark.slow
-def test_sigterm_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path, monkeypatch):
-    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
+def test_ctrl_c_in_stage1_then_resume_ends_where_the_whole_run_ends(tmp_path):
+    """Ctrl-C (SIGINT) at a random moment: one line, exit 130, the lock released; the resume it names ends where
+    the whole run ends. (SIGTERM, the same handler: stage 2 and semi.py below.)"""
     command = SMALL + ["--rounds", "2", "--epochs", "2"]
     run_main(super_and, command + ["--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
     status, err, moment = terminate_at_a_random_moment("super_and.py", command + ["--model_dir", folder], folder,
-                                                       "log_embed.jsonl", 4)
-    check_terminated(status, err, moment, folder)
+                                                       "log_embed.jsonl", 4, stop=signal.SIGINT)
+    check_terminated(status, err, moment, folder, word="interrupted", code=130)
     assert "--resume ckpt_embed.t7" in err if (folder / "ckpt_embed.t7").exists() else "same command again" in err
     resume = ["--resume", "ckpt_embed.t7"] if (folder / "ckpt_embed.t7").exists() else []
     run_main(super_and, command + ["--model_dir", folder] + resume)
     same_state(load_checkpoint(tmp_path / "whole" / "ckpt_embed.t7"), load_checkpoint(folder / "ckpt_embed.t7"),
-               where=f"ckpt_embed.t7 (SIGTERM at {moment})")
+               where=f"ckpt_embed.t7 (Ctrl-C at {moment})")
     assert sorted(os.listdir(folder)) == ["ckpt_embed.t7", "log_embed.jsonl"]
 
 
 @pytest.mark.slow
-def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path, monkeypatch):
-    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
+def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path):
     command = SMALL + ["--epochs", "3"]
     run_main(stage2, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"
@@ -422,8 +422,7 @@ def test_sigterm_in_stage2_then_resume_ends_where_the_whole_run_ends(stage1_ckpt
 
 
 @pytest.mark.slow
-def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path, monkeypatch):
-    skip_pictures(monkeypatch)  # the runs in this process: their checkpoints are compared, not pictures
+def test_sigterm_in_semi_then_the_same_command_ends_where_the_whole_run_ends(stage1_ckpt, tmp_path):
     command = SEMI + ["--epochs", "12"]  # a few hundredths of a second an epoch: the moment within 0.02 s
     run_main(semi, command + ["--resume", stage1_ckpt, "--model_dir", tmp_path / "whole"])
     folder = tmp_path / "stopped"

@@ -54,7 +54,7 @@ from engine.system import seed_everything
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
 from models import NETWORKS, MultiHeadNormFC
 
-pytestmark = pytest.mark.usefixtures("one_thread", "digits_read_once", "no_pictures")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_pictures")
 
 TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "8", "--image_size", "8", "--workers", "0"]
 BASE = {  # one step per epoch: the batch is the whole (sub)set, or all the labelled images

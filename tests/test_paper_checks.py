@@ -14,7 +14,6 @@ import pytest
 from engine.lifecycle import FREE_ON_RESUME, HERE_AND_NOW, Terminated, handle_signals, resume_arguments
 from experiments import paper
 
-pytestmark = pytest.mark.usefixtures("digits_read_once")
 TINY = ["--tables", "2", "3", "--scale", "tiny", "--dataset", "digits"]
 
 

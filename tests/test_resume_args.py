@@ -20,7 +20,7 @@ from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.errors import InputError
 from models import NETWORKS
 
-pytestmark = pytest.mark.usefixtures("no_pictures", "digits_read_once")
+pytestmark = pytest.mark.usefixtures("no_pictures")
 # non-default method flags everywhere, so that a resume that put the defaults back would show
 BASE = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "32",
         "--seed", "7", "--lr", "0.02"]

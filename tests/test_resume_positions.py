@@ -79,7 +79,7 @@ STAGE1 = TINY + ["--subset", "32", "--batch_size", "16", "--epochs", "2"]
 STAGE1_KEYS = ("net", "npc", "ANs_discovery", "optimizer", "rng", "round", "epoch", "next", "acc", "log_record")
 
 
-def test_stage1_resumed_mid_round_trains_only_the_epochs_left(tmp_path, digits_read_once):
+def test_stage1_resumed_mid_round_trains_only_the_epochs_left(tmp_path):
     """A fast cut: a one-round, two-epoch run on 16 digits (one step an epoch), its first checkpoint (epoch 0)
     and log line copied to a new folder and resumed there: only epoch 1 is trained, never the saved epoch 0
     again, and the run ends where the whole run ends."""

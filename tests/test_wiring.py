@@ -372,7 +372,7 @@ HAND_HEAD_LOSSES = [[0.5, 0.1, 0.9, 0.3, 0.7], [0.2, 0.6, 0.4, 0.05, 0.8], [0.15
 
 
 @pytest.fixture(scope="module")
-def stage2_hand_set(tmp_path_factory, digits_read_once):
+def stage2_hand_set(tmp_path_factory):
     """Three epochs of stage 2 (one step each, real training) whose epoch losses are hand-set: ``main.run_epoch``
     trains as it does, then returns HAND_LOSSES / HAND_HEAD_LOSSES for the epoch instead of the means it measured,
     so that which epoch is best and which head is selected hold on any machine. Kept: a copy of ckpt_ul_last.t7
