@@ -27,6 +27,17 @@ def start_script(script, args, **kwargs):
                             env=env, **kwargs)
 
 
+def folder_bytes(folder):
+    """Every file under ``folder`` and its bytes ({} for a folder that does not exist)."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
 def same_state(a, b, ignore=("args", "seconds"), where="checkpoint"):
     """Two loaded checkpoints hold the same values, tensor for tensor and bit for bit, apart from the keys
     ``ignore`` (the arguments a resumed run was started with, wall-clock times); an AssertionError names the

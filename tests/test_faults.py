@@ -18,24 +18,13 @@ import engine.lifecycle
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, ROOT, SMALL, expect_error, run_main, same_state, start_script
+from conftest import NARROW, ROOT, SMALL, expect_error, folder_bytes, run_main, same_state, start_script
 from engine.cli import check_output_file
 from engine.lifecycle import RUN_FILES, JsonLog, RunLock, atomic_file, open_run, write_text_atomic
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.errors import InputError
 
 SEMI = NARROW + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
-
-
-def folder_bytes(folder):
-    """Every file under ``folder`` and its bytes."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 def one_error_line(stderr):

@@ -18,24 +18,12 @@ import datasets
 import main as stage2
 import semi
 import super_and
-from conftest import NARROW, expect_error
+from conftest import NARROW, expect_error, folder_bytes
 from datasets import sources
 from engine.cli import run_file_kind
 from engine.report import plot_confusion, write_predictions
 from lib.checkpoint import save_checkpoint
 from lib.errors import InputError
-
-
-def folder_bytes(folder):
-    """Every file under ``folder`` and its bytes ({} for a folder that does not exist)."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
-
 
 # ---- outputs never overwrite a run file, anywhere ----
 

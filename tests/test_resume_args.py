@@ -4,7 +4,6 @@ run ends, for all four scripts; a flag given with another value that changes the
 line, exit 2, nothing written, unless --allow_change names it; the "changed arguments" line lists only what the
 command changed. Runs of one-step epochs on 32 digits and a network of width 4; stage 1's in the fast suite, the
 other three scripts' slow."""
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import joint
 import main as stage2
 import semi
 import super_and
-from conftest import expect_error, run_main, same_state
+from conftest import expect_error, folder_bytes, run_main, same_state
 from engine.cli import ArgumentParser
 from engine.lifecycle import resume_arguments
 from lib.checkpoint import load_checkpoint, save_checkpoint
@@ -25,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("no_pictures")
 BASE = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "32",
         "--seed", "7", "--lr", "0.02"]
 HERE = ["--workers", "0"]  # how the resumed run runs: not a flag of the method
-
-
-def snapshot(folder):
-    """Every file under ``folder`` and its bytes."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 def whole_and_cut(module, flags, length, tmp_path, capsys):
@@ -85,13 +73,13 @@ def test_semi_resume_without_its_flags_ends_where_the_whole_run_ends(tmp_path, c
     a, b = load_checkpoint(tmp_path / "whole" / "ckpt_semi.t7"), load_checkpoint(tmp_path / "cut" / "ckpt_semi.t7")
     same_state(a, b, ignore=("args", "log_record", "start"))
     assert (b["args"]["labels_per_class"], b["args"]["rampup_epochs"], b["args"]["ema_decay"]) == (2, 1, 0.9)
-    before = snapshot(tmp_path / "cut")  # a method flag at another value: refused, nothing written
+    before = folder_bytes(tmp_path / "cut")  # a method flag at another value: refused, nothing written
     for changed in (["--rampup_epochs", "80"], ["--ema_decay", "0.99"], ["--lr", "0.005"]):
         expect_error(capsys, semi, HERE + changed + ["--epochs", "3", "--resume", "ckpt_semi.t7", "--model_dir",
                                                      tmp_path / "cut"], f"{changed[0]} ", "--allow_change")
     expect_error(capsys, semi, HERE + ["--labels_per_class", "25", "--epochs", "3", "--resume", "ckpt_semi.t7",
                                        "--model_dir", tmp_path / "cut"], "--labels_per_class 2, not 25")
-    assert snapshot(tmp_path / "cut") == before
+    assert folder_bytes(tmp_path / "cut") == before
 
 
 def test_stage1_resume_without_its_flags_ends_where_the_whole_run_ends(tmp_path, capsys):
@@ -99,15 +87,15 @@ def test_stage1_resume_without_its_flags_ends_where_the_whole_run_ends(tmp_path,
     whole_and_cut(super_and, flags, ("--rounds", "2", "1"), tmp_path, capsys)
     same_state(load_checkpoint(tmp_path / "whole" / "ckpt_embed.t7"),
                load_checkpoint(tmp_path / "cut" / "ckpt_embed.t7"), ignore=("args", "log_record"))
-    before = snapshot(tmp_path / "cut")
+    before = folder_bytes(tmp_path / "cut")
     expect_error(capsys, super_and, HERE + ["--npc_t", "0.1", "--rounds", "3", "--resume", "ckpt_embed.t7",
                                             "--model_dir", tmp_path / "cut"], "--npc_t 0.2, not 0.1")
     expect_error(capsys, super_and, HERE + ["--epochs", "2", "--rounds", "3", "--resume", "ckpt_embed.t7",
                                             "--model_dir", tmp_path / "cut"], "--epochs 1, not 2")
-    assert snapshot(tmp_path / "cut") == before
+    assert folder_bytes(tmp_path / "cut") == before
     run_main(super_and, HERE + ["--resume", "ckpt_embed.t7", "--model_dir", tmp_path / "cut"])  # done: says so
     assert "nothing to train" in capsys.readouterr().out
-    assert snapshot(tmp_path / "cut") == before
+    assert folder_bytes(tmp_path / "cut") == before
 
 
 @pytest.mark.slow
@@ -121,10 +109,10 @@ def test_stage2_resume_without_its_flags_ends_where_the_whole_run_ends(tmp_path,
     whole_and_cut(stage2, flags, ("--epochs", "2", "1"), tmp_path, capsys)
     same_state(load_checkpoint(tmp_path / "whole" / "ckpt_ul_last.t7"),
                load_checkpoint(tmp_path / "cut" / "ckpt_ul_last.t7"), ignore=("args", "log_record"))
-    before = snapshot(tmp_path / "cut")
+    before = folder_bytes(tmp_path / "cut")
     expect_error(capsys, stage2, HERE + ["--head_norm", "released", "--epochs", "3", "--resume", "ckpt_ul_last.t7",
                                          "--model_dir", tmp_path / "cut"], "--head_norm paper, not released")
-    assert snapshot(tmp_path / "cut") == before
+    assert folder_bytes(tmp_path / "cut") == before
 
 
 @pytest.mark.slow
@@ -133,13 +121,13 @@ def test_joint_resume_without_its_flags_ends_where_the_whole_run_ends(tmp_path, 
     whole_and_cut(joint, flags, ("--rounds", "2", "1"), tmp_path, capsys)
     a, b = load_checkpoint(tmp_path / "whole" / "ckpt_joint.t7"), load_checkpoint(tmp_path / "cut" / "ckpt_joint.t7")
     same_state(a, b, ignore=("args", "log_record"))
-    before = snapshot(tmp_path / "cut")
+    before = folder_bytes(tmp_path / "cut")
     expect_error(capsys, joint, HERE + ["--epochs", "5", "--rounds", "3", "--resume", "ckpt_joint.t7", "--model_dir",
                                         tmp_path / "cut"], "--epochs 1, not 5", "ckpt_joint.t7")
     for script in (super_and, semi):  # named as what it is, not as a stage-2 file
         expect_error(capsys, script, BASE + ["--test_only", "--resume", tmp_path / "cut" / "ckpt_joint.t7",
                                              "--model_dir", tmp_path / "elsewhere"], "a joint-model checkpoint")
-    assert snapshot(tmp_path / "cut") == before
+    assert folder_bytes(tmp_path / "cut") == before
     run_main(joint, HERE + ["--resume", "ckpt_joint.t7", "--model_dir", tmp_path / "cut"])  # done: says so
     assert "nothing to train" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "cut" / "ckpt_joint.t7")["next"] == b["next"]
