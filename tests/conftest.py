@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = os.path.join(ROOT, "tests", "fixtures", "released_checkpoint_layout.json")
-# small, fast settings: a narrow network on a few digits
-NARROW = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0"]
+# small, fast settings: a narrow network on a few digits at 16 pixels (a quarter of the work at the scripts'
+# default of 32, which NARROW_32 keeps: the tests of the default size and of numbers that need 32 pixels)
+NARROW_32 = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0"]
+NARROW = NARROW_32 + ["--image_size", "16"]
 
 
 def run_script(script, args, **kwargs):
@@ -42,6 +43,7 @@ def same_state(a, b, ignore=("args", "seconds"), where="checkpoint"):
     """Two loaded checkpoints hold the same values, tensor for tensor and bit for bit, apart from the keys
     ``ignore`` (the arguments a resumed run was started with, wall-clock times); an AssertionError names the
     first difference."""
+    import torch
     assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, dict):
         assert set(a) - set(ignore) == set(b) - set(ignore), f"{where}: keys {sorted(a)} vs {sorted(b)}"
@@ -65,6 +67,8 @@ def run_main(module, args):
 
 def released_net_state(low_dim=128):
     """A full-width ResNet-18 state dict under the released names, with the 'module.' prefix."""
+    import torch
+
     from models import resnet18
     torch.manual_seed(0)
     return {"module." + k: v.clone() for k, v in resnet18(low_dim=low_dim).state_dict().items()}
@@ -72,6 +76,7 @@ def released_net_state(low_dim=128):
 
 def write_released_embed(path, num_samples, low_dim=128):
     """A stage-1 file as the released code wrote it: legacy format, DataParallel keys, no training state."""
+    import torch
     memory = torch.nn.functional.normalize(torch.randn(num_samples, low_dim), dim=1)
     ans = {"samples_num": torch.tensor(num_samples), "anchor_indexes": torch.arange(num_samples),
            "instance_indexes": torch.zeros(0, dtype=torch.long), "position": torch.arange(num_samples),
@@ -85,6 +90,7 @@ def write_released_embed(path, num_samples, low_dim=128):
 
 def write_released_ul(path, num_classes=10, low_dim=128):
     """A stage-2 file as released: legacy format, 'module.' keys, five heads, acc_list."""
+    import torch
     fc = {f"heads.{i}.weight": torch.randn(low_dim, num_classes) for i in range(5)}
     state = {"net": released_net_state(low_dim), "fc": fc, "acc_list": [10.0] * 5}
     torch.save(state, path, _use_new_zipfile_serialization=False)
@@ -96,6 +102,7 @@ def one_thread():
     """The tests' networks and tensors are tiny: one thread is faster than two OpenMP threads waiting on
     each other, and far faster when the cores are shared (two threads on one free core spin). Every test
     has it; fixtures and modules that name it say that their numbers depend on it (the golden runs)."""
+    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -107,6 +114,7 @@ def pytest_collection_modifyitems(config, items):
     two test processes of ``make test`` then end on many short tests rather than one waiting on the other's
     long one. Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs
     them)."""
+    import torch
     heavy = {item.path for item in items if "slow" in item.keywords}
     items.sort(key=lambda item: item.path not in heavy)  # a stable sort
     if torch.cuda.is_available():
@@ -170,16 +178,19 @@ def digits_test():
     return sources.digits(".", "test")
 
 
+# the project's top-level modules and packages (tests/ aside), as sys.modules names them
+PROJECT_MODULES = {name.removesuffix(".py") for name in os.listdir(ROOT) if name != "tests" and (
+    name.endswith(".py") or os.path.isdir(os.path.join(ROOT, name)) and not name.startswith("."))}
+
+
 def skip_pictures(monkeypatch):
     """Replace engine/report.py's ``plot_*`` functions, wherever a loaded module holds them, by ones that draw
     nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
     pictures)."""
     import engine.report as report
     drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
-    tests, venv = os.path.join(ROOT, "tests", ""), os.path.join(ROOT, ".venv", "")
-    ours = [m for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(ROOT + os.sep)
-            and not m.__file__.startswith((tests, venv))]  # the project's modules, not the tests' own calls
-    for module in ours:
+    ours = [module for name, module in list(sys.modules.items()) if name.partition(".")[0] in PROJECT_MODULES]
+    for module in ours:  # the project's modules, not the tests' own calls
         for name, drawer in drawers.items():
             if getattr(module, name, None) is drawer:
                 monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
@@ -221,6 +232,7 @@ def digits_read_once():
 
 
 SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]  # 64 digits, 4 steps an epoch
+SMALL_32 = NARROW_32 + ["--subset", "64", "--batch_size", "16"]
 
 
 @pytest.fixture(scope="session")

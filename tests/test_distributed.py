@@ -1,8 +1,9 @@
 """Several processes (engine/distributed.py) compute the single-process method: two gloo processes on the CPU
 against one process that applies the network to each process's share separately (the same BatchNorm groups).
 
-The step tests spawn two processes once for all three scripts' steps and the sharded evaluation; the
-end-to-end tests (slow) run super_and.py, main.py and semi.py in two processes, kill one and resume it.
+The step tests (slow: processes of their own) spawn two processes once for all three scripts' steps and the
+sharded evaluation; the end-to-end tests (slow) run super_and.py, main.py and semi.py in two processes, kill one
+and resume it.
 """
 import argparse
 import json
@@ -262,6 +263,7 @@ def assert_close_dicts(got, want, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol * max(scale, 1e-3), msg=key)
 
 
+@pytest.mark.slow  # two processes of their own
 def test_each_scripts_step_and_evaluation_equal_one_process(two_processes, one_process):
     """Gradient (DDP's average), losses, weights after the step and the bank update of two processes are the
     single process's on the same global batch (stage 1, stage 2, semi.py), to float32 rounding; the two

@@ -157,14 +157,15 @@ def test_tool_end_to_end(stage2_run, tmp_path, capsys):
     net.load_state_dict(strip_prefix(ckpt["net"]))
     heads = MultiHeadNormFC(32, 10)
     heads.load_state_dict(ckpt["fc"])
-    data = datasets.build_dataset("digits", "./data", "train", subset=80)
+    size = ckpt["args"]["image_size"]  # the tool evaluates at the size the file was trained at
+    data = datasets.build_dataset("digits", "./data", "train", subset=80, image_size=size)
     preds, _ = predict(net, heads.heads[ckpt["selected_head"]], data, torch.device("cpu"))
     np.testing.assert_array_equal(result["clusters"], preds[result["indexes"]])
     targets = data.targets.numpy()
     for row in result["rows"]:
         assert all(targets[i] == row["class"] and preds[i] == row["cluster"] for i in row["success"])
         assert all(targets[i] != row["class"] and preds[i] == row["cluster"] for i in row["failure"])
-    assert result["maps"]["layer4"].shape == (len(result["indexes"]), 32, 32)
+    assert result["maps"]["layer4"].shape == (len(result["indexes"]), size, size)
 
 
 @pytest.mark.slow

@@ -13,12 +13,11 @@ from test_gradcam import load_tool
 import datasets
 import main as stage2
 import super_and
-from conftest import NARROW, expect_error, run_main, write_released_embed
+from conftest import NARROW, SMALL_32, expect_error, run_main, write_released_embed
 from engine import checks, cli
 from lib.checkpoint import load_checkpoint, strip_prefix
 from models import NETWORKS, MultiHeadNormFC, resnet18
 
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 TRAINED = 16  # the size the module's run is trained at (not the flag's default, 32)
 
 
@@ -26,7 +25,7 @@ TRAINED = 16  # the size the module's run is trained at (not the flag's default,
 def run16(tmp_path_factory, one_thread):
     """Stage 1 and stage 2 (one epoch each) trained at 16 x 16 pixels."""
     out = tmp_path_factory.mktemp("run16")
-    flags = SMALL + ["--epochs", "1", "--image_size", TRAINED]
+    flags = SMALL_32 + ["--epochs", "1", "--image_size", TRAINED]
     run_main(super_and, flags + ["--rounds", "1", "--model_dir", out / "s1"])
     run_main(stage2, flags + ["--resume", out / "s1" / "ckpt_embed.t7", "--model_dir", out / "s2"])
     return out
@@ -79,7 +78,7 @@ def test_stage2_test_only_evaluates_at_the_trained_size(run16, tmp_path, monkeyp
     ckpt = load_checkpoint(run16 / "s2" / "ckpt_ul.t7")
     seen = sizes_read(monkeypatch)
     csv_path = tmp_path / "pred.csv"
-    summary = run_main(stage2, SMALL + ["--test_only", "--resume", run16 / "s2" / "ckpt_ul.t7", "--model_dir",
+    summary = run_main(stage2, SMALL_32 + ["--test_only", "--resume", run16 / "s2" / "ckpt_ul.t7", "--model_dir",
                                         tmp_path / "eval", "--export_predictions", csv_path])
     assert seen == [TRAINED]
     assert "evaluating at" not in capsys.readouterr().out  # nothing to say: the trained size
@@ -94,7 +93,7 @@ def test_stage2_test_only_at_a_size_given_says_so(run16, tmp_path, monkeypatch, 
     ckpt = load_checkpoint(run16 / "s2" / "ckpt_ul.t7")
     seen = sizes_read(monkeypatch)
     csv_path = tmp_path / "pred.csv"
-    run_main(stage2, SMALL + ["--test_only", "--image_size", 24, "--resume", run16 / "s2" / "ckpt_ul.t7",
+    run_main(stage2, SMALL_32 + ["--test_only", "--image_size", 24, "--resume", run16 / "s2" / "ckpt_ul.t7",
                               "--model_dir", tmp_path / "eval", "--export_predictions", csv_path])
     assert seen == [24]
     lines = capsys.readouterr().out.splitlines()
@@ -106,14 +105,14 @@ def test_stage2_test_only_at_a_size_given_says_so(run16, tmp_path, monkeypatch, 
 def test_stage1_test_only_evaluates_at_the_trained_size(run16, monkeypatch, capsys):
     path = run16 / "s1" / "ckpt_embed.t7"
     seen = sizes_read(monkeypatch)
-    args = super_and.get_args_parser().parse_args([str(a) for a in SMALL + ["--test_only", "--resume", path]])
+    args = super_and.get_args_parser().parse_args([str(a) for a in SMALL_32 + ["--test_only", "--resume", path]])
     top1 = super_and.main(args)
     assert seen == [TRAINED, TRAINED]  # the training split (the bank's images) and the test split
     assert args.image_size == 32  # the parsed flags are left alone
     assert top1 == pytest.approx(100 * load_checkpoint(path)["acc"], abs=1e-9)  # the run's own last kNN score
     assert "evaluating at" not in capsys.readouterr().out
     seen.clear()
-    run_main(super_and, SMALL + ["--test_only", "--image_size", 40, "--resume", path])
+    run_main(super_and, SMALL_32 + ["--test_only", "--image_size", 40, "--resume", path])
     assert seen == [40, 40]
     assert capsys.readouterr().out.splitlines().count("evaluating at 40 px, trained at 16 px") == 1
 

@@ -25,8 +25,8 @@ from models import MultiHeadNormFC
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3
 ARGS = SimpleNamespace(amp=False, batch_t=0.1, batch_m=1.0, lambda_cp=0.5)
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "64",
-        "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
+TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
+        "--subset", "64", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
 
 
 def fresh_state():

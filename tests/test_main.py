@@ -11,14 +11,13 @@ from PIL import Image
 
 import datasets
 import main as stage2
-from conftest import NARROW, run_main, write_released_embed, write_released_ul
+from conftest import NARROW, SMALL, run_main, write_released_embed, write_released_ul
 from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import cluster_accuracy
 
 pytestmark = [pytest.mark.slow,  # every test here runs the script or needs a run of it
               pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread, no waiting on a second
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 LOG_KEYS = ("epoch", "lr", "loss", "loss_assign", "loss_cp", "head_losses", "head_acc", "head_nmi", "head_ari",
             "selected_head", "acc", "nmi", "ari", "seconds")
 

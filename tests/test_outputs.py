@@ -26,7 +26,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 import datasets
 import main as stage2
 import super_and
-from conftest import NARROW, run_main
+from conftest import NARROW_32, SMALL_32, run_main
 from engine.report import confusion_as_drawn, kmeans_baseline, plot_confusion
 from lib.checkpoint import load_checkpoint, load_network
 from lib.protocols import cluster_accuracy, hungarian_match
@@ -34,11 +34,10 @@ from models import resnet18, resnet101
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, no waiting on a second
 slow = pytest.mark.slow
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]  # 4 steps per epoch
 # not the defaults, so that a value the scripts ignore or hard-code shows
 OPTIM = ["--momentum", "0.85", "--weight_decay", "0.001"]
-STAGE1 = SMALL + OPTIM + ["--rounds", "1"]
-STAGE2 = SMALL + OPTIM + ["--lambda_cp", "0.5"]
+STAGE1 = SMALL_32 + OPTIM + ["--rounds", "1"]
+STAGE2 = SMALL_32 + OPTIM + ["--lambda_cp", "0.5"]
 
 # CIFAR-100's fine label -> its superclass ("coarse label"), as the data set's own files give it
 CIFAR100_TO_20 = (
@@ -312,7 +311,7 @@ def test_confusion_matrix_as_drawn_rows_are_classes(monkeypatch, tmp_path):
 
 @slow
 def test_kmeans_baseline_is_reproducible_by_seed(stage2_with_predictions, tmp_path):
-    run_main(stage2, SMALL + ["--test_only", "--kmeans_baseline", "--resume", stage2_with_predictions / "ckpt_ul.t7",
+    run_main(stage2, SMALL_32 + ["--test_only", "--kmeans_baseline", "--resume", stage2_with_predictions / "ckpt_ul.t7",
                               "--model_dir", tmp_path])
     saved = json.loads((tmp_path / "eval.json").read_text())["kmeans"]
     assert set(saved) == {"acc", "nmi", "ari"}
@@ -403,7 +402,7 @@ def test_cifar100_encoder_starts_cifar20_stage2(tmp_path, cifar_files_only):
 
 @slow
 def test_resnet101_and_paper_head_norm(tmp_path):
-    flags = NARROW + ["--network", "resnet101", "--subset", "16", "--batch_size", "16", "--epochs", "1"]
+    flags = NARROW_32 + ["--network", "resnet101", "--subset", "16", "--batch_size", "16", "--epochs", "1"]
     run_main(super_and, flags + ["--rounds", "1", "--model_dir", tmp_path / "s1"])
     csv_path = tmp_path / "pred.csv"
     run_main(stage2, flags + ["--head_norm", "paper", "--resume", tmp_path / "s1" / "ckpt_embed.t7",

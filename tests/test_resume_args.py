@@ -21,8 +21,8 @@ from models import NETWORKS
 
 pytestmark = pytest.mark.usefixtures("no_pictures")
 # non-default method flags everywhere, so that a resume that put the defaults back would show
-BASE = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "32",
-        "--seed", "7", "--lr", "0.02"]
+BASE = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
+        "--subset", "32", "--seed", "7", "--lr", "0.02"]
 HERE = ["--workers", "0"]  # how the resumed run runs: not a flag of the method
 
 

@@ -9,8 +9,8 @@ from conftest import expect_error, run_main
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from models import NETWORKS
 
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "64",
-        "--batch_size", "10", "--labels_per_class", "3"]
+TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
+        "--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -67,7 +67,7 @@ def test_encoder_of_other_images_needs_transfer(tmp_path, capsys):
 def test_encoder_of_another_size_network_or_dimension(tmp_path, capsys):
     encoder_file(tmp_path / "size.t7", stage=2, image_size=64)
     expect_error(capsys, semi, TINY + ["--resume", tmp_path / "size.t7", "--model_dir", tmp_path / "o"],
-                 "--image_size 64, not 32", "--transfer")
+                 "--image_size 64, not 16", "--transfer")
     encoder_file(tmp_path / "wrn.t7", network="wrn28_2")
     expect_error(capsys, semi, TINY + ["--resume", tmp_path / "wrn.t7", "--model_dir", tmp_path / "o"],
                  "pass --network wrn28_2")

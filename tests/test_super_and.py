@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import super_and
-from conftest import NARROW, run_main, write_released_embed
+from conftest import NARROW, SMALL, run_main, write_released_embed
 from conftest import expect_error as shared_expect_error
 from lib.checkpoint import load_checkpoint
 from lib.protocols import weighted_knn_predict
 
 pytestmark = [pytest.mark.slow,  # every test here runs the script or needs a run of it
               pytest.mark.usefixtures("one_thread")]  # tiny tensors: one thread, no waiting on a second
-SMALL = NARROW + ["--subset", "64", "--batch_size", "16"]
 RELEASED_KEYS = {"net", "npc", "ANs_discovery", "acc", "round", "epoch"}
 ANS_BUFFERS = {"samples_num", "anchor_indexes", "instance_indexes", "position", "neighbours", "entropy",
                "consistency"}

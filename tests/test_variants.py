@@ -20,8 +20,8 @@ from models import resnet18
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, B = 24, 4
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "32",
-        "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
+TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
+        "--subset", "32", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
 
 
 def fresh_state():
