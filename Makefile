@@ -37,8 +37,9 @@ demo: $(VENV)/.installed
 # the tests run their tiny networks on one thread each (PyTorch, and the OpenMP/BLAS threads of numpy,
 # scipy and scikit-learn): two test processes use both cores without threads spinning against each other
 TEST_WORKERS ?= 2
-# and Python's bytecode caches written even where PYTHONDONTWRITEBYTECODE is set: pytest keeps its rewritten test
-# modules there (without them each test process spends about 4 s rewriting assertions; __pycache__ is ignored by git)
+# PYTHONDONTWRITEBYTECODE emptied: bytecode caches are written even where the environment turns them off, since
+# pytest keeps its rewritten test modules there (without them each test process spends about 4 s rewriting
+# assertions; __pycache__ is ignored by git)
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=
 test: $(VENV)/.installed
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS)

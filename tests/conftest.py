@@ -12,6 +12,8 @@ LAYOUT = os.path.join(ROOT, "tests", "fixtures", "released_checkpoint_layout.jso
 # default of 32, which NARROW_32 keeps: the tests of the default size and of numbers that need 32 pixels)
 NARROW_32 = ["--dataset", "digits", "--width", "8", "--low_dim", "32", "--workers", "0"]
 NARROW = NARROW_32 + ["--image_size", "16"]
+# narrower still, for runs of one-step epochs: width 4, d = 16, at 16 pixels
+NARROWEST = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16"]
 
 
 def run_script(script, args, **kwargs):

@@ -79,7 +79,7 @@ def test_stage2_test_only_evaluates_at_the_trained_size(run16, tmp_path, monkeyp
     seen = sizes_read(monkeypatch)
     csv_path = tmp_path / "pred.csv"
     summary = run_main(stage2, SMALL_32 + ["--test_only", "--resume", run16 / "s2" / "ckpt_ul.t7", "--model_dir",
-                                        tmp_path / "eval", "--export_predictions", csv_path])
+                                           tmp_path / "eval", "--export_predictions", csv_path])
     assert seen == [TRAINED]
     assert "evaluating at" not in capsys.readouterr().out  # nothing to say: the trained size
     expected = selected_probabilities(ckpt, TRAINED)
@@ -94,7 +94,7 @@ def test_stage2_test_only_at_a_size_given_says_so(run16, tmp_path, monkeypatch, 
     seen = sizes_read(monkeypatch)
     csv_path = tmp_path / "pred.csv"
     run_main(stage2, SMALL_32 + ["--test_only", "--image_size", 24, "--resume", run16 / "s2" / "ckpt_ul.t7",
-                              "--model_dir", tmp_path / "eval", "--export_predictions", csv_path])
+                                 "--model_dir", tmp_path / "eval", "--export_predictions", csv_path])
     assert seen == [24]
     lines = capsys.readouterr().out.splitlines()
     assert lines.count("evaluating at 24 px, trained at 16 px") == 1

@@ -16,7 +16,7 @@ from test_variants import fresh_state as stage1_state
 
 import joint
 import main as stage2
-from conftest import ROOT, expect_error, run_main, write_released_embed
+from conftest import NARROWEST, ROOT, expect_error, run_main, write_released_embed
 from engine import report
 from lib.checkpoint import load_checkpoint
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
@@ -25,8 +25,7 @@ from models import MultiHeadNormFC
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 3
 ARGS = SimpleNamespace(amp=False, batch_t=0.1, batch_m=1.0, lambda_cp=0.5)
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
-        "--subset", "64", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
+TINY = NARROWEST + ["--subset", "64", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
 
 
 def fresh_state():

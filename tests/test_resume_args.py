@@ -12,7 +12,7 @@ import joint
 import main as stage2
 import semi
 import super_and
-from conftest import expect_error, folder_bytes, run_main, same_state
+from conftest import NARROWEST, expect_error, folder_bytes, run_main, same_state
 from engine.cli import ArgumentParser
 from engine.lifecycle import resume_arguments
 from lib.checkpoint import load_checkpoint, save_checkpoint
@@ -21,8 +21,7 @@ from models import NETWORKS
 
 pytestmark = pytest.mark.usefixtures("no_pictures")
 # non-default method flags everywhere, so that a resume that put the defaults back would show
-BASE = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
-        "--subset", "32", "--seed", "7", "--lr", "0.02"]
+BASE = NARROWEST + ["--subset", "32", "--seed", "7", "--lr", "0.02"]
 HERE = ["--workers", "0"]  # how the resumed run runs: not a flag of the method
 
 

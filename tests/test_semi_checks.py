@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import semi
-from conftest import expect_error, run_main
+from conftest import NARROWEST, expect_error, run_main
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from models import NETWORKS
 
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
-        "--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
+TINY = NARROWEST + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

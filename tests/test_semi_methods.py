@@ -12,14 +12,13 @@ from torchvision import transforms
 
 import datasets
 import semi
-from conftest import expect_error, run_main
+from conftest import NARROWEST, expect_error, run_main
 from lib.checkpoint import load_checkpoint
 from lib.semi_supervised import ema_update, semi_supervised_loss
 from models import NETWORKS
 
 # 20 labelled and 44 unlabelled images: two steps an epoch, the unlabelled loader restarted within one
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--subset", "64",
-        "--batch_size", "10", "--labels_per_class", "2", "--unlabelled_batch_size", "24", "--image_size", "16"]
+TINY = NARROWEST + ["--subset", "64", "--batch_size", "10", "--labels_per_class", "2", "--unlabelled_batch_size", "24"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

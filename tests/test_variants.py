@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import super_and
-from conftest import expect_error, run_main
+from conftest import NARROWEST, expect_error, run_main
 from lib.checkpoint import load_checkpoint
 from lib.errors import InputError
 from lib.losses import and_loss, aug_loss, ue_loss
@@ -20,8 +20,7 @@ from models import resnet18
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, B = 24, 4
-TINY = ["--dataset", "digits", "--width", "4", "--low_dim", "16", "--workers", "0", "--image_size", "16",
-        "--subset", "32", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
+TINY = NARROWEST + ["--subset", "32", "--batch_size", "16", "--rounds", "2", "--epochs", "1"]
 
 
 def fresh_state():
