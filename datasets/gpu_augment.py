@@ -351,7 +351,7 @@ class GpuTwoViewLoader:
         for start in range(0, len(images), self.UPLOAD_CHUNK):
             chunk = images[start:start + self.UPLOAD_CHUNK]
             if not isinstance(chunk, torch.Tensor):
-                chunk = torch.from_numpy(np.ascontiguousarray(np.asarray(chunk, dtype=np.uint8)))
+                chunk = torch.tensor(np.asarray(chunk, dtype=np.uint8))  # a copy: mapped images are read-only
             self.images[start:start + len(chunk)] = chunk.to(device=device, dtype=torch.uint8)
         self.targets = torch.as_tensor(targets, dtype=torch.long).to(device)  # (N,)
         if self.targets.shape != self.images.shape[:1]:

@@ -185,17 +185,26 @@ PROJECT_MODULES = {name.removesuffix(".py") for name in os.listdir(ROOT) if name
     name.endswith(".py") or os.path.isdir(os.path.join(ROOT, name)) and not name.startswith("."))}
 
 
+def draw_nothing(*args, **kwargs):
+    """What ``skip_pictures`` puts in place of a ``plot_*`` function."""
+
+
+_HOLDERS = [-1, []]  # the number of loaded modules when last searched, and the (module, name) pairs found
+
+
 def skip_pictures(monkeypatch):
-    """Replace engine/report.py's ``plot_*`` functions, wherever a loaded module holds them, by ones that draw
+    """Replace engine/report.py's ``plot_*`` functions, wherever a loaded module holds them, by one that draws
     nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
-    pictures)."""
+    pictures). The holders are searched again only when modules were loaded since the last search."""
     import engine.report as report
-    drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
-    ours = [module for name, module in list(sys.modules.items()) if name.partition(".")[0] in PROJECT_MODULES]
-    for module in ours:  # the project's modules, not the tests' own calls
-        for name, drawer in drawers.items():
-            if getattr(module, name, None) is drawer:
-                monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    if len(sys.modules) != _HOLDERS[0]:
+        drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
+        ours = [module for name, module in list(sys.modules.items()) if name.partition(".")[0] in PROJECT_MODULES]
+        _HOLDERS[:] = [len(sys.modules), [  # the project's modules, not the tests' own calls
+            (module, name) for module in ours for name, drawer in drawers.items()
+            if getattr(module, name, None) in (drawer, draw_nothing)]]
+    for module, name in _HOLDERS[1]:
+        monkeypatch.setattr(module, name, draw_nothing)
 
 
 @pytest.fixture(autouse=True)
@@ -218,8 +227,9 @@ def no_pictures():
 @pytest.fixture(scope="session", autouse=True)
 def digits_read_once():
     """scikit-learn's digits decoded once per test process: the ``digits`` entry's reader keeps what it read and
-    gives every later read a copy (a tiny run then costs its training, not 0.2 s of image resizing). The
-    reader's own tests call ``datasets.sources.digits``; runs in processes of their own read as users' do."""
+    gives every later read the same read-only images and a copy of the labels (a tiny run then costs its
+    training, not 0.2 s of image resizing and a 5 MB copy). The reader's own tests call
+    ``datasets.sources.digits``; runs in processes of their own read as users' do."""
     import datasets
     reader = datasets.DATASETS["digits"].read
     read, kept = reader.read, {}
@@ -227,7 +237,9 @@ def digits_read_once():
     def read_once(data_dir, part):
         if part not in kept:
             kept[part] = read(data_dir, part)
-        return tuple(array.copy() for array in kept[part])
+            kept[part][0].setflags(write=False)  # the images shared, read-only: a write fails loudly
+        images, labels = kept[part]
+        return images, labels.copy()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reader, "read", read_once)
         yield

@@ -2,6 +2,7 @@
 (Table 3) against a hand computation, the harness's tables as data, and (slow) the harness end to end on
 digits: its numbers are the runs' own, a second call runs only what is new, a run cut short is resumed."""
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -42,14 +43,19 @@ def test_head_without_normalization_is_the_plain_softmax():
 
 # ---- the tables as data ----
 
+@functools.cache
+def parser_of(script):
+    """``script``'s own parser, built once (parsing leaves it as it was)."""
+    return importlib.import_module(script[:-3]).get_args_parser()
+
+
 def parses(run, flags):
     """``run``'s flags (and the --model_dir and --resume the harness adds) parse with its script's own parser;
     a flag or choice the script does not offer exits 2."""
-    import importlib
     argv = [*flags, "--model_dir", "out"] + (["--resume", "x.t7"] if run.encoder else [])
     if run.kind == "semi" and run.encoder:
         argv = [f for f in argv if f != "--from_scratch"]
-    importlib.import_module(run.script[:-3]).get_args_parser().parse_args(argv)
+    parser_of(run.script).parse_args(argv)
     return True
 
 
