@@ -9,7 +9,7 @@ Each step adds stage 1's losses (AND + AUG + w·UE on the memory-bank logits, an
 of every round) and stage 2's (the heads' mean Eq. 9 + λ · Eq. 11 on the embeddings) and takes one SGD step
 of the network. Writes <model_dir>/ckpt_joint.t7 after every epoch (net, bank, anchors, heads and the
 training state), one JSON line per epoch to log_joint.jsonl, and at the end eval.json, confusion_matrix.png
-and clusters.png, scored as stage 2 scores its heads (engine/report.py).
+and clusters.png, scored as stage 2 scores its heads (main.py's report).
 """
 import time
 from dataclasses import dataclass
@@ -32,7 +32,6 @@ from engine.lifecycle import (
     set_lr,
     training_state,
 )
-from engine.report import write_report
 from engine.script import open_script
 from lib.checkpoint import normalization
 from lib.errors import InputError
@@ -144,7 +143,7 @@ def main(args):
         if not distributed.is_main():
             return None
         with RunLock(args.model_dir):
-            return write_report(clusters, ckpt.get("selected_head"), eval_set, args)
+            return stage2.write_report(clusters, ckpt.get("selected_head"), eval_set, args)
     start = (ckpt["next"]["round"], ckpt["next"]["epoch"]) if ckpt else (0, 0)
     with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=stage1.position,
                   optimizer=state.optimizer, args=args) as run:
@@ -160,7 +159,7 @@ def main(args):
             state.selected_head = ckpt["selected_head"]
         if not distributed.is_main():
             return None
-        return write_report(state.clusters, state.selected_head, eval_set, args)
+        return stage2.write_report(state.clusters, state.selected_head, eval_set, args)
 
 
 def train_and_save(run, state, epoch, args):

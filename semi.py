@@ -272,6 +272,91 @@ def train_epoch(state, epoch, args):
     return require_finite(means or {"loss": 0.0})
 
 
+# ---- the checks of --resume: an encoder (stage 1 or 2) to fine-tune, or a file of this script to continue; one
+# clear line for a file of another data set, size or shape, not a mismatch deep inside ``load_state_dict`` ----
+
+def _saved_args(ckpt):
+    saved = ckpt.get("args")
+    return saved if isinstance(saved, dict) else {}
+
+
+def same_backbone(ckpt, path, args):
+    """The file's network is the one the flags build: the saved --network, --width and --low_dim where the
+    file records them (ours), the embedding layer's shape otherwise (released files, 'module.' keys)."""
+    saved = _saved_args(ckpt)
+    for flag in ("network", "width", "low_dim"):
+        if saved.get(flag) is not None and saved[flag] != getattr(args, flag):
+            raise InputError(f"{path} holds a network of --{flag} {saved[flag]}, not {getattr(args, flag)}; "
+                             f"pass --{flag} {saved[flag]}")
+    linear = ckpt["net"].get("linear.weight", ckpt["net"].get("module.linear.weight"))
+    if torch.is_tensor(linear) and linear.dim() == 2 and linear.shape[0] != args.low_dim:
+        raise InputError(f"{path} has a {linear.shape[0]}-dimensional embedding; pass --low_dim {linear.shape[0]}")
+
+
+def encoder_start(ckpt, path, args, transfer=False):
+    """A stage-1 or stage-2 file to fine-tune: trained on the images of --dataset at --image_size, unless
+    ``transfer`` (--transfer) says an encoder of other images is meant. Returns the one line that says such
+    a transfer, or None."""
+    saved = _saved_args(ckpt)
+    other = []
+    if saved.get("dataset") is not None and not datasets.same_images(saved["dataset"], args.dataset):
+        other.append(f"trained on {saved['dataset']}, not --dataset {args.dataset}")
+    if saved.get("image_size") is not None and saved["image_size"] != args.image_size:
+        other.append(f"trained at --image_size {saved['image_size']}, not {args.image_size}")
+    if other and not transfer:
+        raise InputError(f"{path} is an encoder {' and '.join(other)}; pass --transfer if fine-tuning it "
+                         f"here is meant, else the matching flags")
+    return f"transfer: {path} is an encoder {' and '.join(other)}" if other else None
+
+
+def semi_checkpoint(ckpt, path, args, num_classes):
+    """A ckpt_semi.t7 to continue or evaluate: the same --dataset, and the same --image_size, --subset and
+    --method to continue it (its labelled indexes point into that training split; ``evaluation_image_size``
+    chooses the size of an evaluation), a classifier of ``num_classes`` x --low_dim."""
+    saved = _saved_args(ckpt)
+    flags = ("dataset",) if args.test_only else ("dataset", "image_size", "subset", "method")
+    for flag in flags:
+        if flag in saved and saved[flag] != getattr(args, flag):
+            fix = f"leave --{flag} out" if saved[flag] is None else f"pass --{flag} {saved[flag]}"
+            raise InputError(f"{path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; {fix}")
+    weight = ckpt["classifier"].get("weight") if isinstance(ckpt["classifier"], dict) else None
+    if not torch.is_tensor(weight) or tuple(weight.shape) != (num_classes, args.low_dim):
+        shape = tuple(weight.shape) if torch.is_tensor(weight) else None
+        raise InputError(f"{path} has a classifier of shape {shape}, not ({num_classes}, {args.low_dim}); "
+                         "check --dataset and --low_dim")
+
+
+def epoch_number(ckpt, path, key):
+    """``ckpt[key]`` (where to continue) is an epoch number, an int >= 0; else one line (a corrupt file)."""
+    value = ckpt.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{path}: {key!r} is {value!r}, not an epoch number (an integer >= 0): the file is "
+                         "corrupt or written by another program; pass an intact checkpoint")
+    return value
+
+
+def labelled_indexes(indexes, path, targets, per_class):
+    """A saved labelled draw: distinct integer indexes into the training split (``targets``, its labels),
+    ``per_class`` of each class (the draw's --labels_per_class). Returns them as a list."""
+    if not isinstance(indexes, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indexes):
+        raise InputError(f"{path}: 'labelled_indexes' is not a list of integers; pass an intact checkpoint")
+    targets = torch.as_tensor(targets)
+    outside = [i for i in indexes if not 0 <= i < len(targets)]
+    if outside:
+        raise InputError(f"{path} holds labelled index {outside[0]}, outside the {len(targets)} training images "
+                         "here; check --dataset and --subset")
+    if len(set(indexes)) != len(indexes):
+        twice = next(i for i in indexes if indexes.count(i) > 1)
+        raise InputError(f"{path} holds labelled index {twice} twice: the file is corrupt; pass an intact "
+                         "checkpoint")
+    counts = torch.bincount(targets[list(indexes)], minlength=int(targets.max()) + 1).tolist()
+    if any(count != per_class for count in counts):
+        raise InputError(f"{path} holds {counts} labelled images per class, not {per_class} of each (its "
+                         "--labels_per_class); check --dataset and --subset")
+    return list(indexes)
+
+
 def read_start(args):
     """``--resume``: read the file and check what needs no data: the network it holds, a trained classifier for
     --test_only, an encoder's data set and size. A ckpt_semi.t7 to continue gives the flags left out
@@ -288,12 +373,12 @@ def read_start(args):
     stage = checkpoint_stage(ckpt)
     if stage == 3 and not args.test_only:  # going on: --epochs may grow (the schedule does not depend on it)
         args = resume_arguments(args, ckpt, path, get_args_parser(), free=("epochs",))
-    checks.same_backbone(ckpt, path, args)
+    same_backbone(ckpt, path, args)
     if stage != 3 and args.test_only:
         raise InputError(f"{path} is {checkpoint_kind(ckpt)} with no trained classifier: pass a ckpt_semi.t7 "
                          f"to --test_only, or fine-tune this encoder with 'semi.py --resume {args.resume}' first")
     if stage != 3:
-        note = checks.encoder_start(ckpt, path, args, args.transfer)
+        note = encoder_start(ckpt, path, args, args.transfer)
         if note:
             print(note)
     return path, ckpt, args
@@ -308,12 +393,12 @@ def load_start(args, net, train_set, path, ckpt):
     if checkpoint_stage(ckpt) != 3:
         load_network(net.encoder, ckpt["net"], path)
         return None, None  # an encoder to start from: a new run
-    checks.semi_checkpoint(ckpt, path, args, train_set.num_classes)
+    semi_checkpoint(ckpt, path, args, train_set.num_classes)
     if not args.test_only:
         require_keys(ckpt, path, TRAINING_KEYS + (("teacher",) if args.method == "mean_teacher" else ()))
-        checks.epoch_number(ckpt, path, "next_epoch")
+        epoch_number(ckpt, path, "next_epoch")
         per_class = ckpt["args"].get("labels_per_class", args.labels_per_class)
-        checks.labelled_indexes(ckpt["labelled_indexes"], path, train_set.targets, per_class)
+        labelled_indexes(ckpt["labelled_indexes"], path, train_set.targets, per_class)
     load_network(net.encoder, ckpt["net"], path)
     net.classifier.load_state_dict(ckpt["classifier"])
     return path, ckpt

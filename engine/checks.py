@@ -1,7 +1,6 @@
 """The input size an evaluation uses (the one the file was trained at) and the memory a size costs, checked
 before any data or network is allocated; what an image folder's file names decide, before its images are
-decoded; semi.py's checks of its ``--resume`` file (one clear error line for a file of another data set, size
-or shape, rather than a mismatch deep inside ``load_state_dict``)."""
+decoded."""
 import argparse
 import contextlib
 import io
@@ -143,87 +142,3 @@ def folder_before_cache(args, labelled_for=None, per_class=None, batch=None, clu
     if clustering and class_names is None:
         count = args.num_classes if num_classes is None else num_classes
         datasets.folder.check_cluster_count(count, len(files), args.data_dir)
-
-
-# ---- semi.py: few-label fine-tuning from an encoder (stage 1 or 2), or continued from its own file ----
-
-def _saved_args(ckpt):
-    saved = ckpt.get("args")
-    return saved if isinstance(saved, dict) else {}
-
-
-def same_backbone(ckpt, path, args):
-    """The file's network is the one the flags build: the saved --network, --width and --low_dim where the
-    file records them (ours), the embedding layer's shape otherwise (released files, 'module.' keys)."""
-    saved = _saved_args(ckpt)
-    for flag in ("network", "width", "low_dim"):
-        if saved.get(flag) is not None and saved[flag] != getattr(args, flag):
-            raise InputError(f"{path} holds a network of --{flag} {saved[flag]}, not {getattr(args, flag)}; "
-                             f"pass --{flag} {saved[flag]}")
-    linear = ckpt["net"].get("linear.weight", ckpt["net"].get("module.linear.weight"))
-    if torch.is_tensor(linear) and linear.dim() == 2 and linear.shape[0] != args.low_dim:
-        raise InputError(f"{path} has a {linear.shape[0]}-dimensional embedding; pass --low_dim {linear.shape[0]}")
-
-
-def encoder_start(ckpt, path, args, transfer=False):
-    """A stage-1 or stage-2 file to fine-tune: trained on the images of --dataset at --image_size, unless
-    ``transfer`` (--transfer) says an encoder of other images is meant. Returns the one line that says such
-    a transfer, or None."""
-    saved = _saved_args(ckpt)
-    other = []
-    if saved.get("dataset") is not None and not datasets.same_images(saved["dataset"], args.dataset):
-        other.append(f"trained on {saved['dataset']}, not --dataset {args.dataset}")
-    if saved.get("image_size") is not None and saved["image_size"] != args.image_size:
-        other.append(f"trained at --image_size {saved['image_size']}, not {args.image_size}")
-    if other and not transfer:
-        raise InputError(f"{path} is an encoder {' and '.join(other)}; pass --transfer if fine-tuning it "
-                         f"here is meant, else the matching flags")
-    return f"transfer: {path} is an encoder {' and '.join(other)}" if other else None
-
-
-def semi_checkpoint(ckpt, path, args, num_classes):
-    """A ckpt_semi.t7 to continue or evaluate: the same --dataset, and the same --image_size, --subset and
-    --method to continue it (its labelled indexes point into that training split; ``evaluation_image_size``
-    chooses the size of an evaluation), a classifier of ``num_classes`` x --low_dim."""
-    saved = _saved_args(ckpt)
-    flags = ("dataset",) if args.test_only else ("dataset", "image_size", "subset", "method")
-    for flag in flags:
-        if flag in saved and saved[flag] != getattr(args, flag):
-            fix = f"leave --{flag} out" if saved[flag] is None else f"pass --{flag} {saved[flag]}"
-            raise InputError(f"{path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; {fix}")
-    weight = ckpt["classifier"].get("weight") if isinstance(ckpt["classifier"], dict) else None
-    if not torch.is_tensor(weight) or tuple(weight.shape) != (num_classes, args.low_dim):
-        shape = tuple(weight.shape) if torch.is_tensor(weight) else None
-        raise InputError(f"{path} has a classifier of shape {shape}, not ({num_classes}, {args.low_dim}); "
-                         "check --dataset and --low_dim")
-
-
-def epoch_number(ckpt, path, key):
-    """``ckpt[key]`` (where to continue) is an epoch number, an int >= 0; else one line (a corrupt file)."""
-    value = ckpt.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"{path}: {key!r} is {value!r}, not an epoch number (an integer >= 0): the file is "
-                         "corrupt or written by another program; pass an intact checkpoint")
-    return value
-
-
-def labelled_indexes(indexes, path, targets, per_class):
-    """A saved labelled draw: distinct integer indexes into the training split (``targets``, its labels),
-    ``per_class`` of each class (the draw's --labels_per_class). Returns them as a list."""
-    if not isinstance(indexes, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in indexes):
-        raise InputError(f"{path}: 'labelled_indexes' is not a list of integers; pass an intact checkpoint")
-    targets = torch.as_tensor(targets)
-    outside = [i for i in indexes if not 0 <= i < len(targets)]
-    if outside:
-        raise InputError(f"{path} holds labelled index {outside[0]}, outside the {len(targets)} training images "
-                         "here; check --dataset and --subset")
-    if len(set(indexes)) != len(indexes):
-        twice = next(i for i in indexes if indexes.count(i) > 1)
-        raise InputError(f"{path} holds labelled index {twice} twice: the file is corrupt; pass an intact "
-                         "checkpoint")
-    counts = torch.bincount(targets[list(indexes)], minlength=int(targets.max()) + 1).tolist()
-    if any(count != per_class for count in counts):
-        raise InputError(f"{path} holds {counts} labelled images per class, not {per_class} of each (its "
-                         "--labels_per_class); check --dataset and --subset")
-    return list(indexes)

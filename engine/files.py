@@ -4,7 +4,7 @@ LOCK, CACHE = "run.lock", "cache"  # one run per folder (engine/lifecycle.py); d
 EMBED_CKPT, EMBED_LOG = "ckpt_embed.t7", "log_embed.jsonl"  # super_and.py
 BEST, LAST, ASSIGN_LOG = "ckpt_ul.t7", "ckpt_ul_last.t7", "log_ul.jsonl"  # main.py: lowest-loss epoch, last epoch
 JOINT_CKPT, JOINT_LOG = "ckpt_joint.t7", "log_joint.jsonl"  # joint.py
-# main.py's and joint.py's report (engine/report.py)
+# the report of main.py and joint.py (main.py, the last section)
 EVAL, CURVES, CONFUSION, CLUSTERS = "eval.json", "curves.png", "confusion_matrix.png", "clusters.png"
 MUTUAL_INFORMATION, PER_CLASS = "mutual_information.png", "per_class_accuracy.png"
 SEMI_CKPT, SEMI_LOG, SEMI_EVAL = "ckpt_semi.t7", "log_semi.jsonl", "eval_semi.json"  # semi.py

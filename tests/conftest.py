@@ -193,10 +193,10 @@ _HOLDERS = [-1, []]  # the number of loaded modules when last searched, and the 
 
 
 def skip_pictures(monkeypatch):
-    """Replace engine/report.py's ``plot_*`` functions, wherever a loaded module holds them, by one that draws
+    """Replace main.py's ``plot_*`` functions, wherever a loaded module holds them, by one that draws
     nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
     pictures). The holders are searched again only when modules were loaded since the last search."""
-    import engine.report as report
+    import main as report
     if len(sys.modules) != _HOLDERS[0]:
         drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
         ours = [module for name, module in list(sys.modules.items()) if name.partition(".")[0] in PROJECT_MODULES]

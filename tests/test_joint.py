@@ -17,7 +17,6 @@ from test_variants import fresh_state as stage1_state
 import joint
 import main as stage2
 from conftest import NARROWEST, ROOT, expect_error, run_main, write_released_embed
-from engine import report
 from lib.checkpoint import load_checkpoint
 from lib.losses import and_loss, aug_loss, iic_loss, ue_loss
 from models import MultiHeadNormFC
@@ -113,7 +112,7 @@ def test_short_run_killed_after_its_first_epoch_resumes_exactly(tmp_path, monkey
     assert not (killed / "eval.json").exists()
 
     for picture in ("plot_clusters", "plot_confusion"):  # seconds each; tested in tests/test_outputs.py
-        monkeypatch.setattr(report, picture, lambda *args, **kwargs: None, raising=False)
+        monkeypatch.setattr(stage2, picture, lambda *args, **kwargs: None, raising=False)
     summary = run_main(joint, TINY + ["--model_dir", whole])
     run_main(joint, TINY + ["--model_dir", killed, "--resume", "ckpt_joint.t7"])
     a, b = load_checkpoint(whole / "ckpt_joint.t7"), load_checkpoint(killed / "ckpt_joint.t7")

@@ -27,9 +27,9 @@ import datasets
 import main as stage2
 import super_and
 from conftest import NARROW_32, SMALL_32, run_main
-from engine.report import confusion_as_drawn, kmeans_baseline, plot_confusion
 from lib.checkpoint import load_checkpoint, load_network
 from lib.protocols import cluster_accuracy, hungarian_match
+from main import confusion_as_drawn, kmeans_baseline, plot_confusion
 from models import resnet18, resnet101
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread, no waiting on a second

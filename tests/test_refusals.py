@@ -21,9 +21,9 @@ import super_and
 from conftest import NARROW, expect_error, folder_bytes
 from datasets import sources
 from engine.cli import run_file_kind
-from engine.report import plot_confusion, write_predictions
 from lib.checkpoint import save_checkpoint
 from lib.errors import InputError
+from main import plot_confusion, write_predictions
 
 # ---- outputs never overwrite a run file, anywhere ----
 

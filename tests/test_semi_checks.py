@@ -59,7 +59,7 @@ def test_encoder_of_other_images_needs_transfer(tmp_path, capsys):
     assert torch.equal(ckpt["net"]["conv1.weight"], start["net"]["conv1.weight"])  # lr 0: the file's encoder
     # cifar20's images are cifar100's: no transfer between them (the stages' rule)
     encoder_file(tmp_path / "c100.t7", stage=2, dataset="cifar100")
-    assert semi.checks.encoder_start(load_checkpoint(tmp_path / "c100.t7"), "f", semi.get_args_parser().parse_args(
+    assert semi.encoder_start(load_checkpoint(tmp_path / "c100.t7"), "f", semi.get_args_parser().parse_args(
         ["--dataset", "cifar20", "--image_size", "32"])) is None
 
 

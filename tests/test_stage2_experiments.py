@@ -60,9 +60,8 @@ def stage1(tmp_path_factory, one_thread):
 @pytest.fixture(autouse=True)
 def few_pictures(monkeypatch):
     """The pictures of write_report (confusion matrix, clusters) take most of a tiny run: not drawn here."""
-    import engine.report
-    monkeypatch.setattr(engine.report, "plot_clusters", lambda *args, **kwargs: None)
-    monkeypatch.setattr(engine.report, "plot_confusion", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stage2, "plot_clusters", lambda *args, **kwargs: None)
+    monkeypatch.setattr(stage2, "plot_confusion", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
