@@ -4,14 +4,24 @@ The training transform (docs/method.md, "Data and augmentation") is RandomResize
 scale=(0.2, 1.0)), ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale(0.2), RandomHorizontalFlip,
 ToTensor, Normalize, applied twice to each image (two independent views). ``datasets.train_transform``
 runs it with torchvision's v1 transforms on PIL images, one image at a time in worker processes;
-this module draws the same
-parameters from the same distributions for a whole batch at once and applies them with tensor ops,
-so the augmentation runs on the GPU next to the network (``--gpu_augment``). No step loops over
-samples: the 10 crop tries are drawn as one (n, 10) tensor, and the only Python loops are over the
-4 positions x 4 colour ops of ColorJitter's random order and over the batches of an epoch.
+this module draws the same parameters from the same distributions for a whole batch at once and
+applies them with tensor ops, so the augmentation runs on the GPU next to the network
+(``--gpu_augment``). No step loops over samples: the 10 crop tries are drawn as one (n, 10) tensor,
+and the only Python loops are over the 4 positions x 4 colour ops of ColorJitter's random order and
+over the batches of an epoch.
 
-Where the result differs from ``datasets.train_transform`` (the PIL pipeline); the colour ops
-follow torchvision's *tensor* semantics (what ColorJitter runs on tensors):
+kornia (imported on first use: 0.3 to 0.5 s) runs the steps it draws as torchvision does: the four
+colour ops (``kornia.enhance``, torchvision's formulas), RandomGrayscale and RandomHorizontalFlip (its
+modules: an independent coin per image). The rest is written here, where kornia (0.9.0) differs:
+- crop boxes: its ResizedCropGenerator places the fallback crop (all 10 tries failed) anywhere,
+  torchvision centres it (they differ on a non-square image whose ratio gets clamped);
+- resize: its RandomResizedCrop interpolates each crop in turn without antialiasing, where PIL's
+  BILINEAR widens its filter when shrinking;
+- jitter: its ColorJitter draws one order of the four ops per batch, torchvision one per image;
+- SVHN's RandomAffine (refused, ``check_supported``): its translations are continuous,
+  torchvision's ``get_params`` rounds them to whole pixels.
+
+Where the result differs from ``datasets.train_transform`` (the PIL pipeline):
 - PIL works in uint8 and rounds after each of its two resize passes and after every colour op;
   here everything stays float32 in [0, 1] from ToTensor's ``/255`` onwards (the resize alone
   differs from PIL's by at most 1.5/255, 0.5/255 on average; tests/test_gpu_augment.py).
@@ -19,14 +29,16 @@ follow torchvision's *tensor* semantics (what ColorJitter runs on tensors):
   shrinking, i.e. antialiased, taps clipped to the crop box and renormalized) evaluated in float;
   it equals torchvision's tensor ``resized_crop(..., antialias=True)``, not grid_sample's
   bilinear, which would blend in pixels outside the crop box at its edges and not antialias.
-- The colour ops follow ``torchvision.transforms._functional_tensor`` (what ColorJitter runs on
-  tensors): luma weights (0.2989, 0.587, 0.114) where PIL's ``convert('L')`` uses
-  (0.299, 0.587, 0.114), also for RandomGrayscale; contrast blends with the float mean of the luma
-  image where PIL's ImageEnhance rounds that mean to an integer; hue is shifted in float HSV where
-  PIL shifts an 8-bit hue channel.
-- The random numbers are drawn in another order than torchvision's, so a seed gives other (equally
-  distributed) augmentations than the CPU loader.
+- The colour ops are torchvision's tensor formulas (what ColorJitter runs on tensors) with PIL's
+  luma weights (0.299, 0.587, 0.114; torchvision's tensor path uses 0.2989 for red), also for
+  RandomGrayscale; contrast blends with the float mean of the luma image where PIL's ImageEnhance
+  rounds that mean to an integer; hue is shifted in float HSV where PIL shifts an 8-bit hue channel.
+- The random numbers come from the global generator of the images' device (kornia's modules take
+  no generator) in another order than torchvision's, so a seed gives other (equally distributed)
+  augmentations than the CPU loader.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -34,16 +46,15 @@ from lib.errors import InputError
 
 from .registry import DATASETS
 
-# ITU-R 601-2 luma as torchvision's tensor rgb_to_grayscale writes it (PIL: 0.299)
-LUMA = (0.2989, 0.587, 0.114)
 # ColorJitter's ops by id, in torchvision's numbering (fn_idx)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 def check_supported(dataset):
     """One clear line when data set ``dataset``'s training augmentation is not the one drawn here: only the
-    released flip variant is implemented on the device, not SVHN's affine (datasets/transforms.py). A name
-    not in the registry (None: a caller that names none) is left to the caller."""
+    released flip variant is implemented on the device, not SVHN's affine (datasets/transforms.py): kornia's
+    RandomAffine would draw other translations (module docstring). A name not in the registry (None: a caller
+    that names none) is left to the caller."""
     entry = DATASETS.get(dataset)
     augmentation = "flip" if entry is None else entry.augmentation
     if augmentation != "flip":
@@ -71,8 +82,9 @@ def sample_crop_params(n, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
     w = round(sqrt(area·ratio)), h = round(sqrt(area / ratio)) (round half to even, as Python's
     ``round``); the first try with 0 < w ≤ W and 0 < h ≤ H wins and its corner is
     top ~ randint(0, H − h + 1), left ~ randint(0, W − w + 1). When all 10 fail: the central crop
-    of the whole image, its aspect ratio clamped into [min(ratio), max(ratio)]. The 10 tries are
-    drawn for every sample at once (draws of tries after the accepted one are simply unused).
+    of the whole image, its aspect ratio clamped into [min(ratio), max(ratio)] (kornia's sampler
+    places this one at random). The 10 tries are drawn for every sample at once (draws of tries
+    after the accepted one are simply unused).
 
     Returns (top, left, h, w), each a long tensor of shape (n,).
     """
@@ -120,8 +132,8 @@ def sample_jitter_params(n, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.
 
     As ``torchvision.transforms.ColorJitter.get_params``: brightness, contrast and saturation
     factors ~ U(max(0, 1 − v), 1 + v), hue shift ~ U(−v, v), and a uniformly random order of the
-    four ops per image (torchvision's ``fn_idx = torch.randperm(4)``). A strength of 0 (or None)
-    turns that op off; its entry is then None.
+    four ops per image (torchvision's ``fn_idx = torch.randperm(4)``; kornia's ColorJitter draws one
+    order per batch). A strength of 0 (or None) turns that op off; its entry is then None.
 
     Returns a dict: 'brightness', 'contrast', 'saturation', 'hue' -> (n,) float tensors or None;
     'order' -> (n, 4) long, row i the op ids (0 brightness, 1 contrast, 2 saturation, 3 hue) in
@@ -136,86 +148,21 @@ def sample_jitter_params(n, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.
     return params
 
 
-def _per_sample(values, img):
-    """(n,) -> (n, 1, 1, 1), broadcastable against (n, 3, H, W) images."""
-    return values.to(img.dtype).view(-1, 1, 1, 1)
+def colour_ops():
+    """ColorJitter's four ops from ``kornia.enhance``, in op-id order (``JITTER_OPS``): each maps img
+    (n, 3, H, W) in [0, 1] and per-image factors (n,) to the adjusted images, clamped to [0, 1].
 
-
-def rgb_to_grayscale(img):
-    """ITU-R 601-2 luma of (n, 3, H, W) RGB in [0, 1] -> (n, 1, H, W), as torchvision's tensor path."""
-    r, g, b = img.unbind(dim=-3)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(-3)
-
-
-def _blend(img1, img2, ratio):
-    """torchvision's ``_blend`` with a per-image ratio: ratio·img1 + (1 − ratio)·img2, clamped to [0, 1]."""
-    return (ratio * img1 + (1.0 - ratio) * img2).clamp(0.0, 1.0)
-
-
-def adjust_brightness(img, factor):
-    """``F.adjust_brightness`` per image: blend with black. img (n, 3, H, W) in [0, 1], factor (n,)."""
-    return _blend(img, torch.zeros_like(img), _per_sample(factor, img))
-
-
-def adjust_contrast(img, factor):
-    """``F.adjust_contrast`` per image: blend with the mean of the image's luma (one number per image)."""
-    mean = rgb_to_grayscale(img).mean(dim=(-3, -2, -1), keepdim=True)  # (n, 1, 1, 1)
-    return _blend(img, mean, _per_sample(factor, img))
-
-
-def adjust_saturation(img, factor):
-    """``F.adjust_saturation`` per image: blend with the image's luma, pixel by pixel."""
-    return _blend(img, rgb_to_grayscale(img), _per_sample(factor, img))
-
-
-def _rgb2hsv(img):
-    """torchvision's ``_rgb2hsv`` (after Pillow's Convert.c) on (n, 3, H, W) in [0, 1]."""
-    r, g, b = img.unbind(dim=-3)
-    maxc = img.max(dim=-3).values
-    minc = img.min(dim=-3).values
-    eqc = maxc == minc  # grey pixels: hue and saturation 0, denominators replaced by 1 to avoid NaN
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc = (maxc - r) / cr_divisor
-    gc = (maxc - g) / cr_divisor
-    bc = (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-def _hsv2rgb(img):
-    """torchvision's ``_hsv2rgb`` on (n, 3, H, W): each channel is one of (v, q, p, t), chosen by hue sector.
-
-    torchvision sums its three six-way patterns weighted by a one-hot sector mask (einsum); a
-    gather picks the same values. (No lookup table: a host tensor copied to the GPU would
-    synchronize the stream on every call.)
+    torchvision's tensor formulas (brightness scales; contrast blends with the mean of the image's luma,
+    saturation with its luma pixel by pixel; hue shifts in HSV) with PIL's luma weights; the hue factor is
+    in turns, as torchvision's (kornia's ``adjust_hue`` takes radians).
     """
-    h, s, v = img.unbind(dim=-3)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    sector = (i.to(torch.int64) % 6).unsqueeze(-3)  # (n, 1, H, W)
-    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
-    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
-    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    r = torch.stack((v, q, p, p, t, v), dim=-3).gather(-3, sector)  # (n, 1, H, W)
-    g = torch.stack((t, v, v, q, p, p), dim=-3).gather(-3, sector)
-    b = torch.stack((p, p, t, v, v, q), dim=-3).gather(-3, sector)
-    return torch.cat((r, g, b), dim=-3)
+    from kornia import enhance  # here, not at import: kornia takes 0.3 to 0.5 s to import
 
+    def adjust_hue(img, factor):
+        return enhance.adjust_hue(img, factor * (2 * math.pi))
 
-def adjust_hue(img, factor):
-    """``F.adjust_hue`` per image: RGB -> HSV, hue + factor (mod 1), HSV -> RGB. factor (n,) in [−0.5, 0.5]."""
-    h, s, v = _rgb2hsv(img).unbind(dim=-3)
-    h = (h + factor.to(img.dtype).view(-1, 1, 1)) % 1.0
-    return _hsv2rgb(torch.stack((h, s, v), dim=-3))
-
-
-_ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by op id
+    return (enhance.adjust_brightness_accumulative, enhance.adjust_contrast_with_mean_subtraction,
+            enhance.adjust_saturation_with_gray_subtraction, adjust_hue)
 
 
 def color_jitter(img, params):
@@ -226,9 +173,10 @@ def color_jitter(img, params):
     img: (n, 3, H, W) float in [0, 1].
     """
     order = params["order"]
+    ops = colour_ops()
     for j in range(4):
         current = img
-        for k, (name, adjust) in enumerate(zip(JITTER_OPS, _ADJUST)):
+        for k, (name, adjust) in enumerate(zip(JITTER_OPS, ops)):
             if params[name] is None:
                 continue
             chosen = (order[:, j] == k).view(-1, 1, 1, 1)
@@ -263,8 +211,9 @@ def resized_crop(img, top, left, h, w, size):
     img: (n, C, H, W) float; top, left, h, w: (n,) long. Returns (n, C, size, size). Separable:
     out = R_y · img · R_xᵀ with the two (n, size, H) and (n, size, W) matrices of
     ``_resample_matrix``, which equals cropping and then resizing with PIL's BILINEAR filter
-    (torchvision's RandomResizedCrop default) in float arithmetic. The matrix products assume
-    PyTorch's default full-float32 matmul precision (with TF32 allowed they err by about 1e-3).
+    (torchvision's RandomResizedCrop default) in float arithmetic (kornia's RandomResizedCrop does
+    not antialias). The matrix products assume PyTorch's default full-float32 matmul precision (with
+    TF32 allowed they err by about 1e-3).
     """
     rows = _resample_matrix(top, h, img.shape[-2], size).to(img.dtype)  # (n, size, H)
     cols = _resample_matrix(left, w, img.shape[-1], size).to(img.dtype)  # (n, size, W)
@@ -272,7 +221,7 @@ def resized_crop(img, top, left, h, w, size):
     return torch.matmul(out, cols.transpose(1, 2).unsqueeze(1))  # (n, C, size, size)
 
 
-def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+def augment(images_uint8, mean, std, size=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
             brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, grayscale_p=0.2, flip_p=0.5):
     """One independent draw of the training transform for each image of a batch.
 
@@ -280,8 +229,11 @@ def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), 
     RandomResizedCrop(size, scale, ratio) -> ColorJitter(brightness, contrast, saturation, hue) ->
     RandomGrayscale(grayscale_p) -> RandomHorizontalFlip(flip_p) -> ToTensor -> Normalize(mean, std).
     ``scale=None`` resizes the whole image instead of a random crop and a jitter strength of 0
-    turns that op off, so a test can switch every random step off.
+    turns that op off, so a test can switch every random step off. Every draw comes from the global
+    generator of the images' device (kornia's modules take no generator argument).
     """
+    from kornia import augmentation  # here, not at import: kornia takes 0.3 to 0.5 s to import
+
     n, height, width, _ = images_uint8.shape
     device = images_uint8.device
     img = images_uint8.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # ToTensor: (n, 3, H, W) in [0, 1]
@@ -290,18 +242,16 @@ def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), 
         top = left = torch.zeros(n, dtype=torch.long, device=device)
         h, w = torch.full_like(top, height), torch.full_like(top, width)
     else:
-        top, left, h, w = sample_crop_params(n, height, width, scale, ratio, device, generator)
+        top, left, h, w = sample_crop_params(n, height, width, scale, ratio, device)
     img = resized_crop(img, top, left, h, w, size)  # (n, 3, size, size)
     # the filter's weights are convex, but float rounding may step a hair outside [0, 1]
     img = img.clamp(0.0, 1.0)
 
-    img = color_jitter(img, sample_jitter_params(n, brightness, contrast, saturation, hue, device, generator))
+    img = color_jitter(img, sample_jitter_params(n, brightness, contrast, saturation, hue, device))
 
-    gray = torch.rand(n, device=device, generator=generator) < grayscale_p
-    img = torch.where(gray.view(-1, 1, 1, 1), rgb_to_grayscale(img).expand_as(img), img)
-
-    flip = torch.rand(n, device=device, generator=generator) < flip_p
-    img = torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img)
+    for step in (augmentation.RandomGrayscale(p=grayscale_p), augmentation.RandomHorizontalFlip(p=flip_p)):
+        step.set_rng_device_and_dtype(device, torch.float32)  # its coins drawn on the images' device
+        img = step(img)
 
     # no copy when mean and std are already tensors on the device (GpuTwoViewLoader passes them so)
     mean = torch.as_tensor(mean, dtype=img.dtype, device=device).view(1, -1, 1, 1)
@@ -309,7 +259,7 @@ def augment(images_uint8, mean, std, size=32, generator=None, scale=(0.2, 1.0), 
     return (img - mean) / std
 
 
-def two_view_augment(images_uint8, mean, std, size=32, generator=None, **switches):
+def two_view_augment(images_uint8, mean, std, size=32, **switches):
     """Two independent views of each image: (B, H, W, 3) uint8 -> (2B, 3, size, size).
 
     Rows 0..B−1 are view 1, rows B..2B−1 view 2 (the order both stages feed the network). Every
@@ -320,10 +270,9 @@ def two_view_augment(images_uint8, mean, std, size=32, generator=None, **switche
     Differences from the PIL pipeline of ``datasets.train_transform`` (see the module docstring):
     resampling and colour ops in float32 without PIL's rounding to uint8 between steps; the
     resize is PIL's antialiased bilinear filter, exactly, up to that rounding; the colour ops
-    follow torchvision's tensor functional (luma 0.2989 not 0.299, float contrast mean, float
-    HSV hue shift).
+    are torchvision's tensor formulas with PIL's luma (float contrast mean, float HSV hue shift).
     """
-    return augment(torch.cat([images_uint8, images_uint8]), mean, std, size, generator, **switches)
+    return augment(torch.cat([images_uint8, images_uint8]), mean, std, size, **switches)
 
 
 class GpuTwoViewLoader:
@@ -344,6 +293,8 @@ class GpuTwoViewLoader:
     UPLOAD_CHUNK = 4096  # images copied to the device at a time
 
     def __init__(self, images, targets, batch_size, mean, std, device, size=32, sampler=None):
+        import kornia  # noqa: F401  (here: without kornia a run stops at start-up, not at its first batch)
+
         device = torch.device(device)
         if len(getattr(images, "shape", ())) != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N, H, W, 3) uint8, not {tuple(getattr(images, 'shape', ()))}")
