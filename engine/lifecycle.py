@@ -547,15 +547,7 @@ class JsonLog:
                 records.append(record)
         if last_record is not None:
             records.append(last_record)
-        with uninterrupted():
-            tmp = self.path + ".tmp"
-            try:
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
-                os.replace(tmp, self.path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class Run:
@@ -666,7 +658,7 @@ def _take_folder(run, names, resumed, ckpt, position):
     run.lock.acquire()
     try:
         model_dir = run.model_dir
-        for pattern in ("*.t7.tmp*", "*.jsonl.tmp", "*.json.tmp*"):  # checkpoints, the log's rewind, eval.json...
+        for pattern in ("*.t7.tmp*", "*.jsonl.tmp*", "*.json.tmp*"):  # checkpoints, the log's rewind, eval.json...
             for leftover in glob.glob(os.path.join(glob.escape(model_dir), pattern)):
                 os.remove(leftover)  # a write cut by a kill; the lock says no one else writes here
         refuse_overwrite(model_dir, names, resuming=resumed)  # a run that started meanwhile
