@@ -210,13 +210,13 @@ def usable_stats(mean, std):
             and bool((std > 0).all()))
 
 
-def read_stats_record(place, signature):
-    """(record, None) for a cached normalization that is whole (its checksum matches), usable (finite
-    means, finite positive stds) and made from files of the sizes there are now (``signature``); (None,
-    why not) for one that cannot be trusted; (None, None) for none, or one of other files (recomputed
-    silently)."""
+def read_record(path, current):
+    """A cached record (a JSON object with its normalization, "mean" and "std", and a checksum of its content)
+    as (record, None) when ``current(record)`` holds (made from the files there are now), the checksum matches
+    and every std is finite and positive; (None, None) for none, or one that is not current (replaced
+    silently); (None, why not) for one that cannot be trusted, for a warning line."""
     try:
-        with open(place) as f:
+        with open(path) as f:
             record = json.load(f)
     except FileNotFoundError:
         return None, None
@@ -224,23 +224,28 @@ def read_stats_record(place, signature):
         return None, "is not readable JSON"
     if not isinstance(record, dict):
         return None, "is not a JSON record"
+    if not current(record):
+        return None, None
     if record.get("checksum") != record_checksum(record):
         return None, "does not match its checksum (edited, corrupted or written by an older version)"
-    if record.get("files") != signature:
-        return None, None
     if not usable_stats(record.get("mean"), record.get("std")):
         return None, "holds a std that is not finite and positive"
     return record, None
 
 
+def write_record(path, record):
+    """Write ``record`` with its checksum (``read_record`` checks it), atomically."""
+    write_json_atomic(path, {**record, "checksum": record_checksum(record)})
+
+
 def cached_normalization(name, places, signature, parts, load_images, where):
     """Per-channel mean and std (3-tuples, [0, 1] scale) of a data set's training images, from the first
-    trustworthy record of ``places`` (``read_stats_record``; an untrustworthy one gets one warning line),
+    trustworthy record of ``places`` (``read_record``; an untrustworthy one gets one warning line),
     else computed over ``load_images()`` (exact, ``channel_stats``) and cached in the first writable
     place (none writable: one warning, computed again on every run). ``where`` names the files for the
     error on images whose std is zero."""
     for place in places:
-        record, problem = read_stats_record(place, signature)
+        record, problem = read_record(place, lambda record: record.get("files") == signature)
         if record is not None:
             return tuple(record["mean"]), tuple(record["std"])
         if problem:
@@ -252,10 +257,9 @@ def cached_normalization(name, places, signature, parts, load_images, where):
         raise InputError(f"the {name} training images in {where} have a colour channel of std {min(std):.3g}: "
                          f"not the real data; download {name} again")
     record = {"images": len(images), "parts": list(parts), "files": signature, "mean": mean, "std": std}
-    record["checksum"] = record_checksum(record)
     for place in places:
         try:
-            write_json_atomic(place, record)
+            write_record(place, record)
             break
         except OSError:
             continue

@@ -31,7 +31,6 @@ Links are followed but never in a loop: see ``scan``.
 import functools
 import glob
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from lib.errors import InputError
 
-from .arrays import MappedImages, channel_stats, content_hash, record_checksum, usable_stats, write_json_atomic
+from .arrays import MappedImages, channel_stats, content_hash, read_record, usable_stats, write_record
 
 CACHE_FORMAT = 2  # 2: the record holds the hash of its images and a checksum of itself
 DEFAULT_CACHE = ".cache"  # inside the folder when no cache_dir is given
@@ -306,8 +305,7 @@ def _build_record(folder, files, class_names, image_size, cache_dir, digest, rec
               "image_size": image_size, "files": len(files), "images": count, "npy": os.path.basename(npy),
               "class_names": None if class_names is None else list(class_names), "skipped": skipped,
               "mean": mean, "std": std, "content": {"bytes": images.array.nbytes, "sha256": content_hash(images)}}
-    record["checksum"] = record_checksum(record)
-    write_json_atomic(record_path, record)
+    write_record(record_path, record)
     _VERIFIED.add(_identity(npy, record))
     for stale in glob.glob(os.path.join(cache_dir, f"folder-{image_size}px-*.npy")):
         if stale != npy:  # an earlier build of this folder (or of another one) at this size
@@ -349,29 +347,19 @@ def _identity(npy, record):
 
 
 def _read_record(path, digest, cache_dir):
-    """(the cache's JSON, None) when it describes this folder as it is now and its images are those it
-    was built with; else (None, why not) for a cache that cannot be trusted (a line for a warning),
-    or (None, None) for none, an older format or a folder that changed since (rebuilt silently).
+    """(the cache's JSON, None) when it describes this folder as it is now (``arrays.read_record``: whole, a
+    sound std) and its images are those it was built with; else (None, why not) for a cache that cannot be
+    trusted (a line for a warning), or (None, None) for none, an older format or a folder that changed since
+    (rebuilt silently).
 
     The images are hashed (SHA-256 of the used rows) once per process and cache file."""
+    record, problem = read_record(path, lambda r: r.get("format") == CACHE_FORMAT and r.get("signature") == digest)
+    if record is None:
+        return None, problem
     try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError):
-        return None, "is not a readable JSON record"
-    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("signature") != digest:
-        return None, None
-    if record.get("checksum") != record_checksum(record):
-        return None, "does not match its checksum (edited or corrupted)"
-    try:
-        if not usable_stats(record["mean"], record["std"]):
-            return None, "records a std that is not finite and positive"
         npy = os.path.join(cache_dir, record["npy"])
         images = MappedImages.from_npy(npy, record["images"])
-        stored = np.load(npy, mmap_mode="r")
-        if stored.shape[0] < record["images"] or images.array.nbytes != record["content"]["bytes"]:
+        if images.array.nbytes != record["content"]["bytes"]:  # fewer rows than recorded map fewer bytes
             return None, f"does not match its images {record['npy']} (another shape)"
         identity = _identity(npy, record)
         if identity not in _VERIFIED:

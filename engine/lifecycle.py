@@ -353,8 +353,9 @@ PID_MAX = 2**22  # Linux's largest process id (/proc/sys/kernel/pid_max at most)
 
 
 class RunLock:
-    """``run.lock`` in the run folder: {pid, host, script, started}, created exclusively. ``name`` and ``flag``:
-    another lock file and the flag that names its folder (experiments/paper.py's <out>/paper.lock, --out)."""
+    """``run.lock`` in the run folder: {pid, host, script, started, process_start}, created exclusively. ``name``
+    and ``flag``: another lock file and the flag that names its folder (experiments/paper.py's <out>/paper.lock,
+    --out)."""
 
     def __init__(self, model_dir, name=LOCK, flag="--model_dir"):
         self.path = os.path.join(model_dir, name)
@@ -367,27 +368,25 @@ class RunLock:
         return InputError(f"{self.path} {what}, not a lock written by these scripts; delete it when no run holds "
                           f"the folder {os.path.dirname(self.path) or '.'}")
 
-    def _holder(self):
-        """The lock's text, None when there is no lock; a lock that is not a readable file is damaged."""
+    def _text(self):
+        """The lock's text, None when there is no lock; a lock that is not a readable text file is damaged."""
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                return f.read().decode()
         except FileNotFoundError:
             return None
         except IsADirectoryError:
             raise self._damaged("is a folder") from None
         except OSError as err:
             raise self._damaged(f"cannot be read ({err.strerror})") from None
-        try:
-            return data.decode()
         except UnicodeDecodeError:
             raise self._damaged("holds bytes that are not text") from None
 
     def _owner(self, text):
-        """The owner named by ``text``, every field checked; {} for a lock cut by a kill while it was written
-        (empty or not JSON), which is taken over; an InputError for anything else that is not a lock."""
+        """The owner ``text`` names, every field checked; {} for a lock cut while it was written (empty or not
+        JSON), which is taken over; an InputError for anything else that is not a lock."""
         try:
-            owner = json.loads(text) if text.strip() else {}
+            owner = json.loads(text)
         except json.JSONDecodeError:
             return {}
         if not isinstance(owner, dict):
@@ -395,66 +394,62 @@ class RunLock:
         pid = owner.get("pid")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= PID_MAX:
             raise self._damaged(f"holds the pid {pid!r} (a process id is a whole number from 1 to {PID_MAX})")
-        for key in ("host", "script", "started"):
-            if not isinstance(owner.get(key, ""), str):
-                raise self._damaged(f"holds the {key} {owner[key]!r} (not text)")
-        start = owner.get("process_start")
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
-            raise self._damaged(f"holds the process_start {start!r} (not a whole number)")
+        for key, kind, what in (("host", str, "text"), ("script", str, "text"), ("started", str, "text"),
+                                ("process_start", int, "a whole number")):
+            if owner.get(key) is not None and (isinstance(owner[key], bool) or not isinstance(owner[key], kind)):
+                raise self._damaged(f"holds the {key} {owner[key]!r} (not {what})")
         return owner
 
     def _alive(self, owner):
+        """Whether the lock's process runs: always on another host (it cannot be checked from here); on this one,
+        a process of its PID that started when it did (a PID reused by another process is not it)."""
         if owner.get("host") != socket.gethostname():
-            return True  # cannot be checked from here
+            return True
         try:
             os.kill(owner["pid"], 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             pass
-        start = _process_start(owner["pid"])
-        return owner.get("process_start") is None or start is None or start == owner["process_start"]
+        start, now = owner.get("process_start"), _process_start(owner["pid"])
+        return None in (start, now) or start == now
 
     def acquire(self):
-        """Take the lock, or one InputError naming its holder; a signal that stops it leaves no lock."""
+        """Take the lock, or one InputError naming its holder; the lock of a process that no longer runs is
+        taken over. A signal that stops it leaves no lock."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
-            return self._acquire()
+            while not self._create():
+                text = self._text()
+                owner = self._owner(text) if text is not None else None
+                if owner and self._alive(owner):
+                    raise InputError(
+                        f"{os.path.dirname(self.path)} is in use by {owner.get('script', 'a run')} (PID "
+                        f"{owner['pid']} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
+                        f"choose another {self.flag} (if that run is gone, delete {self.path})")
+                if text is not None and self._text() == text:  # still the dead run's lock: take it over
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
         except BaseException:
             self.release()
             raise
+        return self
 
-    def _acquire(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        for _ in range(3):
-            with uninterrupted():  # the lock is written whole, and held once it is
-                try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    fd = None
-                if fd is not None:
-                    try:
-                        with os.fdopen(fd, "w") as f:
-                            json.dump(self.owner, f)
-                    except BaseException:
-                        with contextlib.suppress(OSError):
-                            os.remove(self.path)
-                        raise
-                    self.held = True
-                    return self
-            text = self._holder()
-            if text is None:
-                continue  # released meanwhile
-            owner = self._owner(text)
-            if owner and self._alive(owner):
-                raise InputError(
-                    f"{os.path.dirname(self.path)} is in use by {owner.get('script', 'a run')} (PID "
-                    f"{owner['pid']} on {owner.get('host')}, since {owner.get('started')}); wait for it or "
-                    f"choose another {self.flag} (if that run is gone, delete {self.path})")
-            with uninterrupted():
-                if self._holder() == text:  # still the dead run's lock: take it over
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(self.path)
-        raise InputError(f"could not take {self.path}: other runs keep starting in this folder")
+    def _create(self):
+        """Create the lock with this process as its owner, written whole; False where a lock exists."""
+        with uninterrupted():
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.owner, f)
+            except BaseException:  # a full disk: no lock, rather than one cut short
+                os.remove(self.path)
+                raise
+            self.held = True
+        return True
 
     def __enter__(self):
         return self.acquire()
@@ -466,8 +461,8 @@ class RunLock:
     def release(self):
         with uninterrupted(deliver=False):
             if self.held:
-                with contextlib.suppress(InputError):
-                    if self._holder() == json.dumps(self.owner):
+                with contextlib.suppress(InputError, FileNotFoundError):
+                    if self._text() == json.dumps(self.owner):
                         os.remove(self.path)
             self.held = False
 
@@ -552,15 +547,7 @@ class JsonLog:
                 records.append(record)
         if last_record is not None:
             records.append(last_record)
-        with uninterrupted():
-            tmp = self.path + ".tmp"
-            try:
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
-                os.replace(tmp, self.path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class Run:
@@ -671,7 +658,7 @@ def _take_folder(run, names, resumed, ckpt, position):
     run.lock.acquire()
     try:
         model_dir = run.model_dir
-        for pattern in ("*.t7.tmp*", "*.jsonl.tmp", "*.json.tmp*"):  # checkpoints, the log's rewind, eval.json...
+        for pattern in ("*.t7.tmp*", "*.jsonl.tmp*", "*.json.tmp*"):  # checkpoints, the log's rewind, eval.json...
             for leftover in glob.glob(os.path.join(glob.escape(model_dir), pattern)):
                 os.remove(leftover)  # a write cut by a kill; the lock says no one else writes here
         refuse_overwrite(model_dir, names, resuming=resumed)  # a run that started meanwhile
