@@ -111,14 +111,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# the files of the longest end-to-end tests (tens of seconds each: the harness, joint.py's kill, semi.py's SIGTERM)
+LONGEST = ("test_paper.py", "test_joint.py", "test_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The test files that hold end-to-end (``slow``) tests first, each file's tests together and in order: the
-    two test processes of ``make test`` then end on many short tests rather than one waiting on the other's
+    """The test files that hold end-to-end (``slow``) tests first, ``LONGEST`` the first of them, each file's
+    slow tests before its others and each file's tests together: the two test processes of ``make test``
+    (which hand out tests in this order) then end on many short tests rather than one waiting on the other's
     long one. Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs
     them)."""
     import torch
     heavy = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in heavy)  # a stable sort
+    items.sort(key=lambda item: (item.path not in heavy, LONGEST.index(item.path.name) if item.path.name in LONGEST
+                                 else len(LONGEST), item.path, "slow" not in item.keywords))  # a stable sort
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs it where there is one)")
