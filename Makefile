@@ -63,7 +63,7 @@ test-lower: $(LOWER_VENV)/.installed
 # The tests whose numbers depend on the CPU's kernels (golden, wiring, resume) with PyTorch's generic kernels
 # (ATEN_CPU_CAPABILITY=default: what a CPU without AVX runs) and the golden tests on their tolerant path
 # (GOLDEN_TOLERANT=1, tests/fixtures/README.md), as on a machine with no recording of its own
-KERNEL_TESTS := tests/test_golden.py tests/test_golden_semi.py tests/test_wiring.py tests/test_resume_positions.py
+KERNEL_TESTS := tests/test_golden.py tests/test_golden_semi.py tests/test_wiring.py tests/test_resume.py
 test-kernels: $(VENV)/.installed
 	ATEN_CPU_CAPABILITY=default GOLDEN_TOLERANT=1 $(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) $(KERNEL_TESTS)
 

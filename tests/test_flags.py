@@ -83,7 +83,7 @@ NOT_MATH = {
         "device": "the CPU here (test_cuda.py on a GPU)",
         "compile": "the same numbers, compiled (test_speed_options.py)",
         "sync_bn": "one process: nothing to synchronize (test_distributed.py)",
-        "allow_change": "on a resume, the flags that may take new values (test_resume_args.py)",
+        "allow_change": "on a resume, the flags that may take new values (test_resume.py)",
     },
     "main": {"export_predictions": "a CSV of the evaluation (test_outputs.py)",
              "kmeans_baseline": "a printed baseline on the raw pixels (test_outputs.py)"},

@@ -1,5 +1,5 @@
 """Stage 1 end to end: a two-round run, released files, and bad input (a resume after a SIGKILL:
-test_resume_positions.py)."""
+test_resume.py)."""
 import json
 import os
 

@@ -3,7 +3,7 @@ the files a run writes (checkpoints read with ``weights_only=True``, ``log_*.jso
 the functions of lib/ and models/. Every accuracy a script prints or saves is recomputed here from the saved
 checkpoint in eval mode with lib.protocols; what a run trains on is observed through the data loaders it builds.
 
-The helpers at the top are shared with tests/test_resume_positions.py and tests/test_golden_semi.py.
+The helpers at the top are shared with tests/test_resume.py and tests/test_golden_semi.py.
 """
 import csv
 import json
