@@ -37,14 +37,16 @@ demo: $(VENV)/.installed
 # the tests run their tiny networks on one thread each (PyTorch, and the OpenMP/BLAS threads of numpy,
 # scipy and scikit-learn): two test processes use both cores without threads spinning against each other
 TEST_WORKERS ?= 2
+# worksteal: a test process that runs out of tests takes half of what the other still has queued (pytest-xdist >= 3.2)
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 # PYTHONDONTWRITEBYTECODE emptied: bytecode caches are written even where the environment turns them off, since
 # pytest keeps its rewritten test modules there (without them each test process spends about 4 s rewriting
 # assertions; __pycache__ is ignored by git)
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=
 test: $(VENV)/.installed
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS)
+	$(TEST_ENV) $(PYTHON) -m pytest -q $(XDIST)
 
-FAST := -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+FAST := -m pytest -q $(XDIST) -m "not slow"
 test-fast: $(VENV)/.installed
 	$(TEST_ENV) $(PYTHON) $(FAST)
 
@@ -65,7 +67,7 @@ test-lower: $(LOWER_VENV)/.installed
 # (GOLDEN_TOLERANT=1, tests/fixtures/README.md), as on a machine with no recording of its own
 KERNEL_TESTS := tests/test_golden.py tests/test_golden_semi.py tests/test_wiring.py tests/test_resume.py
 test-kernels: $(VENV)/.installed
-	ATEN_CPU_CAPABILITY=default GOLDEN_TOLERANT=1 $(TEST_ENV) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) $(KERNEL_TESTS)
+	ATEN_CPU_CAPABILITY=default GOLDEN_TOLERANT=1 $(TEST_ENV) $(PYTHON) -m pytest -q $(XDIST) $(KERNEL_TESTS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

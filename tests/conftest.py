@@ -111,20 +111,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def pytest_unconfigure(config):
+    """The test process ends: the objects it made need no collection on the way out (the collector's walk over
+    what torch loaded is most of a second of each test process's exit, which ``make test`` waits for)."""
+    import gc
+    gc.freeze()
+
+
 # the files of the longest end-to-end tests (tens of seconds each: the harness, joint.py's kill, semi.py's SIGTERM)
 LONGEST = ("test_paper.py", "test_joint.py", "test_faults.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The test files that hold end-to-end (``slow``) tests first, ``LONGEST`` the first of them, each file's
-    slow tests before its others and each file's tests together: the two test processes of ``make test``
-    (which hand out tests in this order) then end on many short tests rather than one waiting on the other's
-    long one. Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs
-    them)."""
+    """The end-to-end (``slow``) tests first, those of ``LONGEST`` the first of them, then the files that hold
+    such tests, each file's tests together: the two test processes then end on many short tests, each taking
+    what the other still has queued (``--dist worksteal``), rather than one waiting on the other's long one.
+    Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device (``make gpu-check`` runs them)."""
     import torch
     heavy = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: (item.path not in heavy, LONGEST.index(item.path.name) if item.path.name in LONGEST
-                                 else len(LONGEST), item.path, "slow" not in item.keywords))  # a stable sort
+    items.sort(key=lambda item: ("slow" not in item.keywords, item.path not in heavy,
+                                 LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST),
+                                 item.path))  # a stable sort
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs it where there is one)")
