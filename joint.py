@@ -146,7 +146,7 @@ def main(args):
             return stage2.write_report(clusters, ckpt.get("selected_head"), eval_set, args)
     start = (ckpt["next"]["round"], ckpt["next"]["epoch"]) if ckpt else (0, 0)
     with open_run(args.model_dir, CKPT, LOG, resumed=path, ckpt=ckpt, position=stage1.position,
-                  optimizer=state.optimizer, args=args) as run:
+                  optimizer=state.optimizer, args=args, now=get_args_parser().now) as run:
         for round_index in range(start[0], args.rounds):
             first_epoch = start[1] if round_index == start[0] else 0
             stage1.start_round(state, round_index, first_epoch, args)

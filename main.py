@@ -79,7 +79,7 @@ INITS = ("encoder", "random")  # --init: the stage-1 encoder of --resume, or a r
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="Class assignment on a Super-AND encoder (stage 2)",
+    p = cli.ArgumentParser(description="Class assignment on a Super-AND encoder (stage 2)", now=("cluster",),
                            parents=[cli.common_parser(datasets.DATASETS, NETWORKS), heads_flags(), cli.schedule_flag()])
     p.set_defaults(lr=0.01, epochs=300)
     p.add_argument("--batch_t", default=0.1, type=cli.positive_float,
@@ -94,8 +94,9 @@ def get_args_parser():
 
 def heads_flags():
     """Stage 2's flags for the heads, λ and the report, as a parent parser (joint.py takes them too; its
-    --batch_t and --batch_m are stage 1's)."""
-    p = cli.ArgumentParser(add_help=False)
+    --batch_t and --batch_m are stage 1's). A resume keeps the file's heads; the report's flags are the
+    command's own."""
+    p = cli.ArgumentParser(add_help=False, now=("export_predictions", "kmeans_baseline"), fixed=("num_heads",))
     p.add_argument("--num_heads", default=5, type=cli.positive_int, help="frozen Norm-FC heads (>= 1)")
     p.add_argument("--tau_c", default=0.1, type=cli.positive_float, help="τ_c, temperature of the heads, Eq. 13 (> 0)")
     p.add_argument("--lambda_cp", default=1.0, type=cli.non_negative_float,
@@ -341,7 +342,8 @@ def main(args):
                    init=ckpt.get("init", "encoder") if path else "random")
     resumed = path if path and checkpoint_stage(ckpt) == 2 else None  # a stage-1 file starts a new stage-2 run
     with open_run(args.model_dir, LAST, LOG, other_files=[BEST], resumed=resumed, ckpt=ckpt,
-                  position=lambda r: r["epoch"], optimizer=state.optimizer, args=args) as run:
+                  position=lambda r: r["epoch"], optimizer=state.optimizer, args=args,
+                  now=get_args_parser().now) as run:
         if resumed:
             state.best_loss, state.best_epoch = ckpt["best_loss"], ckpt["best_epoch"]
             if ckpt["best_epoch"] == ckpt["epoch"]:  # a kill may have come between the two saves

@@ -88,7 +88,8 @@ def get_args_parser():
                               f"{OTHER_DEFAULTS[0]} labels per class and lr {OTHER_DEFAULTS[1]}. All: 180 epochs, "
                               "lr x0.1 at 80, 120 and 160. --labels_per_class and --lr override them.",
                        parents=[common_parser(datasets.DATASETS, NETWORKS, lr_help="base learning rate (>= 0); "
-                                              "%(default)s: the data set's, listed below")])
+                                              "%(default)s: the data set's, listed below")],
+                       now=("from_scratch", "transfer"), fixed=("method", "labels_per_class"))
     p.set_defaults(lr=None, epochs=180, batch_size=64, model_dir="semi/")
     p.add_argument("--labels_per_class", default=None, type=positive_int,
                    help="K labelled training images per class, balanced, drawn by --seed (>= 1); %(default)s: the "
@@ -490,7 +491,7 @@ def main(args):
                      accuracy=ckpt["acc"] if ckpt else None, unlabelled_loader=unlabelled_loader, teacher=teacher,
                      max_weight=max_weight)
     with open_run(args.model_dir, CKPT, LOG, other_files=[INDEXES], resumed=path, ckpt=ckpt,
-                  position=lambda r: r["epoch"], optimizer=optimizer, args=args) as run:
+                  position=lambda r: r["epoch"], optimizer=optimizer, args=args, now=get_args_parser().now) as run:
         for epoch in range(ckpt["next_epoch"] if ckpt else 0, args.epochs):
             train_and_save(run, state, epoch, args)
         export_indexes(args.model_dir, labelled)  # a kill came between the last save and the export

@@ -69,7 +69,7 @@ def position(record):
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Super-AND embedding learning (stage 1)",
+    p = ArgumentParser(description="Super-AND embedding learning (stage 1)", fixed=("variant",),
                        parents=[common_parser(datasets.DATASETS, NETWORKS), method_flags(), schedule_flag()])
     p.set_defaults(lr=0.03, epochs=200)
     p.add_argument("--variant", default="super_and", choices=list(VARIANTS),

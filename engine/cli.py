@@ -29,11 +29,17 @@ from .lifecycle import (
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults in --help and a one-line error (no usage dump) for bad flags."""
+    """argparse with defaults in --help and a one-line error (no usage dump) for bad flags. A script's own flags
+    that a resume treats apart (engine.lifecycle.resume_arguments, beside the shared flags it names itself):
+    ``now``, those that say where and how a run runs now, never taken from the checkpoint it continues;
+    ``fixed``, those a run can never change. A parser built on ``parents`` has theirs too."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, now=(), fixed=(), **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(**kwargs)
+        parents = kwargs.get("parents", ())
+        self.now = tuple(now) + tuple(flag for parent in parents for flag in getattr(parent, "now", ()))
+        self.fixed = tuple(fixed) + tuple(flag for parent in parents for flag in getattr(parent, "fixed", ()))
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n" if _rank_zero() else None)

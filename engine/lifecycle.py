@@ -258,15 +258,15 @@ def read_checkpoint(name, model_dir, required=()):
 
 # ---- a resume goes on with the run it resumes ----
 
-# flags that say where and how a run runs now, never taken from the checkpoint it continues
-HERE_AND_NOW = ("resume", "model_dir", "test_only", "device", "workers", "allow_change", "from_scratch", "transfer",
-                "export_predictions", "kmeans_baseline", "cluster")
+# the shared flags (engine/cli.py, common_parser) that say where and how a run runs now, never taken from the
+# checkpoint it continues; a script's own are its parser's ``now``
+HERE_AND_NOW = ("resume", "model_dir", "test_only", "device", "workers", "allow_change")
 # flags a resumed run may change without --allow_change: they change how it runs, not the method (the speed
 # options: bench/README.md); each script adds its run's length (``free``)
 FREE_ON_RESUME = HERE_AND_NOW + ("data_dir", "amp", "channels_last", "compile", "gpu_augment", "sync_bn")
-# flags a run cannot change at all, --allow_change or not: its images, its network, its labelled set
-FIXED_ON_RESUME = ("dataset", "subset", "image_size", "num_classes", "network", "width", "low_dim", "num_heads",
-                   "variant", "method", "labels_per_class")
+# the shared flags a run cannot change at all, --allow_change or not (its images, its network); a script's own
+# (its labelled set, its heads, its variant) are its parser's ``fixed``
+FIXED_ON_RESUME = ("dataset", "subset", "image_size", "num_classes", "network", "width", "low_dim")
 
 
 def given_flags(args, parser):
@@ -278,10 +278,12 @@ def given_flags(args, parser):
 
 def resume_arguments(args, ckpt, path, parser, free=()):
     """A resumed run goes on as it was trained: every flag the command line left out takes the value saved in
-    ``ckpt`` (but ``HERE_AND_NOW``); a flag given with another value than the saved one is refused with one
-    line when it changes the method mid-run, unless it is in ``FREE_ON_RESUME``, ``free`` (the run's length)
-    or --allow_change; one of ``FIXED_ON_RESUME`` is refused always. Returns the arguments to run with, a
-    plain ``argparse.Namespace`` (``args`` is left alone)."""
+    ``ckpt`` (but ``HERE_AND_NOW`` and the ``parser``'s ``now``); a flag given with another value than the
+    saved one is refused with one line when it changes the method mid-run, unless it is one of those, of
+    ``FREE_ON_RESUME``, of ``free`` (the run's length) or of --allow_change; one of ``FIXED_ON_RESUME`` or of
+    the parser's ``fixed`` is refused always. Returns the arguments to run with, a plain ``argparse.Namespace``
+    (``args`` is left alone)."""
+    now, fixed = HERE_AND_NOW + getattr(parser, "now", ()), FIXED_ON_RESUME + getattr(parser, "fixed", ())
     saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     given = given_flags(args, parser)
     allowed = {flag.lstrip("-") for flag in getattr(args, "allow_change", None) or ()}
@@ -291,13 +293,13 @@ def resume_arguments(args, ckpt, path, parser, free=()):
                          "--allow_change lr)")
     values = dict(vars(args))
     for key, value in saved.items():
-        if key in values and key not in given and key not in HERE_AND_NOW:
+        if key in values and key not in given and key not in now:
             values[key] = value
     for key in [k for k in values if k in saved and k in given]:  # in the parser's order
-        if saved[key] == values[key] or key in FREE_ON_RESUME + tuple(free):
+        if saved[key] == values[key] or key in FREE_ON_RESUME + now + tuple(free):
             continue
         was = f"{path} was trained with --{key} {_flag_text(saved[key])}, not {_flag_text(values[key])}"
-        if key in FIXED_ON_RESUME:
+        if key in fixed:
             same = (f"leave --{key} out" if saved[key] is None
                     else f"pass --{key} {_flag_text(saved[key])} (or leave it out)")
             raise InputError(f"{was}; {same} to go on, or start a new run in another --model_dir")
@@ -593,15 +595,16 @@ class Run:
 
 
 def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None, ckpt=None, position=None,
-             optimizer=None, args=None):
+             optimizer=None, args=None, now=()):
     """Create or continue a run in ``model_dir``; returns the open ``Run`` (use it in a ``with``).
 
     Refuses to overwrite another run (``checkpoint_name``, ``log_name`` and ``other_files`` must be absent
     for a new run), takes the folder's lock and removes temporaries a killed run left. On resume
     (``resumed``: the path of ``ckpt``) it rewinds the log to the checkpoint (the records whose
     ``position(record)`` comes before ``position(ckpt)``, then the checkpoint's own record) and restores the
-    optimizer's state and every random stream. With several processes rank 0 alone takes the folder (its
-    error stops them all); every process restores the optimizer and the random streams.
+    optimizer's state and every random stream, and says which flags differ from the checkpoint's (all but
+    ``HERE_AND_NOW``, --data_dir and ``now``, the script parser's own). With several processes rank 0 alone
+    takes the folder (its error stops them all); every process restores the optimizer and the random streams.
     """
     names = [checkpoint_name, *other_files, log_name]
     run = Run(model_dir, checkpoint_name, log_name, writes=distributed.is_main())
@@ -612,7 +615,7 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
     distributed.main_decides(lambda: _take_folder(run, names, resumed, ckpt, position))
     try:
         if resumed is not None:
-            note = changed_arguments(ckpt["args"], args)
+            note = changed_arguments(ckpt["args"], args, HERE_AND_NOW + ("data_dir",) + tuple(now))
             print(f"resuming {resumed} after {done}" + (f"; {note}" if note else ""))
     except BaseException:
         run.lock.release()

@@ -165,6 +165,7 @@ def test_the_harness_resumes_every_run_with_its_own_flags(scale, tmp_path):
         saved, parser = saved_arguments(run.script, first)
         again = paper.command(run, flags, str(tmp_path), resume=OWN[run.kind], seed=seed)[2:]
         args = resume_arguments(parser.parse_args(again), {"args": saved}, "ckpt", parser, free=FREE[run.script])
-        assert {k: v for k, v in vars(args).items() if k not in HERE_AND_NOW} == \
-            {k: v for k, v in saved.items() if k not in HERE_AND_NOW}, run.name
+        now = HERE_AND_NOW + parser.now
+        assert {k: v for k, v in vars(args).items() if k not in now} == \
+            {k: v for k, v in saved.items() if k not in now}, run.name
         assert set(FREE_ON_RESUME) >= {"data_dir", "device"}  # what --data_dir and --device may change
