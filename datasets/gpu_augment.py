@@ -293,7 +293,11 @@ class GpuTwoViewLoader:
     UPLOAD_CHUNK = 4096  # images copied to the device at a time
 
     def __init__(self, images, targets, batch_size, mean, std, device, size=32, sampler=None):
-        import kornia  # noqa: F401  (here: without kornia a run stops at start-up, not at its first batch)
+        try:  # here: without kornia a run stops at start-up, in one line, not at its first batch
+            import kornia  # noqa: F401
+        except ImportError:
+            raise InputError("--gpu_augment needs kornia (pip install -r requirements.txt), which is not "
+                             "installed; install it or leave --gpu_augment out") from None
 
         device = torch.device(device)
         if len(getattr(images, "shape", ())) != 4 or images.shape[-1] != 3:

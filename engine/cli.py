@@ -34,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
     ``now``, those that say where and how a run runs now, never taken from the checkpoint it continues;
     ``fixed``, those a run can never change. A parser built on ``parents`` has theirs too."""
 
-    def __init__(self, now=(), fixed=(), **kwargs):
+    def __init__(self, *, now=(), fixed=(), **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(**kwargs)
         parents = kwargs.get("parents", ())

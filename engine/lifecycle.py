@@ -371,11 +371,14 @@ class RunLock:
                           f"the folder {os.path.dirname(self.path) or '.'}")
 
     def _text(self):
-        """The lock's text, None when there is no lock; a lock that is not a readable text file is damaged."""
+        """The lock's text, None when there is no lock; a lock that is not a readable text file is damaged (a
+        link to nothing too: it can be neither read nor replaced by creating the lock)."""
         try:
             with open(self.path, "rb") as f:
                 return f.read().decode()
         except FileNotFoundError:
+            if os.path.islink(self.path):
+                raise self._damaged("is a link to nothing") from None
             return None
         except IsADirectoryError:
             raise self._damaged("is a folder") from None

@@ -155,18 +155,20 @@ DAMAGED_LOCKS = {"pid as text": '{"pid": "abc", "host": "h"}', "huge pid": '{"pi
                  '{"pid": 1, "host": 5}', "bytes": b"\xff\xfe\x00lock"}
 
 
-@pytest.mark.parametrize("case", [*DAMAGED_LOCKS, "folder"])
+@pytest.mark.parametrize("case", [*DAMAGED_LOCKS, "folder", "link to nothing"])
 def test_damaged_lock_is_one_line_naming_it(case, tmp_path):
     lock = tmp_path / "run.lock"
     if case == "folder":
         lock.mkdir()
+    elif case == "link to nothing":  # os.O_EXCL sees the link, reading it finds no file
+        lock.symlink_to(tmp_path / "gone")
     else:
         content = DAMAGED_LOCKS[case]
         lock.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(InputError) as info:
         RunLock(str(tmp_path)).acquire()
     assert str(lock) in str(info.value) and "delete it when no run holds the folder" in str(info.value)
-    assert lock.is_dir() if case == "folder" else lock.exists()  # left for the user to judge
+    assert lock.is_dir() if case == "folder" else lock.is_symlink() or lock.exists()  # left for the user to judge
 
 
 @pytest.mark.parametrize("content,fragment", [

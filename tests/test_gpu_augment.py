@@ -6,6 +6,7 @@ each op is compared with torchvision's functional on the same fixed parameters; 
 random choices are measured from the outputs.
 """
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -362,3 +363,12 @@ def test_loader_uploads_array_likes_in_chunks(monkeypatch):
     assert torch.equal(loader.images, torch.from_numpy(images))
     assert source.reads == [slice(0, 7), slice(7, 14), slice(14, 21)]  # never the whole array at once
     assert next(iter(loader))["view1"].shape == (4, 3, 8, 8)
+
+
+def test_without_kornia_the_loader_is_one_line(monkeypatch):
+    """A Python without kornia (requirements.txt not installed again since it came in): --gpu_augment stops
+    where the loader is built, with one line saying what to install, not at the first batch."""
+    from lib.errors import InputError
+    monkeypatch.setitem(sys.modules, "kornia", None)  # ``import kornia`` then raises ImportError
+    with pytest.raises(InputError, match=r"--gpu_augment needs kornia \(pip install -r requirements.txt\)"):
+        ga.GpuTwoViewLoader(np.zeros((4, 8, 8, 3), np.uint8), torch.zeros(4, dtype=torch.long), 2, MEAN, STD, "cpu")
