@@ -56,7 +56,7 @@ from engine.lifecycle import (
     training_state,
 )
 from engine.script import open_script
-from lib.checkpoint import checkpoint_kind, checkpoint_stage, load_network, normalization
+from lib.checkpoint import checkpoint_kind, checkpoint_stage, load_network, normalization, saved_arguments
 from lib.errors import InputError
 from lib.optim import sgd_optimizer
 from lib.schedules import semi_lr
@@ -276,15 +276,10 @@ def train_epoch(state, epoch, args):
 # ---- the checks of --resume: an encoder (stage 1 or 2) to fine-tune, or a file of this script to continue; one
 # clear line for a file of another data set, size or shape, not a mismatch deep inside ``load_state_dict`` ----
 
-def _saved_args(ckpt):
-    saved = ckpt.get("args")
-    return saved if isinstance(saved, dict) else {}
-
-
 def same_backbone(ckpt, path, args):
     """The file's network is the one the flags build: the saved --network, --width and --low_dim where the
     file records them (ours), the embedding layer's shape otherwise (released files, 'module.' keys)."""
-    saved = _saved_args(ckpt)
+    saved = saved_arguments(ckpt)
     for flag in ("network", "width", "low_dim"):
         if saved.get(flag) is not None and saved[flag] != getattr(args, flag):
             raise InputError(f"{path} holds a network of --{flag} {saved[flag]}, not {getattr(args, flag)}; "
@@ -298,7 +293,7 @@ def encoder_start(ckpt, path, args, transfer=False):
     """A stage-1 or stage-2 file to fine-tune: trained on the images of --dataset at --image_size, unless
     ``transfer`` (--transfer) says an encoder of other images is meant. Returns the one line that says such
     a transfer, or None."""
-    saved = _saved_args(ckpt)
+    saved = saved_arguments(ckpt)
     other = []
     if saved.get("dataset") is not None and not datasets.same_images(saved["dataset"], args.dataset):
         other.append(f"trained on {saved['dataset']}, not --dataset {args.dataset}")
@@ -314,7 +309,7 @@ def semi_checkpoint(ckpt, path, args, num_classes):
     """A ckpt_semi.t7 to continue or evaluate: the same --dataset, and the same --image_size, --subset and
     --method to continue it (its labelled indexes point into that training split; ``evaluation_image_size``
     chooses the size of an evaluation), a classifier of ``num_classes`` x --low_dim."""
-    saved = _saved_args(ckpt)
+    saved = saved_arguments(ckpt)
     flags = ("dataset",) if args.test_only else ("dataset", "image_size", "subset", "method")
     for flag in flags:
         if flag in saved and saved[flag] != getattr(args, flag):

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, save_checkpoint, saved_arguments
 from lib.errors import Diverged, InputError
 
 from . import distributed
@@ -284,7 +284,7 @@ def resume_arguments(args, ckpt, path, parser, free=()):
     the parser's ``fixed`` is refused always. Returns the arguments to run with, a plain ``argparse.Namespace``
     (``args`` is left alone)."""
     now, fixed = HERE_AND_NOW + getattr(parser, "now", ()), FIXED_ON_RESUME + getattr(parser, "fixed", ())
-    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    saved = saved_arguments(ckpt)
     given = given_flags(args, parser)
     allowed = {flag.lstrip("-") for flag in getattr(args, "allow_change", None) or ()}
     unknown = sorted(allowed - set(vars(args)))
@@ -314,9 +314,11 @@ def _flag_text(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def changed_arguments(saved, args, ignore=HERE_AND_NOW + ("data_dir",)):
+def changed_arguments(saved, args, now=()):
     """A note on the flags that differ from those the checkpoint was trained with (None if none): after
-    ``resume_arguments``, those the command changed."""
+    ``resume_arguments``, those the command changed, but for ``HERE_AND_NOW``, --data_dir and ``now`` (the
+    script parser's own)."""
+    ignore = HERE_AND_NOW + ("data_dir",) + tuple(now)
     changed = [f"--{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
                if k not in ignore and hasattr(args, k) and getattr(args, k) != v]
     return "changed arguments: " + ", ".join(changed) if changed else None
@@ -451,7 +453,8 @@ class RunLock:
                 with os.fdopen(fd, "w") as f:
                     json.dump(self.owner, f)
             except BaseException:  # a full disk: no lock, rather than one cut short
-                os.remove(self.path)
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
                 raise
             self.held = True
         return True
@@ -618,7 +621,7 @@ def open_run(model_dir, checkpoint_name, log_name, other_files=(), resumed=None,
     distributed.main_decides(lambda: _take_folder(run, names, resumed, ckpt, position))
     try:
         if resumed is not None:
-            note = changed_arguments(ckpt["args"], args, HERE_AND_NOW + ("data_dir",) + tuple(now))
+            note = changed_arguments(ckpt["args"], args, now)
             print(f"resuming {resumed} after {done}" + (f"; {note}" if note else ""))
     except BaseException:
         run.lock.release()

@@ -81,6 +81,12 @@ def checkpoint_kind(ckpt):
     return f"a stage-{checkpoint_stage(ckpt)} checkpoint"
 
 
+def saved_arguments(ckpt):
+    """The flags ``ckpt`` was trained with (its ``args``), {} where it records none (released files)."""
+    saved = ckpt.get("args")
+    return saved if isinstance(saved, dict) else {}
+
+
 def normalization(dataset):
     """The per-channel mean and std the network's inputs were normalized with, saved in every checkpoint
     so that new images (another folder) are normalized as the training images were."""

@@ -209,9 +209,9 @@ def skip_pictures(monkeypatch):
     """Replace main.py's ``plot_*`` functions, wherever a loaded module holds them, by one that draws
     nothing: the tests that check numbers do not pay matplotlib's seconds per run (test_outputs.py checks the
     pictures). The holders are searched again only when modules were loaded since the last search."""
-    import main as report
+    import main as stage2
     if len(sys.modules) != _HOLDERS[0]:
-        drawers = {name: getattr(report, name) for name in dir(report) if name.startswith("plot_")}
+        drawers = {name: getattr(stage2, name) for name in dir(stage2) if name.startswith("plot_")}
         ours = [module for name, module in list(sys.modules.items()) if name.partition(".")[0] in PROJECT_MODULES]
         _HOLDERS[:] = [len(sys.modules), [  # the project's modules, not the tests' own calls
             (module, name) for module in ours for name, drawer in drawers.items()
